@@ -1,0 +1,412 @@
+"""Face datasets in identity folders, triplet sampling, transforms, dataset preparation and file helpers.
+
+Layout: ROOT/<identity>/.../<image>. Every image anywhere below an identity folder (a `distortion/`
+sub-folder of extra copies too) belongs to that identity.
+
+    python data_utils.py split SRC DST [--valid=0.2] [--test=0.0] [--min_images=0] [--max_images=0] [--seed=0]
+    python data_utils.py fetch-att DST
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held out by `split`
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as it is; the message names the path and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# files
+
+def is_image_file(name):
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def find_images(folder):
+    """Every image file below `folder`, sorted. Symlinked folders are followed once; a cycle is not."""
+    seen, found = set(), []
+    for path, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(path, f) for f in sorted(files, key=natural_key) if is_image_file(f)]
+    return found
+
+
+def natural_key(name):
+    """Sort key that puts s2 before s10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def identity_folders(root, depth=1):
+    """{identity name: folder} for the folders `depth` levels below `root` (names are relative paths),
+    in natural order."""
+    level = [""]
+    for _ in range(depth):
+        level = [os.path.join(rel, d) for rel in level
+                 for d in sorted(os.listdir(os.path.join(root, rel)), key=natural_key)
+                 if not d.startswith(".") and os.path.isdir(os.path.join(root, rel, d))]
+    return {rel.replace(os.sep, "/"): os.path.join(root, rel) for rel in level}
+
+
+def atomic_write(path, write, mode="wb"):
+    """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename over it:
+    the target is either the complete new file or the old one, never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
+
+
+def save_figure(fig, path, dpi=120):
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# images
+
+def load_rgb(path):
+    """Any image file as an 8-bit RGB PIL image: grayscale, 16-bit, palette, RGBA, CMYK, 1-bit alike.
+    Raises OSError (or ValueError, SyntaxError) for files Pillow cannot read, and for decompression bombs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float greyscale
+                pixels = np.asarray(img, dtype=np.float64)
+                full_scale = 65535.0 if img.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(pixels * (255.0 / full_scale), 0, 255).astype(np.uint8), "L")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
+            return img.convert("RGB")
+
+
+def as_hw(size):
+    """Image size as (height, width) from an int or a one- or two-element sequence."""
+    size = (size,) if isinstance(size, int) else tuple(size)
+    if len(size) not in (1, 2) or min(size) < 8:
+        raise ValueError(f"image_size must be one or two integers >= 8 (height, width), got {size}")
+    return (size[0], size[0]) if len(size) == 1 else size
+
+
+def make_transform(image_size, train):
+    """Training: resize with a margin, small rotation, random crop, flip. Evaluation: the same resize and a
+    centre crop. Both normalise with ImageNet statistics (what torchvision's pretrained backbones expect)."""
+    h, w = as_hw(image_size)
+    resize = T.Resize((round(h * 1.1), round(w * 1.1)), antialias=True)
+    if train:
+        steps = [resize, T.RandomRotation(10), T.RandomCrop((h, w)), T.RandomHorizontalFlip()]
+    else:
+        steps = [resize, T.CenterCrop((h, w))]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def denormalize(images):
+    """Undo make_transform's normalisation: (N, 3, H, W) tensors back to [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float().cpu() * std + mean).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+class FaceFolder(Dataset):
+    """Labelled images of an identity-folder tree. Yields (image, label).
+
+    Files that are not images (by extension, case-insensitive) and hidden files are ignored. Files whose
+    header Pillow cannot read are skipped at scan time; a file that fails later (e.g. truncated) is
+    replaced by another image of the same identity. Either way it is warned about and kept in `skipped`.
+    """
+
+    def __init__(self, root, transform=None, identity_depth=1):
+        if not os.path.isdir(root):
+            raise DatasetError(f"{root}: no such folder")
+        self.root, self.transform, self.skipped = root, transform, []
+        self.classes, self.samples = [], []
+        for name, folder in identity_folders(root, identity_depth).items():
+            paths = [p for p in find_images(folder) if self._readable_header(p)]
+            if paths:
+                self.samples += [(p, len(self.classes)) for p in paths]
+                self.classes.append(name)
+        if not self.samples:
+            raise DatasetError(f"{root}: no images found in identity folders "
+                               f"(expected {root}/<identity>/<image>, e.g. {root}/s1/1.pgm)")
+        self.targets = [label for _, label in self.samples]
+        self.by_label = [[] for _ in self.classes]
+        for i, label in enumerate(self.targets):
+            self.by_label[label].append(i)
+        if self.skipped:
+            warnings.warn(f"{root}: skipped {len(self.skipped)} unreadable file(s): " + ", ".join(self.skipped))
+
+    def _readable_header(self, path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                Image.open(path).close()
+            return True
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+            self.skipped.append(path)
+            return False
+
+    def single_image_identities(self):
+        return [self.classes[y] for y, idx in enumerate(self.by_label) if len(idx) == 1]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """The transformed image at `index`, or another image of its identity if that file is unreadable."""
+        label = self.targets[index]
+        candidates = self.by_label[label]
+        start = candidates.index(index)
+        for i in candidates[start:] + candidates[:start]:
+            path = self.samples[i][0]
+            try:
+                image = load_rgb(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as err:
+                if path not in self.skipped:
+                    self.skipped.append(path)
+                    warnings.warn(f"skipping unreadable image {path}: {err}")
+                continue
+            return self.transform(image) if self.transform else image
+        raise DatasetError(f"no readable image left for identity {self.classes[label]!r} in {self.root}")
+
+    def __getitem__(self, index):
+        return self.load(index), self.targets[index]
+
+
+def draw_triplets(targets, by_label, rng):
+    """(anchor, positive, negative) indices, one row per anchor: every image whose identity has another
+    image is an anchor; the positive is another image of its identity, the negative any image of another."""
+    targets = np.asarray(targets)
+    rows = []
+    for anchor, label in enumerate(targets):
+        same = by_label[label]
+        if len(same) < 2:
+            continue
+        positive = anchor
+        while positive == anchor:
+            positive = same[rng.integers(len(same))]
+        negative = rng.integers(len(targets))
+        while targets[negative] == label:
+            negative = rng.integers(len(targets))
+        rows.append((anchor, positive, negative))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+class TripletFaceDataset(Dataset):
+    """(anchor, positive, negative, anchor label, negative label) from a FaceFolder. The triplets are drawn
+    afresh for every epoch (`set_epoch`), reproducibly from (seed, epoch). Identities with one image serve
+    only as negatives."""
+
+    def __init__(self, faces, seed=0):
+        if len(faces.classes) < 2:
+            raise DatasetError(f"{faces.root}: triplets need at least two identities, found "
+                               f"{len(faces.classes)} ({', '.join(faces.classes)})")
+        if all(len(idx) < 2 for idx in faces.by_label):
+            raise DatasetError(f"{faces.root}: every identity has a single image; an anchor needs a second "
+                               f"image of its identity")
+        self.faces, self.seed = faces, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        self.triplets = draw_triplets(self.faces.targets, self.faces.by_label, rng)
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, index):
+        a, p, n = (int(i) for i in self.triplets[index])
+        targets = self.faces.targets
+        return self.faces.load(a), self.faces.load(p), self.faces.load(n), targets[a], targets[n]
+
+
+# -----------------------------------------------------------------------------
+# figures
+
+def save_triplet_grid(anchor, positive, negative, anchor_labels, negative_labels, classes, path, rows=8):
+    """A PNG with one (anchor, positive, negative) row per triplet, un-normalised, for checking augmentation
+    and triplet construction by eye."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = min(rows, len(anchor))
+    columns = [("anchor", anchor, anchor_labels), ("positive", positive, anchor_labels),
+               ("negative", negative, negative_labels)]
+    h, w = anchor.shape[-2:]
+    fig, axes = plt.subplots(rows, 3, figsize=(3 * 1.6 * w / h + 0.4, rows * 1.75), squeeze=False)
+    for col, (title, images, labels) in enumerate(columns):
+        images = denormalize(images[:rows]).permute(0, 2, 3, 1).numpy()
+        for row in range(rows):
+            ax = axes[row, col]
+            ax.imshow(images[row])
+            ax.set_title(f"{title}: {classes[int(labels[row])]}", fontsize=8,
+                         color="tab:red" if col == 2 else "black")
+            ax.axis("off")
+    fig.suptitle("training triplets, as the network sees them", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# -----------------------------------------------------------------------------
+# dataset preparation
+
+def split_dataset(src, dst, valid=0.2, test=0.0, min_images=0, max_images=0, seed=0, force=False,
+                  identity_depth=1, log=print):
+    """Copy an identity-folder dataset into DST/train, DST/valid (and DST/test when test > 0), per identity,
+    so that every identity with images enough appears in every split. Images below a `distortion/` folder
+    stay in train. Identities with fewer than `min_images` or more than `max_images` (when > 0) images are
+    left out. The same seed gives the same split; SRC is only read. Returns {split: image count}."""
+    if not os.path.isdir(src):
+        raise DatasetError(f"{src}: no such folder")
+    if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
+        raise DatasetError(f"valid ({valid}) and test ({test}) must be fractions in [0, 1) that sum below 1")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src + os.sep):
+        raise DatasetError(f"{dst} lies inside {src}; the source must stay untouched")
+    if os.path.isdir(dst) and os.listdir(dst):
+        if not force:
+            raise DatasetError(f"{dst} is not empty; choose another folder or pass --force to replace "
+                               f"its train/valid/test folders")
+        for name in ("train", "valid", "test"):
+            shutil.rmtree(os.path.join(dst, name), ignore_errors=True)
+    splits = ["train", "valid"] + (["test"] if test > 0 else [])
+    counts, skipped, kept, short = dict.fromkeys(splits, 0), [], 0, []
+    for name, folder in identity_folders(src, identity_depth).items():
+        files = [os.path.relpath(p, folder) for p in find_images(folder)]
+        train_only = [f for f in files if TRAIN_ONLY_FOLDER in f.split(os.sep)[:-1]]
+        pool = [f for f in files if f not in train_only]
+        if not pool:
+            skipped.append(f"{name} (no images)")
+            continue
+        if len(pool) < min_images or (max_images and len(pool) > max_images):
+            skipped.append(f"{name} ({len(pool)} images, outside --min_images={min_images} "
+                           f"--max_images={max_images})")
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        held = {"valid": valid, "test": test}
+        n_held = {s: int(len(pool) * held[s] + 0.5) for s in splits[1:]}
+        if len(pool) >= len(splits):  # images enough for one in every split
+            n_held = {s: max(n, 1 if held[s] > 0 else 0) for s, n in n_held.items()}
+            while sum(n_held.values()) >= len(pool):  # keep at least one for training
+                largest = max(n_held, key=n_held.get)
+                n_held[largest] -= 1
+        else:
+            n_held = dict.fromkeys(n_held, 0)
+            short.append(name)
+        assignment, start = {}, 0
+        for s in splits[1:]:
+            assignment.update({f: s for f in pool[start:start + n_held[s]]})
+            start += n_held[s]
+        for f in files:
+            split = assignment.get(f, "train")
+            target = os.path.join(dst, split, name, f)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.join(folder, f), target)
+            counts[split] += 1
+        kept += 1
+    if not kept:
+        raise DatasetError(f"{src}: no identity folder with images passed the filters"
+                           + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+    log(f"split {src} -> {dst} (seed {seed}, valid {valid}, test {test})")
+    log(f"  identities: {kept} kept, {len(skipped)} skipped")
+    log("  images: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    if short:
+        log(f"  {len(short)} identities too small to appear in every split (all in train): {', '.join(short)}")
+    for line in skipped:
+        log(f"  skipped {line}")
+    return counts
+
+
+def fetch_att(dst, seed=0, force=False, log=print):
+    """The AT&T (ORL) faces through scikit-learn's Olivetti copy (400 images, 64x64, cached by scikit-learn),
+    written as identity folders s1..s40 and split 8/2 into DST/train and DST/valid."""
+    from sklearn.datasets import fetch_olivetti_faces
+    try:
+        with warnings.catch_warnings():  # its retry warnings; the failure is reported below in one line
+            warnings.simplefilter("ignore")
+            faces = fetch_olivetti_faces(n_retries=1)
+    except OSError as err:
+        raise DatasetError(f"fetch-att: could not download the Olivetti faces ({err}); with a local copy of "
+                           f"att_faces run: python data_utils.py split /path/to/att_faces {dst}") from None
+    with tempfile.TemporaryDirectory() as raw:
+        count = {}
+        for image, target in zip(faces.images, faces.target):
+            person = f"s{int(target) + 1}"
+            count[person] = count.get(person, 0) + 1
+            os.makedirs(os.path.join(raw, person), exist_ok=True)
+            pixels = np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").save(os.path.join(raw, person, f"{count[person]}.pgm"))
+        return split_dataset(raw, dst, valid=0.2, seed=seed, force=force, log=log)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare face datasets.", allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    split = commands.add_parser("split", help="copy SRC into DST/train, DST/valid (and DST/test) per identity")
+    split.add_argument("src")
+    split.add_argument("dst")
+    split.add_argument("--valid", type=float, default=0.2, help="fraction of each identity's images")
+    split.add_argument("--test", type=float, default=0.0, help="fraction of each identity's images")
+    split.add_argument("--min_images", type=int, default=0, help="leave out identities with fewer images")
+    split.add_argument("--max_images", type=int, default=0, help="leave out identities with more (0: no limit)")
+    split.add_argument("--identity_depth", type=int, default=1, help="folder level of the identities")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
+    fetch = commands.add_parser("fetch-att", help="download AT&T faces (via scikit-learn) and split them 8/2")
+    fetch.add_argument("dst")
+    fetch.add_argument("--seed", type=int, default=0)
+    fetch.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "split":
+            split_dataset(args.src, args.dst, args.valid, args.test, args.min_images, args.max_images,
+                          args.seed, args.force, args.identity_depth)
+        else:
+            fetch_att(args.dst, args.seed, args.force)
+    except DatasetError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_image(path, seed=0, size=(24, 20), mode="L"):
+    """A random image file at `path` (format from the extension)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+def make_faces(root, identities=3, images=4, ext=".png"):
+    """ROOT/p<i>/<j><ext>: a small identity-folder dataset of random images."""
+    for i in range(identities):
+        for j in range(images):
+            write_image(os.path.join(root, f"p{i}", f"{j}{ext}"), seed=100 * i + j)
+    return root
+
+
+def run_script(*args, cwd=ROOT, check=True, timeout=600):
+    """Run a repository script (or `-m module`) in a subprocess; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONWARNINGS="default"))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def att_faces():
+    """The AT&T faces (FACE_DATA=path/to/att_faces), or a skip that says how to enable the test."""
+    path = os.environ.get("FACE_DATA")
+    if not path:
+        pytest.skip("FACE_DATA is not set: point it at att_faces (s1..s40) to run the real-data tests")
+    if not os.path.isdir(os.path.join(path, "s1")):
+        pytest.fail(f"FACE_DATA={path} has no s1/ identity folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def att_subset(att_faces, tmp_path_factory):
+    """Six AT&T identities (symlinked, nothing copied) split 8/2 into train/ and valid/."""
+    raw = tmp_path_factory.mktemp("att_raw")
+    for name in ("s1", "s2", "s3", "s4", "s5", "s6"):
+        os.symlink(os.path.abspath(os.path.join(att_faces, name)), raw / name)
+    prepared = tmp_path_factory.mktemp("att_subset")
+    run_script("data_utils.py", "split", str(raw), str(prepared), "--valid=0.2", "--seed=0")
+    return prepared

@@ -1,0 +1,271 @@
+import os
+import warnings
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_utils
+from conftest import make_faces, run_script, write_image
+from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, atomic_write, load_rgb, make_transform,
+                        split_dataset)
+
+
+# -----------------------------------------------------------------------------
+# scanning
+
+def test_scan_includes_nested_distortion_and_ignores_other_files(tmp_path):
+    write_image(tmp_path / "alice" / "1.jpg")
+    write_image(tmp_path / "alice" / "distortion" / "1_blur.PNG")  # nested and upper-case extension
+    write_image(tmp_path / "alice" / "distortion" / "deeper" / "1_noise.Jpeg")
+    write_image(tmp_path / "bob" / "a.pgm")
+    write_image(tmp_path / "bob" / ".hidden.png")  # hidden file
+    write_image(tmp_path / ".cache" / "x.png")  # hidden identity folder
+    (tmp_path / "bob" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "bob" / "README").write_text("not an image")
+    (tmp_path / "bob" / "notes.txt").write_text("not an image")
+    faces = FaceFolder(str(tmp_path))
+    assert faces.classes == ["alice", "bob"]
+    names = sorted(os.path.relpath(p, tmp_path) for p, _ in faces.samples)
+    assert names == sorted(["alice/1.jpg", "alice/distortion/1_blur.PNG",
+                            "alice/distortion/deeper/1_noise.Jpeg", "bob/a.pgm"])
+    assert faces.targets == [0, 0, 0, 1]
+    assert faces.skipped == []
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1", "CMYK", "LA"])
+def test_every_image_mode_becomes_rgb(tmp_path, mode):
+    ext = ".jpg" if mode == "CMYK" else ".png"
+    path = write_image(tmp_path / f"img{ext}", mode=mode)
+    image = load_rgb(path)
+    assert image.mode == "RGB" and image.size == (24, 20)
+    tensor = make_transform(32, train=False)(image)
+    assert tensor.shape == (3, 32, 32)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    pixels = np.array([[0, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    path = tmp_path / "deep.png"
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.shape == (4, 3, 3)
+    assert list(rgb[0, :, 0]) == [0, 127, 255]
+
+
+def test_rgba_transparent_pixels_become_black(tmp_path):
+    pixels = np.zeros((4, 4, 4), dtype=np.uint8)
+    pixels[..., :3] = 200  # white-ish colour under full transparency
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "clear.png")
+    assert np.asarray(load_rgb(tmp_path / "clear.png")).max() == 0
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        FaceFolder(str(tmp_path / "nope"))
+    (tmp_path / "empty" / "person").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images found"):
+        FaceFolder(str(tmp_path / "empty"))
+
+
+def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
+    make_faces(tmp_path, identities=2, images=3)
+    (tmp_path / "p0" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "p0" / "text.jpg").write_text("this is not a jpeg")
+    with pytest.warns(UserWarning, match="skipped 2 unreadable") as record:
+        faces = FaceFolder(str(tmp_path))
+    assert "empty.jpg" in str(record[0].message) and "text.jpg" in str(record[0].message)
+    assert len(faces) == 6
+
+
+def test_truncated_image_is_replaced_by_another_of_its_identity(tmp_path):
+    make_faces(tmp_path, identities=2, images=3)
+    whole = (tmp_path / "p1" / "0.png").read_bytes()
+    (tmp_path / "p1" / "0.png").write_bytes(whole[: len(whole) // 2])  # header intact, data cut
+    faces = FaceFolder(str(tmp_path), transform=make_transform(16, train=False))
+    index = [i for i, (p, _) in enumerate(faces.samples) if p.endswith(os.path.join("p1", "0.png"))][0]
+    with pytest.warns(UserWarning, match="0.png"):
+        image, label = faces[index]
+    assert image.shape == (3, 16, 16) and label == 1
+    assert faces.skipped == [faces.samples[index][0]]
+
+
+def test_symlink_cycle_is_followed_once(tmp_path):
+    make_faces(tmp_path / "data", identities=2, images=2)
+    os.symlink(tmp_path / "data" / "p0", tmp_path / "data" / "p0" / "loop")
+    faces = FaceFolder(str(tmp_path / "data"))
+    assert len(faces) == 4
+
+
+# -----------------------------------------------------------------------------
+# triplets
+
+def test_triplets_are_valid_fresh_each_epoch_and_reproducible(tmp_path):
+    make_faces(tmp_path, identities=4, images=5)
+    faces = FaceFolder(str(tmp_path))
+    data = TripletFaceDataset(faces, seed=3)
+    targets = np.array(faces.targets)
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        a, p, n = data.triplets.T
+        assert len(data) == len(faces)  # every image is an anchor once
+        assert (p != a).all(), "positive must be another file"
+        assert (targets[p] == targets[a]).all() and (targets[n] != targets[a]).all()
+    data.set_epoch(1)
+    first = data.triplets.copy()
+    data.set_epoch(2)
+    assert not np.array_equal(first, data.triplets), "triplets must be drawn afresh per epoch"
+    again = TripletFaceDataset(FaceFolder(str(tmp_path)), seed=3)
+    again.set_epoch(1)
+    assert np.array_equal(first, again.triplets)
+
+
+def test_triplet_item_gives_images_and_labels(tmp_path):
+    make_faces(tmp_path, identities=2, images=2)
+    data = TripletFaceDataset(FaceFolder(str(tmp_path), make_transform((20, 16), train=True)))
+    anchor, positive, negative, anchor_label, negative_label = data[0]
+    assert anchor.shape == positive.shape == negative.shape == (3, 20, 16)
+    assert anchor_label != negative_label
+
+
+def test_single_image_identity_is_only_a_negative(tmp_path):
+    make_faces(tmp_path, identities=3, images=3)
+    write_image(tmp_path / "lonely" / "only.png", seed=9)
+    faces = FaceFolder(str(tmp_path))
+    assert faces.single_image_identities() == ["lonely"]
+    lonely = faces.classes.index("lonely")
+    data = TripletFaceDataset(faces, seed=0)
+    targets = np.array(faces.targets)
+    negatives = set()
+    for epoch in range(20):
+        data.set_epoch(epoch)
+        assert (targets[data.triplets[:, 0]] != lonely).all()
+        negatives |= set(targets[data.triplets[:, 2]].tolist())
+    assert lonely in negatives
+
+
+def test_one_identity_is_an_error(tmp_path):
+    make_faces(tmp_path, identities=1, images=4)
+    with pytest.raises(DatasetError, match="at least two identities"):
+        TripletFaceDataset(FaceFolder(str(tmp_path)))
+
+
+def test_triplet_grid_is_written(tmp_path):
+    make_faces(tmp_path / "d", identities=2, images=2)
+    faces = FaceFolder(str(tmp_path / "d"), make_transform(24, train=True))
+    items = [TripletFaceDataset(faces)[i] for i in range(3)]
+    a, p, n, la, ln = (torch.stack([torch.as_tensor(x[k]) for x in items]) for k in range(5))
+    data_utils.save_triplet_grid(a, p, n, la, ln, faces.classes, str(tmp_path / "triplets.png"))
+    assert Image.open(tmp_path / "triplets.png").size[1] > 100
+
+
+# -----------------------------------------------------------------------------
+# split and fetch-att
+
+def listing(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+def test_split_is_per_identity_deterministic_and_leaves_source_alone(tmp_path):
+    src = make_faces(tmp_path / "src", identities=3, images=10)
+    write_image(tmp_path / "src" / "p0" / "distortion" / "0_blur.png")
+    before = listing(src)
+    counts = split_dataset(str(src), str(tmp_path / "a"), valid=0.2, seed=1, log=lambda *_: None)
+    split_dataset(str(src), str(tmp_path / "b"), valid=0.2, seed=1, log=lambda *_: None)
+    split_dataset(str(src), str(tmp_path / "c"), valid=0.2, seed=2, log=lambda *_: None)
+    assert listing(src) == before
+    assert counts == {"train": 25, "valid": 6}
+    assert listing(tmp_path / "a") == listing(tmp_path / "b")
+    assert listing(tmp_path / "a") != listing(tmp_path / "c")
+    for person in ("p0", "p1", "p2"):
+        assert len(os.listdir(tmp_path / "a" / "valid" / person)) == 2
+    assert os.path.isfile(tmp_path / "a" / "train" / "p0" / "distortion" / "0_blur.png")
+    train = set(os.listdir(tmp_path / "a" / "train" / "p1"))
+    assert not train & set(os.listdir(tmp_path / "a" / "valid" / "p1"))
+
+
+def test_split_with_test_fraction_and_image_count_filters(tmp_path):
+    src = tmp_path / "src"
+    for person, count in (("few", 3), ("mid", 20), ("many", 40)):
+        for j in range(count):
+            write_image(src / person / f"{j}.png", seed=j)
+    lines = []
+    counts = split_dataset(str(src), str(tmp_path / "out"), valid=0.1, test=0.1, min_images=5, max_images=30,
+                           log=lines.append)
+    assert counts == {"train": 16, "valid": 2, "test": 2}
+    assert sorted(os.listdir(tmp_path / "out" / "train")) == ["mid"]
+    text = "\n".join(lines)
+    assert "few (3 images" in text and "many (40 images" in text
+
+
+def test_small_identity_goes_to_every_split_it_can(tmp_path):
+    src = make_faces(tmp_path / "src", identities=2, images=2)
+    split_dataset(str(src), str(tmp_path / "out"), valid=0.1, log=lambda *_: None)
+    for person in ("p0", "p1"):  # 10% of 2 rounds to 0, yet each identity keeps one valid image
+        assert len(os.listdir(tmp_path / "out" / "valid" / person)) == 1
+        assert len(os.listdir(tmp_path / "out" / "train" / person)) == 1
+
+
+def test_split_refuses_non_empty_destination_unless_forced(tmp_path):
+    src = make_faces(tmp_path / "src", identities=2, images=5)
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep.txt").write_text("mine")
+    proc = run_script("data_utils.py", "split", str(src), str(tmp_path / "dst"), check=False)
+    assert proc.returncode != 0 and "not empty" in proc.stderr and "--force" in proc.stderr
+    run_script("data_utils.py", "split", str(src), str(tmp_path / "dst"), "--force")
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
+    assert len(listing(tmp_path / "dst" / "train")) == 8
+
+
+def test_split_rejects_bad_arguments(tmp_path):
+    src = make_faces(tmp_path / "src", identities=2, images=5)
+    with pytest.raises(DatasetError, match="no such folder"):
+        split_dataset(str(tmp_path / "missing"), str(tmp_path / "x"))
+    with pytest.raises(DatasetError, match="fractions"):
+        split_dataset(str(src), str(tmp_path / "x"), valid=0.6, test=0.5)
+    with pytest.raises(DatasetError, match="inside"):
+        split_dataset(str(src), str(src / "out"))
+    with pytest.raises(DatasetError, match="passed the filters"):
+        split_dataset(str(src), str(tmp_path / "x"), min_images=50)
+
+
+def test_fetch_att_writes_identity_folders_from_the_olivetti_array(tmp_path, monkeypatch):
+    import sklearn.datasets
+    from sklearn.utils import Bunch
+    rng = np.random.default_rng(0)
+    fake = Bunch(images=rng.random((40, 64, 64)).astype(np.float32), target=np.repeat(np.arange(4), 10))
+    monkeypatch.setattr(sklearn.datasets, "fetch_olivetti_faces", lambda *a, **k: fake)
+    counts = data_utils.fetch_att(str(tmp_path / "att"), log=lambda *_: None)
+    assert counts == {"train": 32, "valid": 8}
+    assert sorted(os.listdir(tmp_path / "att" / "valid")) == ["s1", "s2", "s3", "s4"]
+    image = Image.open(next((tmp_path / "att" / "train" / "s2").iterdir()))
+    assert image.size == (64, 64) and image.mode == "L"
+
+
+def test_fetch_att_offline_fails_in_one_line(tmp_path, monkeypatch):
+    import sklearn.datasets
+
+    def offline(*args, **kwargs):
+        raise URLError("Name or service not known")
+    monkeypatch.setattr(sklearn.datasets, "fetch_olivetti_faces", offline)
+    with pytest.raises(DatasetError, match="could not download") as info:
+        data_utils.fetch_att(str(tmp_path / "att"))
+    assert "\n" not in str(info.value) and "split" in str(info.value)
+
+
+# -----------------------------------------------------------------------------
+# atomic writes
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "state.bin"
+    atomic_write(target, lambda f: f.write(b"good"))
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"good"
+    assert os.listdir(tmp_path) == ["state.bin"]

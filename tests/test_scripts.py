@@ -1,0 +1,143 @@
+"""train.py and test.py end to end, run as a user runs them (subprocesses)."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_faces, run_script, write_image
+
+SMALL = ["--backbone=resnet18", "--image_size=48,40", "--batch_size=8"]
+
+
+def test_train_then_test_on_att_faces(att_subset, tmp_path):
+    out = tmp_path / "run"
+    train = run_script("train.py", f"--data_dir={att_subset}", f"--out_dir={out}", "--epochs=1", *SMALL)
+    assert "epoch 1/1 | train loss" in train.stdout
+    for name in ("tb_model.pth", "last.pth", "config.json", "history.json", "curves.png", "triplets.png"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[1]["train_loss"] > 0 and 0 <= history[1]["valid_identification"] <= 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == "resnet18" and config["epochs"] == 1 and config["image_size"] == [48, 40]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+    test = run_script("test.py", f"--checkpoint={out / 'last.pth'}")
+    assert "precision" in test.stdout and "top-1 accuracy" in test.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["probes"] == 12 and results["probes_scored"] == 12  # 6 people x 2 valid images
+    assert set(results["per_identity"]) == {"s1", "s2", "s3", "s4", "s5", "s6"}
+    assert abs(results["accuracy"] - history[1]["valid_identification"]) < 1e-6  # train.py uses the same method
+    assert Image.open(out / "confusion_matrix.png").size[0] > 300
+
+
+def test_zero_epochs_saves_the_untrained_model(att_subset, tmp_path):
+    out = tmp_path / "untrained"
+    run_script("train.py", f"--data_dir={att_subset}", f"--out_dir={out}", "--epochs=0", *SMALL)
+    state = torch.load(out / "tb_model.pth", weights_only=True)
+    assert state["epoch"] == 0 and state["model_config"]["backbone"] == "resnet18"
+    test = run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--out_dir={tmp_path / 'eval'}")
+    assert "top-1 accuracy" in test.stdout and (tmp_path / "eval" / "results.json").is_file()
+
+
+def test_same_seed_on_cpu_gives_identical_weights(tmp_path):
+    data = tmp_path / "data"
+    make_faces(data / "train", identities=3, images=4)
+    make_faces(data / "valid", identities=3, images=2)
+    weights = []
+    for run in ("a", "b"):
+        run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / run}", "--epochs=2",
+                   "--backbone=resnet18", "--image_size=32", "--batch_size=4", "--seed=7")
+        weights.append(torch.load(tmp_path / run / "last.pth", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_bad_training_data_is_reported_not_fatal(tmp_path):
+    data = tmp_path / "data"
+    make_faces(data / "train", identities=3, images=4)
+    make_faces(data / "valid", identities=3, images=2)
+    write_image(data / "train" / "solo" / "only.png", seed=5)
+    (data / "train" / "p0" / "text.jpg").write_text("not a picture")
+    whole = (data / "train" / "p1" / "0.png").read_bytes()
+    (data / "train" / "p1" / "0.png").write_bytes(whole[: len(whole) // 2])
+    proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--epochs=1",
+                      "--backbone=resnet18", "--image_size=32", "--batch_size=4")
+    log = proc.stdout + proc.stderr
+    assert "text.jpg" in log  # unreadable header: skipped at scan
+    assert os.path.join("p1", "0.png") in log  # truncated: replaced while loading
+    assert "single training image" in log and "solo" in log
+    assert (tmp_path / "out" / "tb_model.pth").is_file()
+
+
+def test_probe_identities_missing_from_gallery_are_named(tmp_path):
+    data = tmp_path / "data"
+    make_faces(data / "train", identities=3, images=3)
+    make_faces(data / "valid", identities=3, images=1)
+    write_image(data / "valid" / "stranger" / "1.png", seed=42)
+    run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--epochs=0",
+               "--backbone=resnet18", "--image_size=32")
+    test = run_script("test.py", f"--checkpoint={tmp_path / 'out' / 'tb_model.pth'}")
+    assert "absent from the gallery" in test.stdout and "stranger (1)" in test.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["probes"] == 4 and results["probes_scored"] == 3
+    assert results["probes_identity_not_in_gallery"] == 1
+    assert list(results["identities_not_in_gallery"]) == ["stranger"]
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+    proc = run_script("train.py", f"--data_dir={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o'}",
+                      check=False)
+    assert proc.returncode != 0
+    assert "fetch-att" in proc.stderr and "split" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("one_identity", "at least two identities"),
+    ("empty", "no images found"),
+])
+def test_unusable_datasets_stop_before_training(tmp_path, setup, message):
+    data = tmp_path / "data"
+    if setup == "one_identity":
+        make_faces(data / "train", identities=1, images=4)
+    else:
+        (data / "train" / "p0").mkdir(parents=True)
+    make_faces(data / "valid", identities=2, images=1)
+    proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--backbone=resnet18",
+                      check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--epoch=3", "unknown option '--epoch=3'"),
+    ("--lr=fast", "--lr: expected a number"),
+    ("--optimizer=rmsprop", "choose one of adam, adamw, sgd"),
+])
+def test_bad_flags_stop_train_py_with_the_flag_named(tmp_path, flag, message):
+    data = tmp_path / "data"
+    make_faces(data / "train", identities=2, images=2)
+    make_faces(data / "valid", identities=2, images=1)
+    proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--backbone=resnet18",
+                      "--epochs=0", flag, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_test_py_refuses_bad_checkpoints_without_a_traceback(tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for path, message in ((tmp_path / "missing.pth", "no such checkpoint"),
+                          (tmp_path / "notes.pth", "not a")):
+        proc = run_script("test.py", f"--checkpoint={path}", check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_split_then_train_on_a_nested_dataset_with_distortions(tmp_path):
+    raw = make_faces(tmp_path / "raw", identities=3, images=5)
+    for person in ("p0", "p1", "p2"):
+        write_image(raw / person / "distortion" / "blur.png", seed=7)
+    run_script("data_utils.py", "split", str(raw), str(tmp_path / "data"), "--valid=0.2")
+    assert all(not (tmp_path / "data" / "valid" / p / "distortion").exists() for p in ("p0", "p1", "p2"))
+    proc = run_script("train.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}",
+                      "--epochs=1", "--backbone=resnet18", "--image_size=32", "--batch_size=4")
+    assert "15 train images" in proc.stdout  # 4 originals + 1 distortion per identity
