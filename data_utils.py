@@ -1,4 +1,4 @@
-"""Face datasets in identity folders, triplet sampling, transforms, dataset preparation and file helpers.
+"""Face datasets in identity folders, triplet and pair sampling, transforms, dataset preparation and file helpers.
 
 Layout: ROOT/<identity>/.../<image>. Every image anywhere below an identity folder (a `distortion/`
 sub-folder of extra copies too) belongs to that identity.
@@ -153,15 +153,18 @@ class FaceFolder(Dataset):
     Files that are not images (by extension, case-insensitive) and hidden files are ignored. Files whose
     header Pillow cannot read are skipped at scan time; a file that fails later (e.g. truncated) is
     replaced by another image of the same identity. Either way it is warned about and kept in `skipped`.
+    `identity_depth` is the folder level of the identities below `root` (1: ROOT/<identity>/...);
+    `name_pattern` keeps only the images whose file name contains it.
     """
 
-    def __init__(self, root, transform=None, identity_depth=1):
+    def __init__(self, root, transform=None, identity_depth=1, name_pattern=""):
         if not os.path.isdir(root):
             raise DatasetError(f"{root}: no such folder")
         self.root, self.transform, self.skipped = root, transform, []
         self.classes, self.samples = [], []
         for name, folder in identity_folders(root, identity_depth).items():
-            paths = [p for p in find_images(folder) if self._readable_header(p)]
+            paths = [p for p in find_images(folder)
+                     if name_pattern in os.path.basename(p) and self._readable_header(p)]
             if paths:
                 self.samples += [(p, len(self.classes)) for p in paths]
                 self.classes.append(name)
@@ -213,12 +216,14 @@ class FaceFolder(Dataset):
         return self.load(index), self.targets[index]
 
 
-def draw_triplets(targets, by_label, rng):
+def draw_triplets(targets, by_label, rng, anchors=None):
     """(anchor, positive, negative) indices, one row per anchor: every image whose identity has another
-    image is an anchor; the positive is another image of its identity, the negative any image of another."""
+    image is an anchor (or only those in `anchors`); the positive is another image of its identity, the
+    negative any image of another."""
     targets = np.asarray(targets)
     rows = []
-    for anchor, label in enumerate(targets):
+    for anchor in range(len(targets)) if anchors is None else anchors:
+        label = targets[anchor]
         same = by_label[label]
         if len(same) < 2:
             continue
@@ -232,32 +237,125 @@ def draw_triplets(targets, by_label, rng):
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
-class TripletFaceDataset(Dataset):
-    """(anchor, positive, negative, anchor label, negative label) from a FaceFolder. The triplets are drawn
-    afresh for every epoch (`set_epoch`), reproducibly from (seed, epoch). Identities with one image serve
-    only as negatives."""
+def draw_pairs(targets, by_label, rng, anchors=None):
+    """(i, j, target) rows, balanced: every image whose identity has another image is paired once with another
+    image of its identity (target 0, same) and once with an image of another identity (target 1, different).
+    The pairs are those of draw_triplets' (anchor, positive) and (anchor, negative)."""
+    anchor, positive, negative = draw_triplets(targets, by_label, rng, anchors).T
+    return np.concatenate([np.stack([anchor, positive, np.zeros_like(anchor)], axis=1),
+                           np.stack([anchor, negative, np.ones_like(anchor)], axis=1)])
 
-    def __init__(self, faces, seed=0):
-        if len(faces.classes) < 2:
-            raise DatasetError(f"{faces.root}: triplets need at least two identities, found "
-                               f"{len(faces.classes)} ({', '.join(faces.classes)})")
-        if all(len(idx) < 2 for idx in faces.by_label):
-            raise DatasetError(f"{faces.root}: every identity has a single image; an anchor needs a second "
-                               f"image of its identity")
+
+def check_pairable(faces, what):
+    """Raise DatasetError unless `faces` has what a (same, different) pair of images needs: two identities,
+    one of them with two images. `what` names the samples in the message."""
+    if len(faces.classes) < 2:
+        raise DatasetError(f"{faces.root}: {what} need at least two identities, found "
+                           f"{len(faces.classes)} ({', '.join(faces.classes)})")
+    if all(len(idx) < 2 for idx in faces.by_label):
+        raise DatasetError(f"{faces.root}: every identity has a single image; {what} need a second image of "
+                           f"an identity")
+
+
+class TripletFaceDataset(Dataset):
+    """(anchor, positive, negative, anchor label, negative label) from a FaceFolder. The rows (`rows`) are
+    drawn afresh for every epoch (`set_epoch`), reproducibly from (seed, epoch). Identities with one image
+    serve only as negatives. With `anchor_pattern`, only images whose file name contains it are anchors
+    (an ID or passport photo of each person); positives and negatives come from all images."""
+
+    what = "triplets"
+
+    def __init__(self, faces, seed=0, anchor_pattern=""):
+        check_pairable(faces, self.what)
         self.faces, self.seed = faces, seed
+        self.anchors = None
+        if anchor_pattern:
+            self.anchors = [i for i, (path, _) in enumerate(faces.samples) if anchor_pattern in os.path.basename(path)]
+            if not self.anchors:
+                raise DatasetError(f"{faces.root}: no image file name contains the anchor pattern {anchor_pattern!r}")
+        self.set_epoch(0)
+
+    def draw(self, rng):
+        return draw_triplets(self.faces.targets, self.faces.by_label, rng, self.anchors)
+
+    def set_epoch(self, epoch):
+        self.rows = self.draw(np.random.default_rng([self.seed, epoch]))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        a, p, n = (int(i) for i in self.rows[index])
+        targets = self.faces.targets
+        return self.faces.load(a), self.faces.load(p), self.faces.load(n), targets[a], targets[n]
+
+
+class PairDataset(TripletFaceDataset):
+    """(image 1, image 2, target, label 1, label 2) from a FaceFolder, target 0 for a pair of one person and 1
+    for two (draw_pairs: as many of each), drawn like TripletFaceDataset's rows. Identities with one image
+    appear only in pairs of two people."""
+
+    what = "pairs"
+
+    def draw(self, rng):
+        return draw_pairs(self.faces.targets, self.faces.by_label, rng, self.anchors)
+
+    def __getitem__(self, index):
+        i, j, target = (int(x) for x in self.rows[index])
+        targets = self.faces.targets
+        return self.faces.load(i), self.faces.load(j), target, targets[i], targets[j]
+
+
+class PKBatchSampler(torch.utils.data.Sampler):
+    """Batches of P identities x K images each, for mining triplets inside the batch.
+
+    Each identity's images are shuffled and cut into groups of K; an epoch serves every group once, P groups
+    of distinct identities per batch, so every image is seen about once. An identity with fewer than K images
+    (and any last group short of K) is filled up with repeats of its own images (`fill='repeat'`); with
+    `fill='drop'`, identities with fewer than K images are left out (listed in `short`). The batches are
+    drawn reproducibly from (seed, epoch): call `set_epoch` before each epoch.
+    """
+
+    def __init__(self, labels, p, k, seed=0, fill="repeat"):
+        if p < 2 or k < 2:
+            raise ValueError(f"a P x K batch needs P >= 2 identities and K >= 2 images, got P={p}, K={k}")
+        if fill not in ("repeat", "drop"):
+            raise ValueError(f"fill must be 'repeat' or 'drop', got {fill!r}")
+        by_label = {}
+        for index, label in enumerate(labels):
+            by_label.setdefault(int(label), []).append(index)
+        self.short = sorted(label for label, idx in by_label.items() if len(idx) < k)
+        if fill == "drop":
+            by_label = {label: idx for label, idx in by_label.items() if len(idx) >= k}
+        if len(by_label) < p:
+            raise ValueError(f"P={p} identities per batch, but only {len(by_label)} identities can fill a "
+                             f"group of K={k}" if fill == "drop" else
+                             f"P={p} identities per batch, but the data has only {len(by_label)}")
+        self.by_label, self.p, self.k, self.seed = by_label, p, k, seed
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
         rng = np.random.default_rng([self.seed, epoch])
-        self.triplets = draw_triplets(self.faces.targets, self.faces.by_label, rng)
+        groups = {}
+        for label, indices in self.by_label.items():
+            order = [indices[i] for i in rng.permutation(len(indices))]
+            order += [indices[i] for i in rng.integers(len(indices), size=-len(order) % self.k)]
+            groups[label] = [order[i:i + self.k] for i in range(0, len(order), self.k)]
+        self.batches = []
+        while True:
+            labels = np.array([label for label, g in groups.items() if g])
+            if len(labels) < self.p:
+                break
+            left = np.array([len(groups[label]) for label in labels])
+            # the identities with the most groups left (ties at random), so that all run out together
+            chosen = labels[np.argsort(rng.random(len(labels)) - left)[:self.p]]
+            self.batches.append([i for label in chosen for i in groups[label].pop()])
+
+    def __iter__(self):
+        return iter(self.batches)
 
     def __len__(self):
-        return len(self.triplets)
-
-    def __getitem__(self, index):
-        a, p, n = (int(i) for i in self.triplets[index])
-        targets = self.faces.targets
-        return self.faces.load(a), self.faces.load(p), self.faces.load(n), targets[a], targets[n]
+        return len(self.batches)
 
 
 # -----------------------------------------------------------------------------

@@ -66,22 +66,26 @@ def _pyplot():
     return plt
 
 
-def plot_history(history, path):
-    """Loss and accuracy per epoch (epoch 0 = before training), the best epoch marked."""
+def plot_history(history, path, x="epoch"):
+    """Loss and accuracy against epochs or optimiser steps (x='step'); the untrained network at 0, the best
+    epoch marked."""
     plt = _pyplot()
-    epochs = [h["epoch"] for h in history]
+    xs = [h[x] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     trained = [h for h in history if h.get("train_loss") is not None]
     if trained:
-        loss_ax.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], "o-", label="train")
-    loss_ax.plot(epochs, [h["valid_loss"] for h in history], "s-", label="valid")
-    loss_ax.set(xlabel="epoch", ylabel="triplet loss", title="loss")
+        loss_ax.plot([h[x] for h in trained], [h["train_loss"] for h in trained], "o-", label="train")
+    loss_ax.plot(xs, [h["valid_loss"] for h in history], "s-", label="valid")
+    loss_ax.set(xlabel=x, ylabel="loss", title="training loss")
     for key, label in (("valid_identification", "valid identification (top-1)"),
-                       ("valid_triplet_accuracy", "valid triplets d(a,p) < d(a,n)")):
-        acc_ax.plot(epochs, [100 * h[key] for h in history], "o-", label=label)
+                       ("valid_triplet_accuracy", "valid triplets d(a,p) < d(a,n)"),
+                       ("valid_pair_f1", "valid pair F1"), ("train_accuracy", "train batch accuracy")):
+        points = [(h[x], 100 * h[key]) for h in history if h.get(key) is not None]
+        if points:
+            acc_ax.plot(*zip(*points), "o-", label=label)
     best = max(history, key=lambda h: h["valid_identification"])
-    acc_ax.axvline(best["epoch"], color="grey", linestyle=":", label=f"best: epoch {best['epoch']}")
-    acc_ax.set(xlabel="epoch", ylabel="%", title="validation accuracy", ylim=(0, 101))
+    acc_ax.axvline(best[x], color="grey", linestyle=":", label=f"best: epoch {best['epoch']}")
+    acc_ax.set(xlabel=x, ylabel="%", title="accuracy", ylim=(0, 101))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,4 +1,4 @@
-"""The embedding network (a torchvision backbone + an embedding head) and checkpoint loading."""
+"""The embedding network (a backbone + an embedding head), the pair classifier head and checkpoint loading."""
 import os
 import pickle
 from contextlib import nullcontext
@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "alexnet", "smallcnn")
 HEADS = ("mlp", "linear")
 
 
@@ -46,18 +46,59 @@ def imagenet_state_dict(backbone):
             f"--pretrained=False, or download {weights.url} and put it at {cached}") from None
 
 
+class SmallCNN(nn.Sequential):
+    """A small CNN for small grayscale face datasets, where an ImageNet-sized backbone overfits: 4 blocks of
+    Conv3x3 -> BatchNorm -> LeakyReLU(0.1) -> MaxPool2 -> Dropout2d, then global average pooling.
+    (N, 3, H, W) with H, W >= 32 -> (N, out_features); grayscale images come in as 3 equal channels."""
+
+    def __init__(self, channels=(32, 64, 128, 256), dropout=0.1):
+        layers = []
+        for in_channels, out_channels in zip((3, *channels[:-1]), channels):
+            # no conv bias: the BatchNorm right after it has its own
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+                       nn.LeakyReLU(0.1, inplace=True), nn.MaxPool2d(2), nn.Dropout2d(dropout)]
+        super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = channels[-1]
+
+
+def build_backbone(name, pretrained=False, zero_init_residual=False):
+    """The backbone `name` without its ImageNet classifier, and the size of the feature vector it outputs."""
+    if name == "smallcnn":
+        if pretrained:
+            raise ValueError("there are no ImageNet weights for smallcnn; use pretrained=False")
+        network = SmallCNN()
+        return network, network.out_features
+    # zero_init_residual is an argument of torchvision's ResNet only: the others have no residual branches
+    options = dict(zero_init_residual=zero_init_residual) if name.startswith("resnet") else {}
+    network = torchvision.models.get_model(name, weights=None, **options)
+    if pretrained:
+        network.load_state_dict(imagenet_state_dict(name))
+    # the ImageNet classifier is the model's last Linear (ResNet: fc; VGG, AlexNet: classifier[-1]); removing only
+    # it keeps VGG's and AlexNet's 4096-wide fully connected layers, so its input size is the feature size
+    classifier_name, classifier = [(n, m) for n, m in network.named_modules() if isinstance(m, nn.Linear)][-1]
+    network.set_submodule(classifier_name, nn.Identity())
+    return network, classifier.in_features
+
+
 class EmbeddingNet(nn.Module):
     """Image batch (N, 3, H, W) -> L2-normalised embeddings (N, embedding_dim).
 
-    backbone: a torchvision ResNet with its classifier removed. head: 'mlp' is
-    Linear(features -> hidden_dim) -> BatchNorm -> ReLU -> Linear(hidden_dim -> embedding_dim);
-    'linear' is a single Linear(features -> embedding_dim). `config` holds what rebuilds the network.
-    zero_init_residual starts the last BatchNorm of every residual branch at zero, so that each block begins
-    as the identity (an initialisation only; ImageNet weights replace it).
+    backbone: a torchvision ResNet without its classifier (2048 features for resnet50 and deeper, 512 below);
+    vgg16 or alexnet without their last Linear, so their fully connected 4096-wide layers stay (they use
+    adaptive pooling, so 64x64 images work); or 'smallcnn' (SmallCNN, 256 features, no ImageNet weights) for
+    small grayscale datasets. head: 'mlp' is Linear(features -> hidden_dim) -> BatchNorm -> ReLU ->
+    Linear(hidden_dim -> embedding_dim); 'linear' is a single Linear(features -> embedding_dim).
+    `config` holds what rebuilds the architecture; the training options below are not part of it.
+    zero_init_residual (ResNets only; ignored by the others) starts the last BatchNorm of every residual branch at
+    zero, so that each block begins as the identity (an initialisation only; ImageNet weights replace it).
+    freeze_backbone stops training the backbone: its parameters get requires_grad=False and its BatchNorm layers
+    stay in eval mode through model.train(), so their running statistics do not move. vgg16 and alexnet freeze
+    only their convolutional `features`: their fully connected layers stay trainable (frozen ImageNet features +
+    a trainable classifier). The head always trains.
     """
 
     def __init__(self, backbone="resnet50", embedding_dim=128, head="mlp", hidden_dim=512, pretrained=False,
-                 zero_init_residual=False):
+                 zero_init_residual=False, freeze_backbone=False):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
@@ -66,19 +107,60 @@ class EmbeddingNet(nn.Module):
         if embedding_dim < 1 or hidden_dim < 1:
             raise ValueError(f"embedding_dim and hidden_dim must be positive, got {embedding_dim}, {hidden_dim}")
         self.config = dict(backbone=backbone, embedding_dim=embedding_dim, head=head, hidden_dim=hidden_dim)
-        self.backbone = torchvision.models.get_model(backbone, weights=None, zero_init_residual=zero_init_residual)
-        if pretrained:
-            self.backbone.load_state_dict(imagenet_state_dict(backbone))
-        features = self.backbone.fc.in_features
-        self.backbone.fc = nn.Identity()
+        self.backbone, features = build_backbone(backbone, pretrained, zero_init_residual)
         if head == "mlp":
             self.head = nn.Sequential(nn.Linear(features, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim))
         else:
             self.head = nn.Linear(features, embedding_dim)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.frozen_part().requires_grad_(False)
+            self.train()
+
+    def frozen_part(self):
+        """The part of the backbone that freeze_backbone freezes: the convolutional features of vgg16 and
+        alexnet, the whole of the others. (A method, not an attribute: a module attribute would add its weights
+        to the state dict a second time.)"""
+        return self.backbone.features if self.config["backbone"] in ("vgg16", "alexnet") else self.backbone
+
+    def train(self, mode=True):
+        """nn.Module.train, except that a frozen backbone's BatchNorm layers stay in eval mode: in training mode
+        they would normalise with batch statistics and overwrite the running statistics they were frozen with."""
+        super().train(mode)
+        if self.freeze_backbone:
+            for module in self.frozen_part().modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, images):
         return F.normalize(self.head(self.backbone(images)), dim=1)
+
+
+class PairHead(nn.Module):
+    """The pair classifier: embeddings e1, e2 of shape (N, D), row i of both being one pair -> (N,) logits, positive
+    for 'same person' (train with BCEWithLogitsLoss, target 1 for same, 0 for different).
+
+    Features |e1 - e2| and e1 * e2 (2D values) -> Linear -> ReLU -> Linear -> 1. Both features are exactly
+    symmetric, so forward(e1, e2) == forward(e2, e1) bit for bit: a pair has one score whatever its order.
+    `config` rebuilds it: PairHead(**config).
+    """
+
+    def __init__(self, embedding_dim, hidden_dim=64):
+        super().__init__()
+        if embedding_dim < 1 or hidden_dim < 1:
+            raise ValueError(f"embedding_dim and hidden_dim must be positive, got {embedding_dim}, {hidden_dim}")
+        self.config = dict(embedding_dim=embedding_dim, hidden_dim=hidden_dim)
+        self.classifier = nn.Sequential(nn.Linear(2 * embedding_dim, hidden_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden_dim, 1))
+
+    def forward(self, e1, e2):
+        dim = self.config["embedding_dim"]
+        if e1.shape != e2.shape or e1.dim() != 2 or e1.shape[1] != dim:
+            raise ValueError(f"PairHead wants two (N, {dim}) embedding batches, got {tuple(e1.shape)} and "
+                             f"{tuple(e2.shape)}")
+        return self.classifier(torch.cat([(e1 - e2).abs(), e1 * e2], dim=1)).squeeze(1)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -89,7 +171,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        if "Unsupported global" in str(err):  # a pickled object that unpickling would construct or call
             raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain "
                                   f"values, which could run code when loaded") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({str(err).splitlines()[0]})") from None

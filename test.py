@@ -12,7 +12,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.data import DataLoader
 
@@ -26,6 +25,7 @@ from model import CheckpointError, load_checkpoint, model_from_checkpoint, selec
 checkpoint = "out/tb_model.pth"  # written by train.py
 data_dir = ""  # folder with train/ (gallery) and valid/ (probes); empty: the one the checkpoint was trained on
 out_dir = ""  # where results go; empty: the checkpoint's folder
+gallery_pattern = ""  # only gallery images whose file name contains this (e.g. the ID photos of anchor_pattern)
 batch_size = 64  # images per embedding batch
 num_workers = 0  # DataLoader worker processes; 0 loads in the main process
 # system
@@ -43,12 +43,14 @@ try:
     model = model_from_checkpoint(state, checkpoint).to(device)
 except CheckpointError as err:
     sys.exit(f"error: {err}")
-data_dir = data_dir or state.get("config", {}).get("data_dir", "")
+trained = state.get("config", {})
+data_dir = data_dir or trained.get("data_dir", "")
+identity_depth = trained.get("identity_depth", 1)
 out_dir = out_dir or os.path.dirname(os.path.abspath(checkpoint))
 transform = make_transform(state["image_size"], train=False)
 try:
-    gallery = FaceFolder(os.path.join(data_dir, "train"), transform)
-    probes = FaceFolder(os.path.join(data_dir, "valid"), transform)
+    gallery = FaceFolder(os.path.join(data_dir, "train"), transform, identity_depth, gallery_pattern)
+    probes = FaceFolder(os.path.join(data_dir, "valid"), transform, identity_depth)
 except DatasetError as err:
     sys.exit(f"error: {err}")
 print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "

@@ -1,5 +1,4 @@
 import os
-import warnings
 from urllib.error import URLError
 
 import numpy as np
@@ -9,8 +8,8 @@ from PIL import Image
 
 import data_utils
 from conftest import make_faces, run_script, write_image
-from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, atomic_write, load_rgb, make_transform,
-                        split_dataset)
+from data_utils import (DatasetError, FaceFolder, PairDataset, TripletFaceDataset, atomic_write, draw_pairs, load_rgb,
+                        make_transform, split_dataset)
 
 
 # -----------------------------------------------------------------------------
@@ -109,17 +108,17 @@ def test_triplets_are_valid_fresh_each_epoch_and_reproducible(tmp_path):
     targets = np.array(faces.targets)
     for epoch in range(3):
         data.set_epoch(epoch)
-        a, p, n = data.triplets.T
+        a, p, n = data.rows.T
         assert len(data) == len(faces)  # every image is an anchor once
         assert (p != a).all(), "positive must be another file"
         assert (targets[p] == targets[a]).all() and (targets[n] != targets[a]).all()
     data.set_epoch(1)
-    first = data.triplets.copy()
+    first = data.rows.copy()
     data.set_epoch(2)
-    assert not np.array_equal(first, data.triplets), "triplets must be drawn afresh per epoch"
+    assert not np.array_equal(first, data.rows), "triplets must be drawn afresh per epoch"
     again = TripletFaceDataset(FaceFolder(str(tmp_path)), seed=3)
     again.set_epoch(1)
-    assert np.array_equal(first, again.triplets)
+    assert np.array_equal(first, again.rows)
 
 
 def test_triplet_item_gives_images_and_labels(tmp_path):
@@ -141,8 +140,8 @@ def test_single_image_identity_is_only_a_negative(tmp_path):
     negatives = set()
     for epoch in range(20):
         data.set_epoch(epoch)
-        assert (targets[data.triplets[:, 0]] != lonely).all()
-        negatives |= set(targets[data.triplets[:, 2]].tolist())
+        assert (targets[data.rows[:, 0]] != lonely).all()
+        negatives |= set(targets[data.rows[:, 2]].tolist())
     assert lonely in negatives
 
 
@@ -159,6 +158,97 @@ def test_triplet_grid_is_written(tmp_path):
     a, p, n, la, ln = (torch.stack([torch.as_tensor(x[k]) for x in items]) for k in range(5))
     data_utils.save_triplet_grid(a, p, n, la, ln, faces.classes, str(tmp_path / "triplets.png"))
     assert Image.open(tmp_path / "triplets.png").size[1] > 100
+
+
+# -----------------------------------------------------------------------------
+# pairs
+
+def check_pairs(pairs, targets):
+    """Balanced pairs of the right kind: every i with a second image of its identity, once with each target."""
+    i, j, target = pairs.T
+    assert pairs.dtype == np.int64 and (target == 0).sum() == (target == 1).sum() > 0
+    same, different = target == 0, target == 1
+    assert (same | different).all()
+    assert (targets[i[same]] == targets[j[same]]).all() and (i[same] != j[same]).all()
+    assert (targets[i[different]] != targets[j[different]]).all()
+    assert sorted(i[same]) == sorted(i[different])
+
+
+def test_draw_pairs_by_hand():
+    targets = [0, 0, 1, 2, 2, 2]
+    by_label = [[0, 1], [2], [3, 4, 5]]
+    pairs = draw_pairs(targets, by_label, np.random.default_rng(0))
+    check_pairs(pairs, np.array(targets))
+    same = pairs[pairs[:, 2] == 0, :2].tolist()
+    assert sorted(i for i, _ in same) == [0, 1, 3, 4, 5]  # not 2: its identity has one image
+    assert {i: j for i, j in same if i < 2} == {0: 1, 1: 0}  # identity 0 has one other image each
+    assert 2 not in {k for pair in same for k in pair}
+    assert draw_pairs([0, 1], [[0], [1]], np.random.default_rng(0)).shape == (0, 3)
+
+
+def test_pairs_are_balanced_fresh_each_epoch_and_reproducible(tmp_path):
+    make_faces(tmp_path, identities=4, images=5)
+    faces = FaceFolder(str(tmp_path))
+    data = PairDataset(faces, seed=3)
+    targets = np.array(faces.targets)
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        check_pairs(data.rows, targets)
+        assert len(data) == 2 * len(faces)  # every image once with each target
+    data.set_epoch(1)
+    first = data.rows.copy()
+    data.set_epoch(2)
+    assert not np.array_equal(first, data.rows), "pairs must be drawn afresh per epoch"
+    again = PairDataset(FaceFolder(str(tmp_path)), seed=3)
+    again.set_epoch(1)
+    assert np.array_equal(first, again.rows)
+    other_seed = PairDataset(faces, seed=4)
+    other_seed.set_epoch(1)
+    assert not np.array_equal(first, other_seed.rows)
+
+
+def test_pair_item_gives_images_target_and_labels(tmp_path):
+    make_faces(tmp_path, identities=2, images=2)
+    data = PairDataset(FaceFolder(str(tmp_path), make_transform((20, 16), train=False)))
+    seen = set()
+    for index in range(len(data)):
+        image1, image2, target, label1, label2 = data[index]
+        i, j, expected_target = data.rows[index]
+        assert image1.shape == image2.shape == (3, 20, 16)
+        assert torch.equal(image1, data.faces.load(int(i))) and torch.equal(image2, data.faces.load(int(j)))
+        assert target == expected_target and (label1, label2) == (data.faces.targets[i], data.faces.targets[j])
+        assert (label1 != label2) == (target == 1)
+        seen.add(target)
+    assert seen == {0, 1}
+
+
+def test_single_image_identity_is_never_in_a_same_pair(tmp_path):
+    make_faces(tmp_path, identities=3, images=3)
+    write_image(tmp_path / "lonely" / "only.png", seed=9)
+    faces = FaceFolder(str(tmp_path))
+    lonely = faces.classes.index("lonely")
+    data = PairDataset(faces, seed=0)
+    targets = np.array(faces.targets)
+    in_different = False
+    for epoch in range(20):
+        data.set_epoch(epoch)
+        check_pairs(data.rows, targets)
+        i, j, target = data.rows.T
+        assert (targets[i] != lonely).all()
+        assert (targets[j[target == 0]] != lonely).all()
+        in_different |= bool((targets[j[target == 1]] == lonely).any())
+    assert in_different
+
+
+def test_pairs_need_two_identities_and_a_second_image(tmp_path):
+    make_faces(tmp_path / "one", identities=1, images=4)
+    with pytest.raises(DatasetError, match="pairs need at least two identities"):
+        PairDataset(FaceFolder(str(tmp_path / "one")))
+    make_faces(tmp_path / "singles", identities=3, images=1)
+    with pytest.raises(DatasetError, match="every identity has a single image; pairs need"):
+        PairDataset(FaceFolder(str(tmp_path / "singles")))
+    with pytest.raises(DatasetError, match="every identity has a single image; triplets need"):
+        TripletFaceDataset(FaceFolder(str(tmp_path / "singles")))
 
 
 # -----------------------------------------------------------------------------
@@ -269,3 +359,79 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
         atomic_write(target, broken)
     assert target.read_bytes() == b"good"
     assert os.listdir(tmp_path) == ["state.bin"]
+
+
+# -----------------------------------------------------------------------------
+# P x K batches
+
+def test_pk_batches_hold_p_identities_of_k_images_and_cover_the_epoch():
+    labels = np.repeat(np.arange(10), 8)
+    sampler = data_utils.PKBatchSampler(labels, p=5, k=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4  # 10 identities x 2 groups of 4 / 5 per batch
+    for batch in batches:
+        assert len(batch) == 20
+        ids, counts = np.unique(labels[batch], return_counts=True)
+        assert len(ids) == 5 and (counts == 4).all()
+    seen = sorted(i for batch in batches for i in batch)
+    assert seen == list(range(80))  # every image exactly once
+
+
+def test_pk_batches_are_reproducible_and_change_per_epoch():
+    labels = np.random.default_rng(0).integers(0, 12, 200)
+    first = data_utils.PKBatchSampler(labels, 4, 3, seed=2)
+    second = data_utils.PKBatchSampler(labels, 4, 3, seed=2)
+    assert list(first) == list(second)
+    first.set_epoch(1)
+    assert list(first) != list(second)
+    second.set_epoch(1)
+    assert list(first) == list(second)
+    covered = {i for batch in first for i in batch}
+    assert len(covered) > 0.9 * len(labels)  # about once per epoch, up to the leftover groups
+
+
+def test_pk_small_identities_repeat_or_are_dropped():
+    labels = np.array([0] * 6 + [1] * 6 + [2] * 2 + [3] * 6)
+    repeat = data_utils.PKBatchSampler(labels, 2, 4, fill="repeat")
+    assert repeat.short == [2]
+    assert any(sorted(labels[b].tolist()).count(2) == 4 for b in repeat)  # two images, each shown twice
+    drop = data_utils.PKBatchSampler(labels, 2, 4, fill="drop")
+    assert all(2 not in labels[b] for b in drop) and len(drop) > 0
+
+
+def test_pk_sampler_rejects_impossible_batches():
+    labels = np.repeat(np.arange(3), 4)
+    with pytest.raises(ValueError, match="only 3"):
+        data_utils.PKBatchSampler(labels, 4, 2)
+    with pytest.raises(ValueError, match="P >= 2"):
+        data_utils.PKBatchSampler(labels, 1, 4)
+    with pytest.raises(ValueError, match="can fill a group of K=5"):
+        data_utils.PKBatchSampler(labels, 2, 5, fill="drop")
+
+
+def test_anchor_pattern_restricts_anchors_not_positives(tmp_path):
+    for person in ("ann", "bob", "cid"):
+        write_image(tmp_path / person / f"{person}_passport.png", seed=1)
+        for j in range(3):
+            write_image(tmp_path / person / f"{person}_photo{j}.png", seed=j + 2)
+    faces = FaceFolder(str(tmp_path))
+    data = TripletFaceDataset(faces, seed=0, anchor_pattern="passport")
+    names = [os.path.basename(p) for p, _ in faces.samples]
+    assert len(data) == 3
+    assert all("passport" in names[a] for a in data.rows[:, 0])
+    assert all("photo" in names[p] for p in data.rows[:, 1])  # the other images of the same person
+    with pytest.raises(DatasetError, match="anchor pattern 'script'"):
+        TripletFaceDataset(faces, anchor_pattern="script")
+    gallery = FaceFolder(str(tmp_path), name_pattern="passport")
+    assert len(gallery) == 3 and gallery.classes == ["ann", "bob", "cid"]
+
+
+def test_identities_can_sit_deeper_than_the_first_level(tmp_path):
+    write_image(tmp_path / "group-a" / "team-1" / "ann" / "1.png")
+    write_image(tmp_path / "group-a" / "team-1" / "ann" / "distortion" / "1_blur.png")
+    write_image(tmp_path / "group-a" / "team-2" / "bob" / "1.png")
+    write_image(tmp_path / "group-b" / "team-3" / "cid" / "1.png")
+    faces = FaceFolder(str(tmp_path), identity_depth=3)
+    assert faces.classes == ["group-a/team-1/ann", "group-a/team-2/bob", "group-b/team-3/cid"]
+    assert faces.targets == [0, 0, 1, 2]
+    assert FaceFolder(str(tmp_path)).classes == ["group-a", "group-b"]  # depth 1: the groups are identities

@@ -3,10 +3,12 @@ from urllib.error import URLError
 
 import pytest
 import torch
+import torch.nn as nn
 import torchvision
 
-from model import (CheckpointError, EmbeddingNet, PretrainedUnavailable, load_checkpoint, model_from_checkpoint,
-                   select_device)
+import model as model_module
+from model import (CheckpointError, EmbeddingNet, PairHead, PretrainedUnavailable, load_checkpoint,
+                   model_from_checkpoint, select_device)
 
 
 @pytest.mark.parametrize("head,dim", [("mlp", 128), ("linear", 64), ("mlp", 108)])
@@ -52,6 +54,168 @@ def test_cpu_device_has_no_autocast():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             select_device("cuda")
+
+
+# -----------------------------------------------------------------------------
+# vgg16, alexnet, smallcnn and freezing
+
+@pytest.fixture(scope="module")
+def built():
+    """EmbeddingNet(backbone, 24, freeze_backbone=...) built once per module: vgg16 alone has 138M parameters.
+    Tests that train one compare against their own snapshot, so what earlier tests did to it does not matter."""
+    cache = {}
+
+    def get(backbone, freeze_backbone=False):
+        if (backbone, freeze_backbone) not in cache:
+            torch.manual_seed(0)
+            cache[backbone, freeze_backbone] = EmbeddingNet(backbone, 24, freeze_backbone=freeze_backbone)
+        return cache[backbone, freeze_backbone]
+    return get
+
+
+def first_conv(model):
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("backbone,size,features", [("smallcnn", (48, 40), 256), ("smallcnn", (32, 32), 256),
+                                                    ("alexnet", (64, 64), 4096), ("vgg16", (64, 64), 4096)])
+def test_other_backbones_give_unit_embeddings_and_gradients_reach_the_first_conv(built, backbone, size, features):
+    model = built(backbone).train()
+    model.zero_grad(set_to_none=True)
+    assert model.head[0].in_features == features
+    out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 24)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+    out[:, 0].sum().backward()
+    grad = first_conv(model).weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_vgg16_and_alexnet_keep_their_fully_connected_layers_without_the_imagenet_classifier(built):
+    for backbone in ("vgg16", "alexnet"):
+        linears = [m for m in built(backbone).backbone.classifier if isinstance(m, nn.Linear)]
+        assert [layer.out_features for layer in linears] == [4096, 4096]
+
+
+def test_alexnet_loads_imagenet_weights_through_imagenet_state_dict(monkeypatch):
+    # stands in for the download: torchvision's full alexnet state (with the 1000-class layer) set to 0.5
+    asked = []
+
+    def fake_imagenet_state_dict(backbone):
+        asked.append(backbone)
+        return {k: torch.full_like(v, 0.5) for k, v in torchvision.models.alexnet().state_dict().items()}
+    monkeypatch.setattr(model_module, "imagenet_state_dict", fake_imagenet_state_dict)
+    model = EmbeddingNet("alexnet", 16, pretrained=True, zero_init_residual=True)  # the latter is ResNet-only
+    assert asked == ["alexnet"]
+    assert (model.backbone.features[0].weight == 0.5).all() and (model.backbone.classifier[4].bias == 0.5).all()
+
+
+def test_smallcnn_has_no_imagenet_weights():
+    with pytest.raises(ValueError, match="no ImageNet weights for smallcnn"):
+        EmbeddingNet("smallcnn", pretrained=True)
+
+
+def is_batchnorm(module):
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+@pytest.mark.parametrize("backbone,size", [("resnet18", (32, 32)), ("smallcnn", (48, 40)), ("alexnet", (64, 64)),
+                                           ("vgg16", (64, 64))])
+def test_frozen_backbone_keeps_its_weights_and_batchnorm_statistics_while_the_head_trains(built, backbone, size):
+    model = built(backbone, freeze_backbone=True)
+    keeps_classifier = backbone in ("vgg16", "alexnet")
+    frozen = model.backbone.features if keeps_classifier else model.backbone
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.startswith("head.")
+                or (keeps_classifier and n.startswith("backbone.classifier."))}
+    assert trainable == expected and any(n.startswith("head.") for n in trainable)
+    assert keeps_classifier == any(n.startswith("backbone.") for n in trainable)
+
+    model.eval().train()  # train() is where BatchNorm layers would go back to training mode
+    assert all(not m.training for m in frozen.modules() if is_batchnorm(m))
+    assert model.head.training and model.head[1].training
+    frozen_before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    head_statistics_before = model.head[1].running_mean.clone()
+
+    model.zero_grad(set_to_none=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    torch.manual_seed(1)
+    loss = (model(torch.randn(4, 3, *size)) - torch.randn(4, 24)).pow(2).sum()
+    loss.backward()
+    optimizer.step()
+
+    assert all(p.grad is None for p in frozen.parameters())
+    for key, value in frozen.state_dict().items():  # weights and BatchNorm running_mean/var/num_batches_tracked
+        assert torch.equal(value, frozen_before[key]), key
+    changed = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable_before[n])}
+    assert "head.0.weight" in changed and "head.3.weight" in changed
+    if keeps_classifier:  # the kept 4096 -> 4096 layer trains
+        last_linear = [n for n, m in model.backbone.classifier.named_children() if isinstance(m, nn.Linear)][-1]
+        assert f"backbone.classifier.{last_linear}.weight" in changed
+    # the head's own BatchNorm is not frozen: it did update, so the step ran in training mode
+    assert not torch.equal(model.head[1].running_mean, head_statistics_before)
+
+
+def test_freezing_changes_neither_the_config_nor_the_checkpoint_keys():
+    frozen = EmbeddingNet("smallcnn", 16, head="linear", freeze_backbone=True)
+    plain = EmbeddingNet("smallcnn", 16, head="linear")
+    assert frozen.config == plain.config == dict(backbone="smallcnn", embedding_dim=16, head="linear", hidden_dim=512)
+    assert list(frozen.state_dict()) == list(plain.state_dict())
+    assert not any(is_batchnorm(m) and m.training for m in frozen.backbone.modules())
+    assert all(m.training for m in plain.backbone.modules())
+
+
+# -----------------------------------------------------------------------------
+# pair classifier head
+
+def test_pair_head_gives_one_symmetric_logit_per_pair_with_gradients():
+    torch.manual_seed(0)
+    head = PairHead(8, hidden_dim=16)
+    e1, e2 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    logits = head(e1, e2)
+    assert logits.shape == (5,)
+    assert torch.equal(logits, head(e2, e1))
+    assert logits.unique().numel() == 5  # a score per pair, not a constant
+    assert head(e1[:1], e2[:1]).shape == (1,)
+    logits.sum().backward()
+    for tensor in (e1, e2, *head.parameters()):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+def test_pair_head_rebuilds_from_its_config():
+    torch.manual_seed(0)
+    head = PairHead(8, hidden_dim=16)
+    assert head.config == dict(embedding_dim=8, hidden_dim=16)
+    rebuilt = PairHead(**head.config)
+    rebuilt.load_state_dict(head.state_dict())
+    e1, e2 = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(rebuilt(e1, e2), head(e1, e2), rtol=0, atol=0)
+
+
+def test_pair_head_refuses_embeddings_that_do_not_fit():
+    head = PairHead(8)
+    with pytest.raises(ValueError, match=r"two \(N, 8\) embedding batches"):
+        head(torch.randn(3, 8), torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"got \(3, 4\)"):
+        head(torch.randn(3, 4), torch.randn(3, 4))
+
+
+def test_pair_head_learns_same_from_different_pairs_with_bce():
+    torch.manual_seed(0)
+    head = PairHead(8, hidden_dim=16)
+    anchors = torch.nn.functional.normalize(torch.randn(64, 8), dim=1)
+    same = torch.nn.functional.normalize(anchors + 0.1 * torch.randn(64, 8), dim=1)
+    other = torch.nn.functional.normalize(torch.randn(64, 8), dim=1)
+    e1, e2 = torch.cat([anchors, anchors]), torch.cat([same, other])
+    labels = torch.cat([torch.ones(64), torch.zeros(64)])
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(head(e1, e2), labels)
+        loss.backward()
+        optimizer.step()
+    assert ((head(e1, e2) > 0).float() == labels).float().mean() > 0.95
 
 
 # -----------------------------------------------------------------------------
@@ -113,3 +277,17 @@ def test_weights_of_another_architecture_are_an_error_naming_the_config(tmp_path
     torch.save(state, tmp_path / "mixed.pth")
     with pytest.raises(CheckpointError, match="do not fit"):
         model_from_checkpoint(load_checkpoint(str(tmp_path / "mixed.pth")), "mixed.pth")
+
+
+def test_smallcnn_checkpoint_round_trip_keeps_weights_and_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddingNet("smallcnn", embedding_dim=16, head="mlp", hidden_dim=32).train()
+    model(torch.randn(4, 3, 48, 40))  # moves the BatchNorm running statistics away from their initial values
+    model.eval()
+    path = save(tmp_path, model)
+    rebuilt = model_from_checkpoint(load_checkpoint(path), path).eval()
+    assert rebuilt.config == model.config
+    assert torch.equal(rebuilt.backbone[1].running_mean, model.backbone[1].running_mean)
+    images = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)

@@ -49,7 +49,7 @@ def test_same_seed_on_cpu_gives_identical_weights(tmp_path):
     weights = []
     for run in ("a", "b"):
         run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / run}", "--epochs=2",
-                   "--backbone=resnet18", "--image_size=32", "--batch_size=4", "--seed=7")
+                   "--backbone=resnet18", "--image_size=32", "--batch_size=6", "--images_per_identity=2", "--seed=7")
         weights.append(torch.load(tmp_path / run / "last.pth", weights_only=True)["model"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -64,7 +64,7 @@ def test_bad_training_data_is_reported_not_fatal(tmp_path):
     whole = (data / "train" / "p1" / "0.png").read_bytes()
     (data / "train" / "p1" / "0.png").write_bytes(whole[: len(whole) // 2])
     proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", "--epochs=1",
-                      "--backbone=resnet18", "--image_size=32", "--batch_size=4")
+                      "--backbone=resnet18", "--image_size=32", "--batch_size=6", "--images_per_identity=2")
     log = proc.stdout + proc.stderr
     assert "text.jpg" in log  # unreadable header: skipped at scan
     assert os.path.join("p1", "0.png") in log  # truncated: replaced while loading
@@ -114,6 +114,8 @@ def test_unusable_datasets_stop_before_training(tmp_path, setup, message):
     ("--epoch=3", "unknown option '--epoch=3'"),
     ("--lr=fast", "--lr: expected a number"),
     ("--optimizer=rmsprop", "choose one of adam, adamw, sgd"),
+    ("--anchor_pattern=script", "use it with --mining=none"),
+    ("--loss=hinge", "choose one of triplet, contrastive, pair_bce, arcface"),
 ])
 def test_bad_flags_stop_train_py_with_the_flag_named(tmp_path, flag, message):
     data = tmp_path / "data"
@@ -139,5 +141,50 @@ def test_split_then_train_on_a_nested_dataset_with_distortions(tmp_path):
     run_script("data_utils.py", "split", str(raw), str(tmp_path / "data"), "--valid=0.2")
     assert all(not (tmp_path / "data" / "valid" / p / "distortion").exists() for p in ("p0", "p1", "p2"))
     proc = run_script("train.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'o'}",
-                      "--epochs=1", "--backbone=resnet18", "--image_size=32", "--batch_size=4")
+                      "--epochs=1", "--backbone=resnet18", "--image_size=32", "--batch_size=6",
+                      "--images_per_identity=2")
     assert "15 train images" in proc.stdout  # 4 originals + 1 distortion per identity
+
+
+RECIPES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs")) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_runs_end_to_end_on_att_faces(recipe, att_subset, tmp_path):
+    """Each recipe of configs/ for one short epoch on six AT&T people at a small input size, then test.py."""
+    out = tmp_path / "run"
+    args = ["train.py", f"configs/{recipe}", f"--data_dir={att_subset}", f"--out_dir={out}", "--epochs=1",
+            "--image_size=48,40", "--pretrained=False", "--save_every=1"]
+    if recipe == "passport_vgg16.py":
+        args.append("--anchor_pattern=1.pgm")  # AT&T has no ID photos: image 1 of each person stands in
+    if "batch_size" in open(os.path.join("configs", recipe)).read():
+        args.append("--batch_size=16")
+    proc = run_script(*args)
+    assert "epoch 1/1 | train loss" in proc.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["train_loss"] > 0 and (out / "epoch_1.pth").is_file()
+    if recipe == "pair_classifier.py":
+        assert 0 <= history[-1]["valid_pair_f1"] <= 1 and "valid pair F1" in proc.stdout
+    if recipe == "siamese_contrastive.py":
+        assert "trainable" in proc.stdout and "Adam (" in proc.stdout  # verbosity 3: architecture to counts
+    test = run_script("test.py", f"--checkpoint={out / 'last.pth'}")
+    assert "top-1 accuracy" in test.stdout
+
+
+def test_passport_anchors_and_gallery_of_id_photos(tmp_path):
+    data = tmp_path / "data"
+    for split, photos in (("train", 3), ("valid", 2)):
+        for person in ("ann", "bob", "cid"):
+            if split == "train":
+                write_image(data / split / "group" / person / f"{person}_script.png", seed=hash(person) % 100)
+            for j in range(photos):
+                write_image(data / split / "group" / person / f"{person}_{j}.png", seed=j + 10 * len(person))
+    proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--epochs=1",
+                      "--backbone=smallcnn", "--image_size=32", "--batch_size=2", "--identity_depth=2",
+                      "--loss=triplet", "--anchor_pattern=script")
+    assert "3 anchors matching 'script'" in proc.stdout
+    test = run_script("test.py", f"--checkpoint={tmp_path / 'o' / 'last.pth'}", "--gallery_pattern=script")
+    assert "gallery 3 images of 3 identities" in test.stdout
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert set(results["per_identity"]) == {"group/ann", "group/bob", "group/cid"}
+    assert results["probes_scored"] == 6

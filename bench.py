@@ -1,0 +1,137 @@
+"""Benchmark the training recipes on the AT&T faces: accuracy, time to accuracy and peak memory, as a table.
+
+    python bench.py                         # default, fast CPU and resnet50_triplet recipes, 3 seeds each
+    python bench.py --recipes=default --seeds=1
+    python bench.py --quick                 # a reduced run (two epochs on six people), under a minute
+
+The raw AT&T folder (s1..s40) comes from --att_dir or the FACE_DATA environment variable; it is split 8/2 per
+person (`split --valid=0.2 --seed=0`) into a temporary folder. Each run is `train.py` in a subprocess; its
+history gives the training seconds (evaluation excluded) at which the valid top-1 first reached 90 %, 97.5 %
+and 98.5 %, and `test.py` gives the top-1 of the saved best model. Peak memory is the resident set's high-water
+mark of the training process.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPES = {  # name: train.py arguments
+    "default": [],
+    "fast_cpu": ["configs/att_fast_cpu.py"],
+    "resnet50_triplet": ["configs/resnet50_triplet.py"],
+}
+THRESHOLDS = (0.90, 0.975, 0.985)
+QUICK = ["--epochs=2", "--backbone=resnet18", "--image_size=48,40"]
+
+
+def peak_rss_mib(pid):
+    """The process's resident-set high-water mark so far (Linux), in MiB; None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+
+def run(args, log_path):
+    """Run a repository script, its output to `log_path`; returns the peak resident memory in MiB."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        peak = None
+        while proc.poll() is None:
+            peak = max(filter(None, [peak, peak_rss_mib(proc.pid)]), default=None)
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(args)} failed (exit {proc.returncode}); see {log_path}")
+    return peak
+
+
+def measure(name, extra, seed, data_dir, work):
+    out = os.path.join(work, f"{name}_seed{seed}")
+    peak = run(["train.py", *RECIPES[name], f"--data_dir={data_dir}", f"--out_dir={out}", f"--seed={seed}", *extra],
+               out + "_train.log")
+    run(["test.py", f"--checkpoint={os.path.join(out, 'tb_model.pth')}"], out + "_test.log")
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    with open(os.path.join(out, "results.json")) as f:
+        top1 = json.load(f)["accuracy"]
+    reached = {t: next((h["train_seconds"] for h in history if h["valid_identification"] >= t), None)
+               for t in THRESHOLDS}
+    return dict(recipe=name, seed=seed, top1=top1, seconds=history[-1]["train_seconds"], peak_mib=peak,
+                untrained=history[0]["valid_identification"], reached=reached,
+                best_epoch=max(history, key=lambda h: h["valid_identification"])["epoch"])
+
+
+def cell(value, unit=""):
+    return "-" if value is None else f"{value:.0f}{unit}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--att_dir", default=os.environ.get("FACE_DATA", "../shared/data/att_faces"))
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="two epochs of ResNet18 on six people, one seed")
+    parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
+    args = parser.parse_args()
+    names = args.recipes.split(",")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        sys.exit(f"error: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
+    if not os.path.isdir(os.path.join(args.att_dir, "s1")):
+        sys.exit(f"error: {args.att_dir} is not the AT&T folder (s1..s40); pass --att_dir or set FACE_DATA")
+    seeds = 1 if args.quick else args.seeds
+    work = args.keep or tempfile.mkdtemp(prefix="bench_")
+    raw = os.path.join(work, "raw")
+    os.makedirs(raw, exist_ok=True)
+    people = sorted(os.listdir(args.att_dir))
+    for person in people[:6] if args.quick else people:
+        if os.path.isdir(os.path.join(args.att_dir, person)) and not os.path.exists(os.path.join(raw, person)):
+            os.symlink(os.path.abspath(os.path.join(args.att_dir, person)), os.path.join(raw, person))
+    data_dir = os.path.join(work, "att_8_2")
+    if not os.path.isdir(data_dir):
+        run(["data_utils.py", "split", raw, data_dir, "--valid=0.2", "--seed=0"], os.path.join(work, "split.log"))
+    extra = QUICK if args.quick else []
+    rows = []
+    for name in names:
+        for seed in range(seeds):
+            rows.append(measure(name, extra, seed, data_dir, work))
+            r = rows[-1]
+            print(f"{name} seed {seed}: top-1 {100 * r['top1']:.2f}% in {r['seconds']:.0f}s", flush=True)
+
+    print(f"\nAT&T faces, 8/2 split, random initialisation, {os.cpu_count()} CPU cores"
+          + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {seeds} seed(s)"))
+    head = "| recipe | top-1 (test.py) | untrained | s to 90 % | s to 97.5 % | s to 98.5 % | train s | peak MiB |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    means = {}
+    for name in names:
+        runs = [r for r in rows if r["recipe"] == name]
+
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return statistics.mean(values) if len(values) == len(runs) else None
+        reached = {t: mean([r["reached"][t] for r in runs]) for t in THRESHOLDS}
+        means[name] = reached
+        print(f"| {name} | {100 * mean([r['top1'] for r in runs]):.2f} % | "
+              f"{100 * mean([r['untrained'] for r in runs]):.2f} % | "
+              + " | ".join(cell(reached[t], " s") for t in THRESHOLDS)
+              + f" | {mean([r['seconds'] for r in runs]):.0f} | {cell(mean([r['peak_mib'] for r in runs]))} |")
+    reference = means.get("resnet50_triplet", {}).get(0.90)
+    for name in names:
+        if name != "resnet50_triplet" and reference and means[name][0.90]:
+            print(f"time to 90 %: {name} is {reference / means[name][0.90]:.1f}x faster than resnet50_triplet")
+        elif name != "resnet50_triplet" and "resnet50_triplet" in means and means[name][0.90]:
+            print(f"time to 90 %: resnet50_triplet never reaches 90 %; {name} takes {means[name][0.90]:.0f} s")
+    print(f"runs kept in {work}" if args.keep else "")
+
+
+if __name__ == "__main__":
+    main()

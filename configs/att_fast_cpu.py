@@ -1,0 +1,13 @@
+# Fast CPU recipe for AT&T-sized data: ResNet18 at 64x56 from random initialisation, ArcFace over P x K batches
+# of 8 people x 4 images, Adam with a one-cycle schedule. About a minute of training on 2 CPU cores.
+#   python train.py configs/att_fast_cpu.py
+backbone = "resnet18"
+zero_init_residual = True
+image_size = (64, 56)
+loss = "arcface"
+batch_size = 32
+images_per_identity = 4
+optimizer = "adam"
+lr = 2e-3
+lr_schedule = "onecycle"
+epochs = 16
