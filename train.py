@@ -105,9 +105,9 @@ if not os.path.isdir(os.path.join(data_dir, "train")):
 image_size = as_hw(image_size)
 try:
     train_faces = FaceFolder(os.path.join(data_dir, "train"), make_transform(image_size, train=True), identity_depth)
-    # random triplets serve the triplet grid whatever the batches; pairs share their anchors
-    train_set = (PairDataset if batch_kind == "pairs" else TripletFaceDataset)(train_faces, seed, anchor_pattern)
+    # random triplets: the batches of mining=none, and triplets.png whatever the batches
     triplet_view = TripletFaceDataset(train_faces, seed, anchor_pattern)
+    train_set = PairDataset(train_faces, seed, anchor_pattern) if batch_kind == "pairs" else triplet_view
     gallery = FaceFolder(train_faces.root, make_transform(image_size, train=False), identity_depth)
     probes = FaceFolder(os.path.join(data_dir, "valid"), make_transform(image_size, train=False), identity_depth)
 except DatasetError as err:

@@ -101,26 +101,6 @@ def test_symlink_cycle_is_followed_once(tmp_path):
 # -----------------------------------------------------------------------------
 # triplets
 
-def test_triplets_are_valid_fresh_each_epoch_and_reproducible(tmp_path):
-    make_faces(tmp_path, identities=4, images=5)
-    faces = FaceFolder(str(tmp_path))
-    data = TripletFaceDataset(faces, seed=3)
-    targets = np.array(faces.targets)
-    for epoch in range(3):
-        data.set_epoch(epoch)
-        a, p, n = data.rows.T
-        assert len(data) == len(faces)  # every image is an anchor once
-        assert (p != a).all(), "positive must be another file"
-        assert (targets[p] == targets[a]).all() and (targets[n] != targets[a]).all()
-    data.set_epoch(1)
-    first = data.rows.copy()
-    data.set_epoch(2)
-    assert not np.array_equal(first, data.rows), "triplets must be drawn afresh per epoch"
-    again = TripletFaceDataset(FaceFolder(str(tmp_path)), seed=3)
-    again.set_epoch(1)
-    assert np.array_equal(first, again.rows)
-
-
 def test_triplet_item_gives_images_and_labels(tmp_path):
     make_faces(tmp_path, identities=2, images=2)
     data = TripletFaceDataset(FaceFolder(str(tmp_path), make_transform((20, 16), train=True)))
@@ -186,23 +166,30 @@ def test_draw_pairs_by_hand():
     assert draw_pairs([0, 1], [[0], [1]], np.random.default_rng(0)).shape == (0, 3)
 
 
-def test_pairs_are_balanced_fresh_each_epoch_and_reproducible(tmp_path):
+def check_triplets(rows, targets):
+    a, p, n = rows.T
+    assert (p != a).all(), "positive must be another file"
+    assert (targets[p] == targets[a]).all() and (targets[n] != targets[a]).all()
+
+
+@pytest.mark.parametrize("dataset,check,rows_per_image", [(TripletFaceDataset, check_triplets, 1),
+                                                          (PairDataset, check_pairs, 2)])
+def test_rows_are_valid_fresh_each_epoch_and_reproducible(tmp_path, dataset, check, rows_per_image):
     make_faces(tmp_path, identities=4, images=5)
     faces = FaceFolder(str(tmp_path))
-    data = PairDataset(faces, seed=3)
-    targets = np.array(faces.targets)
+    data = dataset(faces, seed=3)
     for epoch in range(3):
         data.set_epoch(epoch)
-        check_pairs(data.rows, targets)
-        assert len(data) == 2 * len(faces)  # every image once with each target
+        check(data.rows, np.array(faces.targets))
+        assert len(data) == rows_per_image * len(faces)  # every image an anchor once (pairs: once per target)
     data.set_epoch(1)
     first = data.rows.copy()
     data.set_epoch(2)
-    assert not np.array_equal(first, data.rows), "pairs must be drawn afresh per epoch"
-    again = PairDataset(FaceFolder(str(tmp_path)), seed=3)
+    assert not np.array_equal(first, data.rows), "rows must be drawn afresh per epoch"
+    again = dataset(FaceFolder(str(tmp_path)), seed=3)
     again.set_epoch(1)
     assert np.array_equal(first, again.rows)
-    other_seed = PairDataset(faces, seed=4)
+    other_seed = dataset(faces, seed=4)
     other_seed.set_epoch(1)
     assert not np.array_equal(first, other_seed.rows)
 
