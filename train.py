@@ -1,4 +1,4 @@
-"""Train a face-embedding network with the triplet loss.
+"""Train a face-embedding network: triplet (random or mined), contrastive, pair-classifier or ArcFace loss.
 
     python train.py                          # the defaults below
     python train.py --backbone=resnet18 --epochs=20
