@@ -26,6 +26,8 @@ from torchvision import transforms as T
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held out by `split`
+# what Pillow raises for a file it cannot read; the bomb warning is raised as an error while loading
+UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 class DatasetError(ValueError):
@@ -184,7 +186,7 @@ class FaceFolder(Dataset):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 Image.open(path).close()
             return True
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        except UNREADABLE_IMAGE:
             self.skipped.append(path)
             return False
 
@@ -203,8 +205,7 @@ class FaceFolder(Dataset):
             path = self.samples[i][0]
             try:
                 image = load_rgb(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning) as err:
+            except UNREADABLE_IMAGE as err:
                 if path not in self.skipped:
                     self.skipped.append(path)
                     warnings.warn(f"skipping unreadable image {path}: {err}")

@@ -256,10 +256,10 @@ def evaluate():
     result = dict(valid_identification=identification_accuracy(
         gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels, probes.classes)["accuracy"],
         valid_loss=float("nan"), valid_triplet_accuracy=float("nan"))
+    if len(valid_triplets):
+        result["valid_triplet_accuracy"] = triplet_accuracy(probe_emb, valid_triplets)
     criterion.eval()
     probe_emb = probe_emb.to(device)
-    if len(valid_triplets):
-        result["valid_triplet_accuracy"] = triplet_accuracy(probe_emb.cpu(), valid_triplets)
     if batch_kind == "triplets" and len(valid_triplets):
         result["valid_loss"] = criterion(*(probe_emb[valid_triplets[:, i]] for i in range(3))).mean().item()
     elif batch_kind == "pairs" and len(valid_pairs):
