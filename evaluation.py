@@ -1,9 +1,13 @@
-"""Embedding passes, identification by class centroids, and the figures of training and evaluation."""
+"""Embedding passes; identification by class centroids (closed and open set); verification of image pairs (ROC,
+EER, TAR@FAR, LFW-protocol 10-fold accuracy); retrieval (P@1, R-precision, MAP@R); the figures of training and
+evaluation."""
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_utils import save_figure
+from data_utils import UNREADABLE_IMAGE, load_rgb, save_figure
 
 
 @torch.inference_mode()
@@ -18,6 +22,25 @@ def embed(model, loader, device, autocast):
     return torch.cat(embeddings), torch.cat(labels)
 
 
+def embed_files(model, paths, transform, device, autocast, batch_size=64):
+    """(embeddings (M, D) float32 on the CPU, or None when M = 0; the indices into `paths` of those M files) of
+    image files given by path. A file that cannot be read as an image gets a one-line error on stderr and is
+    left out; the others are embedded in batches."""
+    embeddings, kept = [], []
+    for start in range(0, len(paths), batch_size):
+        images, indices = [], []
+        for i, path in enumerate(paths[start:start + batch_size], start):
+            try:
+                images.append(transform(load_rgb(path)))
+                indices.append(i)
+            except UNREADABLE_IMAGE as err:
+                print(f"error: {path}: cannot be read as an image ({err})", file=sys.stderr)
+        if images:
+            embeddings.append(embed(model, [(torch.stack(images), torch.tensor(indices))], device, autocast)[0])
+            kept += indices
+    return (torch.cat(embeddings) if embeddings else None), kept
+
+
 def class_centroids(embeddings, labels, num_classes):
     """(num_classes, D): per class, the mean of its L2-normalised embeddings, normalised again.
     A class without embeddings gets a zero row (cosine similarity 0 to everything)."""
@@ -26,9 +49,14 @@ def class_centroids(embeddings, labels, num_classes):
     return F.normalize(sums, dim=1)
 
 
+def centroid_similarities(probes, centroids):
+    """(P, C): cosine similarity of every probe to every (unit-length) centroid. One matrix product."""
+    return F.normalize(probes.float(), dim=1) @ centroids.T
+
+
 def identify(probes, centroids):
     """(predicted class, cosine similarity) per probe: the centroid most similar to it. One matrix product."""
-    scores, predicted = (F.normalize(probes.float(), dim=1) @ centroids.T).max(dim=1)
+    scores, predicted = centroid_similarities(probes, centroids).max(dim=1)
     return predicted, scores
 
 
@@ -40,20 +68,297 @@ def relabel(labels, classes, target_classes):
 
 
 def identification_accuracy(gallery, gallery_labels, gallery_classes, probes, probe_labels, probe_classes):
-    """Top-1 accuracy by centroids over the probes whose identity is in the gallery, with the details:
-    dict(accuracy, predicted, truth (gallery indices, -1 = identity not in the gallery), scores)."""
+    """Top-1 and top-k accuracy by centroids over the probes whose identity is in the gallery, with the details:
+    dict(accuracy (top-1), top5 (share whose true identity is among the top_k most similar centroids),
+    top_k = min(5, number of gallery classes), predicted, truth (gallery indices, -1 = identity not in the
+    gallery), scores (cosine similarity to the predicted centroid)). Accuracies are NaN without known probes."""
     centroids = class_centroids(gallery, gallery_labels, len(gallery_classes))
-    predicted, scores = identify(probes, centroids)
+    similarities = centroid_similarities(probes, centroids)
+    scores, predicted = similarities.max(dim=1)
     truth = relabel(probe_labels, probe_classes, gallery_classes)
     known = truth >= 0
-    accuracy = (predicted[known] == truth[known]).float().mean().item() if known.any() else float("nan")
-    return dict(accuracy=accuracy, predicted=predicted, truth=truth, scores=scores)
+    top_k = min(5, len(gallery_classes))
+    if known.any():
+        accuracy = (predicted[known] == truth[known]).float().mean().item()
+        top_k_hits = (similarities[known].topk(top_k, dim=1).indices == truth[known, None]).any(dim=1)
+        top5 = top_k_hits.float().mean().item()
+    else:
+        accuracy = top5 = float("nan")
+    return dict(accuracy=accuracy, top5=top5, top_k=top_k, predicted=predicted, truth=truth, scores=scores)
 
 
 def triplet_accuracy(embeddings, triplets):
     """Fraction of (anchor, positive, negative) index rows with d(a, p) < d(a, n)."""
     a, p, n = (embeddings[torch.as_tensor(triplets[:, i])] for i in range(3))
     return ((a - p).pow(2).sum(1) < (a - n).pow(2).sum(1)).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# verification: are two images of the same identity?
+
+def _label_runs(labels):
+    """(order, starts, counts): a stable sort of `labels`, and where each distinct label's run starts in it and
+    how long it is. Stable, so each run lists its indices in increasing order."""
+    order = np.argsort(labels, kind="stable")
+    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    return order, starts, counts
+
+
+def same_identity_pairs(labels):
+    """(S, 2) int64 numpy: every pair i < j of indices into `labels` with labels[i] == labels[j].
+    Enumerated: there are sum(c * (c - 1) / 2) over the identities' image counts c, few next to all pairs."""
+    order, starts, counts = _label_runs(np.asarray(labels))
+    pairs = [np.empty((0, 2), dtype=np.int64)]
+    for start, count in zip(starts, counts):
+        members = order[start:start + count]
+        first, second = np.triu_indices(count, 1)
+        pairs.append(np.stack([members[first], members[second]], axis=1))
+    return np.concatenate(pairs).astype(np.int64)
+
+
+def different_identity_pairs(labels):
+    """(D, 2) int64 numpy: every pair i < j of indices into `labels` with labels[i] != labels[j]. Memory grows
+    with D (about N² / 2): for few images, or when most pairs are wanted."""
+    order, starts, counts = _label_runs(np.asarray(labels))
+    run_ends = np.repeat(starts + counts, counts)  # per sorted position: where its identity's run ends
+    partners = len(order) - run_ends  # each sorted position pairs with every position after its run
+    first = np.repeat(np.arange(len(order)), partners)
+    second = np.repeat(run_ends, partners) + np.arange(partners.sum()) - np.repeat(np.cumsum(partners) - partners,
+                                                                                  partners)
+    return np.sort(np.stack([order[first], order[second]], axis=1), axis=1).astype(np.int64)
+
+
+def sample_different_pairs(labels, count, rng):
+    """(count, 2) int64 numpy: `count` distinct pairs i < j with labels[i] != labels[j], a uniform random subset
+    of all of them drawn with the numpy Generator `rng`, sorted. Needs count <= half of all such pairs, so that
+    redrawing duplicates stays cheap; different_identity_pairs otherwise."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    order, starts, counts = _label_runs(labels)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    run_start, run_length = np.repeat(starts, counts)[position], np.repeat(counts, counts)[position]
+    others = n - run_length
+    keys = np.empty(0, dtype=np.int64)
+    while len(keys) < count:
+        # i with probability proportional to its number of partners, then a uniform partner: every unordered
+        # pair {i, j} is drawn with the same probability 2 / sum(others)
+        first = rng.choice(n, 2 * (count - len(keys)), p=others / others.sum())
+        skip = rng.integers(0, others[first])
+        second = order[np.where(skip >= run_start[first], skip + run_length[first], skip)]  # jump over i's run
+        keys = np.concatenate([keys, np.minimum(first, second) * n + np.maximum(first, second)])
+        _, first_seen = np.unique(keys, return_index=True)
+        keys = keys[np.sort(first_seen)]  # first draw of each pair, in draw order: truncating keeps it uniform
+    keys = np.sort(keys[:count])
+    return np.stack([keys // n, keys % n], axis=1)
+
+
+def verification_pairs(labels, rng, max_same=None):
+    """(M, 3) int64 numpy rows (i, j, same), i < j indices into `labels` (N identity labels, numpy or torch):
+    first every same-identity pair (same = 1), or a random `max_same` of them when there are more, then as many
+    distinct different-identity pairs (same = 0) drawn at random, or all of them when there are no more than that.
+    `rng` is a numpy Generator: the same seed gives the same pairs. (0, 3) when no identity has two images.
+    Note: same = 1 here, unlike data_utils.draw_pairs' target (0 = same)."""
+    labels = np.asarray(labels)
+    same = same_identity_pairs(labels)
+    n_same = len(same)
+    if max_same is not None and n_same > max_same:
+        same = same[np.sort(rng.choice(n_same, max_same, replace=False))]
+    if not len(same):
+        return np.empty((0, 3), dtype=np.int64)
+    n_different = len(labels) * (len(labels) - 1) // 2 - n_same
+    if 2 * len(same) < n_different:
+        different = sample_different_pairs(labels, len(same), rng)
+    else:  # most different pairs are wanted: list them all rather than redraw duplicates
+        different = different_identity_pairs(labels)
+        if len(different) > len(same):
+            different = different[np.sort(rng.choice(len(different), len(same), replace=False))]
+    return np.concatenate([np.column_stack([same, np.ones(len(same), dtype=np.int64)]),
+                           np.column_stack([different, np.zeros(len(different), dtype=np.int64)])])
+
+
+def cosine_similarity_pairs(embeddings, pairs):
+    """(M,) float32 numpy: cosine similarity of embeddings[pairs[:, 0]] and embeddings[pairs[:, 1]], for
+    (N, D) embeddings (torch or numpy) and (M, >= 2) index rows such as verification_pairs'."""
+    unit = F.normalize(torch.as_tensor(np.asarray(embeddings)).float(), dim=1)
+    pairs = torch.as_tensor(np.asarray(pairs, dtype=np.int64))
+    return (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(dim=1).numpy()
+
+
+def best_threshold(scores, same):
+    """The threshold t for which 'same iff score >= t' is right most often on these (scores, same) pairs.
+    Candidates: the midpoints between consecutive distinct scores, one below the lowest and one above the highest
+    (accept all, accept none); the lowest of equally good ones."""
+    distinct = np.unique(scores)
+    candidates = np.concatenate([[distinct[0] - 1], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1] + 1]])
+    positives, negatives = np.sort(scores[same]), np.sort(scores[~same])
+    correct = len(positives) - np.searchsorted(positives, candidates) + np.searchsorted(negatives, candidates)
+    return float(candidates[np.argmax(correct)])
+
+
+def kfold_accuracy(scores, same, fold_ids):
+    """(accuracies, thresholds), one per distinct value of `fold_ids` in increasing order: the accuracy on the
+    pairs of that fold of the best_threshold of all the OTHER pairs, and that threshold. scores: (M,) floats,
+    same: (M,) bools. Raises ValueError for fewer than two folds (no pairs left to choose a threshold on)."""
+    folds = np.unique(fold_ids)
+    if len(folds) < 2:
+        raise ValueError(f"cross-validated accuracy needs at least two folds, got {len(folds)}")
+    accuracies, thresholds = [], []
+    for fold in folds:
+        test = fold_ids == fold
+        threshold = best_threshold(scores[~test], same[~test])
+        accuracies.append(float(np.mean((scores[test] >= threshold) == same[test])))
+        thresholds.append(threshold)
+    return accuracies, thresholds
+
+
+def stratified_folds(same, folds, seed=0):
+    """(M,) int64 numpy fold index in [0, k) per pair, k = min(folds, M): a random partition (numpy seed `seed`)
+    whose folds differ by at most one in size and in their numbers of same and of different pairs."""
+    same = np.asarray(same, dtype=bool)
+    folds = min(folds, len(same))
+    if folds < 2:
+        raise ValueError(f"cross-validated accuracy needs at least two folds and two pairs, got folds={folds} "
+                         f"for {len(same)} pairs")
+    rng = np.random.default_rng(seed)
+    fold_ids = np.empty(len(same), dtype=np.int64)
+    dealt = 0
+    for group in (np.flatnonzero(same), np.flatnonzero(~same)):
+        # deal each class round-robin, the second one continuing where the first stopped: sizes stay balanced
+        fold_ids[rng.permutation(group)] = (dealt + np.arange(len(group))) % folds
+        dealt += len(group)
+    return fold_ids
+
+
+def equal_error_rate(fpr, tpr, thresholds):
+    """(EER, threshold) of a ROC curve (roc_curve's fpr, tpr, thresholds): the rate at which the false positive
+    rate equals the false negative rate 1 - TPR, linearly interpolated between the two ROC points that enclose
+    the crossing, and the score threshold interpolated alike (from the finite thresholds)."""
+    gap = fpr - (1 - tpr)  # FPR - FNR: -1 at the first ROC point (nothing accepted), never decreasing, +1 at the end
+    k = int(np.argmax(gap >= 0))
+    weight = -gap[k - 1] / (gap[k] - gap[k - 1])
+    upper = thresholds[k - 1] if np.isfinite(thresholds[k - 1]) else thresholds[k]  # roc_curve's first one is inf
+    return (float(fpr[k - 1] + weight * (fpr[k] - fpr[k - 1])),
+            float(upper + weight * (thresholds[k] - upper)))
+
+
+def verification_metrics(scores, same, folds=10, seed=0, fold_ids=None, fars=(1e-3, 1e-2)):
+    """Verification quality of similarity scores (higher = more likely the same identity) of pairs with truth
+    `same` (1 = same identity, 0 = different), both (M,) arrays. Returns a plain-JSON dict:
+    pairs, same_pairs, different_pairs; auc (ROC area); eer, eer_threshold (equal_error_rate); tar_at_far
+    {f"{far:g}": highest TPR with FPR <= far} for each of `fars`, and far_floor = 1 / different pairs (FARs below it
+    cannot be resolved by these pairs); accuracy_mean, accuracy_std (population std), threshold_mean,
+    fold_accuracies, folds: LFW-protocol cross-validated accuracy (kfold_accuracy) over `fold_ids` (an int per
+    pair, e.g. the ten sets of LFW's pairs.txt) or else stratified_folds(same, folds, seed), that is
+    min(folds, M) folds when there are fewer pairs than folds; roc: dict(fpr, tpr) lists, the ROC points to plot
+    (pop it before printing). ValueError without both same and different pairs, or with fewer than two folds."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    scores = np.asarray(scores, dtype=np.float64)
+    same = np.asarray(same)
+    if scores.shape != same.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and same {same.shape} must be matching 1-d arrays")
+    if not np.isin(same, (0, 1)).all():
+        raise ValueError("same must hold 0 (different identities) or 1 (same identity) per pair")
+    same = same.astype(bool)
+    if same.all() or not same.any():
+        raise ValueError(f"verification needs both same and different pairs, got {int(same.sum())} same and "
+                         f"{int((~same).sum())} different")
+    fpr, tpr, thresholds = roc_curve(same, scores)
+    eer, eer_threshold = equal_error_rate(fpr, tpr, thresholds)
+    if fold_ids is None:
+        fold_ids = stratified_folds(same, folds, seed)
+    fold_ids = np.asarray(fold_ids)
+    if fold_ids.shape != scores.shape:
+        raise ValueError(f"fold_ids {fold_ids.shape} must give one fold per pair {scores.shape}")
+    accuracies, fold_thresholds = kfold_accuracy(scores, same, fold_ids)
+    return dict(
+        pairs=len(scores), same_pairs=int(same.sum()), different_pairs=int((~same).sum()),
+        auc=float(roc_auc_score(same, scores)), eer=eer, eer_threshold=eer_threshold,
+        tar_at_far={f"{far:g}": float(tpr[fpr <= far].max()) for far in fars},
+        far_floor=1 / int((~same).sum()),
+        accuracy_mean=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
+        threshold_mean=float(np.mean(fold_thresholds)), fold_accuracies=accuracies, folds=len(accuracies),
+        roc=dict(fpr=fpr.tolist(), tpr=tpr.tolist()))
+
+
+def calibrate_threshold(impostor_scores, far):
+    """The smallest threshold t among the impostor scores (and the float just above the highest, when even that
+    one would accept too many) such that the share of impostor scores >= t is at most `far`: accepting scores
+    >= t then falsely accepts at most that share of these impostors. Any t' in (the next lower score, t] accepts
+    the same ones. Tied scores are accepted or rejected together, so the share may fall below `far`.
+    ValueError unless 0 < far < 1 and there are scores."""
+    if not 0 < far < 1:
+        raise ValueError(f"far must be in (0, 1), got {far}")
+    scores = np.sort(np.asarray(impostor_scores, dtype=np.float64).ravel())
+    if not len(scores):
+        raise ValueError("calibrate_threshold needs at least one impostor score")
+    distinct = np.unique(scores)
+    accepted_share = (len(scores) - np.searchsorted(scores, distinct)) / len(scores)  # scores >= each candidate
+    within = accepted_share <= far
+    return float(distinct[np.argmax(within)]) if within.any() else float(np.nextafter(scores[-1], np.inf))
+
+
+def _share(mask):
+    """Mean of a boolean array as a float, None when it is empty."""
+    return float(mask.mean()) if mask.size else None
+
+
+def open_set_metrics(best_scores, predicted, truth, threshold):
+    """Open-set identification at `threshold`, from per-probe (P,) arrays (numpy or torch): best_scores (the
+    highest gallery similarity), predicted (its gallery index) and truth (the true gallery index, -1 = identity
+    not in the gallery; identification_accuracy's scores, predicted and truth). A probe is accepted when its score
+    >= threshold. Returns dict(threshold, known_probes, unknown_probes, detection_identification_rate (known
+    probes accepted AND rightly identified / known probes), false_accept_rate (unknown probes accepted / unknown
+    probes), rejected_known (known probes rejected / known probes)); a rate is None without probes to count."""
+    scores, predicted, truth = (np.asarray(a).ravel() for a in (best_scores, predicted, truth))
+    known, accepted = truth >= 0, scores >= threshold
+    return dict(threshold=float(threshold), known_probes=int(known.sum()), unknown_probes=int((~known).sum()),
+                detection_identification_rate=_share((accepted & (predicted == truth))[known]),
+                false_accept_rate=_share(accepted[~known]), rejected_known=_share(~accepted[known]))
+
+
+# -----------------------------------------------------------------------------
+# retrieval: rank every reference by similarity to each query
+
+def retrieval_metrics(queries, query_labels, references, reference_labels, exclude_self=False, chunk_size=1024):
+    """Ranking quality of cosine similarity, as defined by Musgrave et al. (A Metric Learning Reality Check,
+    2020). queries (Q, D), references (N, D) embeddings, numpy or torch; labels (Q,), (N,) integers in one
+    index space. For each query, R = references of its label; precision@1 = is the most similar reference of its
+    label; R-precision = those of its label among the R most similar / R; MAP@R = sum over i <= R of
+    (precision@i if the i-th is of its label else 0) / R. exclude_self: queries are the references (same order),
+    each query's own row is left out. Similarities are computed `chunk_size` queries at a time (memory
+    chunk_size x N). Returns dict(precision_at_1, r_precision, map_at_r (means over the queries with R >= 1,
+    None when none has), queries, queries_without_references)."""
+    queries = F.normalize(torch.as_tensor(np.asarray(queries)).float(), dim=1)
+    references = F.normalize(torch.as_tensor(np.asarray(references)).float(), dim=1)
+    query_labels = torch.as_tensor(np.asarray(query_labels))
+    reference_labels = torch.as_tensor(np.asarray(reference_labels))
+    if exclude_self and len(queries) != len(references):
+        raise ValueError(f"exclude_self needs the queries to be the references, got {len(queries)} queries "
+                         f"and {len(references)} references")
+    totals, scored = torch.zeros(3, dtype=torch.float64), 0
+    for start in range(0, len(queries), chunk_size):
+        similarity = queries[start:start + chunk_size] @ references.T
+        relevant = reference_labels[None, :] == query_labels[start:start + chunk_size, None]
+        if exclude_self:
+            rows = torch.arange(len(similarity))
+            similarity[rows, start + rows] = -float("inf")
+            relevant[rows, start + rows] = False
+        r = relevant.sum(dim=1)
+        keep = r > 0
+        if not keep.any():
+            continue
+        similarity, relevant, r = similarity[keep], relevant[keep], r[keep]
+        k = int(r.max())
+        ranked = relevant.gather(1, similarity.topk(k, dim=1).indices)  # relevance of the k most similar
+        hits = ranked & (torch.arange(k) < r[:, None])  # only the first R count
+        precision_at_i = hits.cumsum(dim=1) / torch.arange(1, k + 1)
+        totals += torch.stack([ranked[:, 0].double().sum(), (hits.sum(dim=1) / r).double().sum(),
+                               ((precision_at_i * hits).sum(dim=1) / r).double().sum()])
+        scored += len(r)
+    means = (totals / scored).tolist() if scored else [None] * 3
+    return dict(precision_at_1=means[0], r_precision=means[1], map_at_r=means[2], queries=len(queries),
+                queries_without_references=len(queries) - scored)
 
 
 # -----------------------------------------------------------------------------
@@ -117,3 +422,81 @@ def plot_confusion_matrix(matrix, classes, path, title="confusion matrix"):
     correct = np.trace(matrix) / max(matrix.sum(), 1)
     ax.set(xlabel="predicted identity", ylabel="true identity", title=f"{title} (top-1 {100 * correct:.1f} %)")
     save_figure(fig, path)
+
+
+def plot_roc(curves, path, title="verification ROC"):
+    """ROC curves, one per (label, fpr, tpr, auc, eer) of `curves` (verification_metrics' roc, auc and eer):
+    true accept rate against false accept rate on a log axis (FAR 0 drawn at a floor below the smallest
+    resolved FAR), dotted lines at FAR 1e-3 and 1e-2, each curve's equal-error point ringed, AUC and EER in the
+    legend. Saved as a PNG at `path`."""
+    plt = _pyplot()
+    resolved = np.concatenate([np.asarray(fpr, dtype=float) for _, fpr, *_ in curves] + [np.ones(1)])
+    # a log axis cannot draw FAR 0: a decade below the smallest resolved FAR (at most 1e-4) stands in for it
+    floor = 10 ** np.floor(np.log10(min(1e-4, resolved[resolved > 0].min() / 2)))
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    chance = np.logspace(np.log10(floor), 0, 200)
+    ax.plot(chance, chance, "--", color="0.7", lw=1, label="chance (TAR = FAR)")
+    for label, fpr, tpr, auc, eer in curves:
+        (line,) = ax.plot(np.maximum(fpr, floor), tpr, lw=2, label=f"{label}: AUC {auc:.4f}, EER {100 * eer:.2f} %")
+        ax.plot(max(eer, floor), 1 - eer, "o", ms=8, mfc="white", mew=2, color=line.get_color())
+    ax.plot([], [], "o", ms=8, mfc="white", mew=2, color="0.3", label="equal error rate (FAR = 1 − TAR)")
+    for far in (1e-3, 1e-2):
+        ax.axvline(far, color="0.3", ls=":", lw=1.2)
+        ax.text(far, 0.03, f" FAR {far:g}", rotation=90, va="bottom", ha="right", fontsize=9, color="0.3")
+    ax.set(xscale="log", xlim=(floor, 1), ylim=(0, 1.01), title=title,
+           xlabel="false accept rate (FAR): different identities accepted, log scale",
+           ylabel="true accept rate (TAR): same identity accepted")
+    ax.grid(which="major", alpha=0.4)
+    ax.grid(which="minor", alpha=0.12)
+    ax.legend(loc="best", fontsize=9)
+    save_figure(fig, path)
+
+
+def embedding_map(embeddings, seed=0):
+    """((N, 2) numpy coordinates, method) of (N, D) embeddings, L2-normalised first as they are compared by
+    cosine: "t-SNE" (init="pca", perplexity min(30, (N - 1) / 3) as t-SNE needs fewer than N / 3 neighbours,
+    random_state=seed) from 30 points up, else "PCA"; zeros along what a single point or dimension cannot span."""
+    points = F.normalize(torch.as_tensor(np.asarray(embeddings)).float().reshape(len(embeddings), -1), dim=1).numpy()
+    n, d = points.shape
+    if n >= 30 and d >= 2:
+        from sklearn.manifold import TSNE
+        tsne = TSNE(n_components=2, init="pca", perplexity=min(30.0, (n - 1) / 3), random_state=seed)
+        return tsne.fit_transform(points), "t-SNE"
+    from sklearn.decomposition import PCA
+    coords = np.zeros((n, 2))
+    components = min(2, n - 1, d)  # n points span at most n - 1 directions
+    if components:
+        coords[:, :components] = PCA(n_components=components).fit_transform(points)
+    return coords, "PCA"
+
+
+def plot_embeddings_2d(embeddings, labels, classes, path, seed=0):
+    """2-D map (embedding_map) of (N, D) embeddings, one colour per identity; `labels` (N,) index `classes`
+    (names). Up to 20 identities get a legend, more get their name written at the mean of their points. Saved
+    as a PNG at `path`; returns the method, "t-SNE" or "PCA"."""
+    plt = _pyplot()
+    coords, method = embedding_map(embeddings, seed)
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    few = len(present) <= 20
+    colours = (plt.get_cmap("tab10" if len(present) <= 10 else "tab20").colors if few
+               else plt.get_cmap("turbo")(np.linspace(0.05, 0.95, len(present))))
+    fig, ax = plt.subplots(figsize=(9, 7.5) if few else (11, 10))
+    for colour, label in zip(colours, present):
+        points = coords[labels == label]
+        ax.scatter(points[:, 0], points[:, 1], s=36, color=colour, alpha=0.9, edgecolors="black", linewidths=0.4,
+                   label=str(classes[label]), zorder=3)
+        if not few:  # the name just above the points, which stay visible on top
+            ax.annotate(str(classes[label]), (points[:, 0].mean(), points[:, 1].max()), xytext=(0, 5),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7, zorder=2,
+                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=colour, alpha=0.6))
+    if few:
+        ax.legend(title="identity", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=1.3)
+    axis = "PC" if method == "PCA" else method
+    ax.set(xticks=[], yticks=[], xlabel=f"{axis} 1", ylabel=f"{axis} 2",
+           title=f"{method} map of {len(labels)} embeddings, {len(present)} identities\n" + (
+               "(neighbours are similar embeddings; distances between clusters mean little)" if method == "t-SNE"
+               else "(the two directions in which the embeddings vary most)"))
+    ax.set_aspect("equal", adjustable="datalim")
+    save_figure(fig, path)
+    return method

@@ -1,24 +1,31 @@
-"""Evaluate a face-embedding checkpoint: identify each probe image by the nearest class centroid.
+"""Evaluate a face-embedding checkpoint: identification, verification, open set and retrieval, in one pass.
 
     python test.py                                   # out/tb_model.pth on the data it was trained on
-    python test.py --checkpoint=out/last.pth --data_dir=data/other_faces
+    python test.py --checkpoint=out/last.pth --data_dir=data/other_faces     # e.g. people never trained on
+    python test.py --pairs=data/lfw/pairs.txt --pairs_root=data/lfw          # + the LFW 10-fold protocol
 
-The gallery is data_dir/train, the probes data_dir/valid. Each gallery identity is represented by the
-normalised mean of its normalised embeddings; each probe goes to the identity of highest cosine
-similarity. Prints a classification report and top-1 accuracy; writes confusion_matrix.png and results.json.
+The gallery is data_dir/train, the probes data_dir/valid; every image is embedded once. Identification: each
+gallery identity is the normalised mean of its normalised embeddings, each probe goes to the most cosine-similar
+one (top-1, top-5, report, confusion matrix). Verification: same/different pairs of probes, ROC, EER, TAR@FAR,
+10-fold accuracy. Open set: a similarity threshold for a target false-accept rate, checked on people outside the
+gallery. Retrieval: probes ranked against gallery images. Writes results.json, confusion_matrix.png, roc.png and
+embeddings.png, and prints a summary table last.
 """
 import os
 import sys
 import time
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix
+import torch
+from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 
 import configurator
-from data_utils import DatasetError, FaceFolder, make_transform, save_json
-from evaluation import embed, identification_accuracy, plot_confusion_matrix
-from model import CheckpointError, load_checkpoint, model_from_checkpoint, select_device
+from data_utils import DatasetError, FaceFolder, make_transform, read_pairs_file, save_json
+from evaluation import (calibrate_threshold, class_centroids, cosine_similarity_pairs, embed, embed_files,
+                        identification_accuracy, open_set_metrics, plot_confusion_matrix, plot_embeddings_2d,
+                        plot_roc, relabel, retrieval_metrics, verification_metrics, verification_pairs)
+from model import CheckpointError, PairHead, load_checkpoint, model_from_checkpoint, select_device
 
 # -----------------------------------------------------------------------------
 # data
@@ -26,6 +33,14 @@ checkpoint = "out/tb_model.pth"  # written by train.py
 data_dir = ""  # folder with train/ (gallery) and valid/ (probes); empty: the one the checkpoint was trained on
 out_dir = ""  # where results go; empty: the checkpoint's folder
 gallery_pattern = ""  # only gallery images whose file name contains this (e.g. the ID photos of anchor_pattern)
+unknown_dir = ""  # identity folders of people absent from the gallery (open set); empty: such probes of valid/
+pairs = ""  # an LFW-style pairs.txt to score with its own 10 folds; empty: none
+pairs_root = ""  # folder of the pairs file's identity folders; empty: the pairs file's folder
+pairs_name_format = "{name}_{index:04d}"  # image file name in a pairs file's identity folder (AT&T: {index})
+# metrics
+target_far = 1e-2  # open set: false-accept rate the unknown-person threshold is calibrated for
+max_same_pairs = 0  # verification: same-identity probe pairs to sample (0: all), plus as many different pairs
+seed = 0  # verification pair sampling, folds, t-SNE
 batch_size = 64  # images per embedding batch
 num_workers = 0  # DataLoader worker processes; 0 loads in the main process
 # system
@@ -51,48 +66,151 @@ transform = make_transform(state["image_size"], train=False)
 try:
     gallery = FaceFolder(os.path.join(data_dir, "train"), transform, identity_depth, gallery_pattern)
     probes = FaceFolder(os.path.join(data_dir, "valid"), transform, identity_depth)
+    unknowns = FaceFolder(unknown_dir, transform, identity_depth) if unknown_dir else None
+    pair_list = read_pairs_file(pairs, pairs_root or os.path.dirname(pairs), name_format=pairs_name_format) \
+        if pairs else None
 except DatasetError as err:
     sys.exit(f"error: {err}")
 print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "
-      f"gallery {len(gallery)} images of {len(gallery.classes)} identities, probes {len(probes)} images")
+      f"gallery {len(gallery)} images of {len(gallery.classes)} identities, probes {len(probes)} images"
+      + (f", {len(unknowns)} images of {len(unknowns.classes)} unknown identities" if unknowns else ""))
 
+# one embedding pass -----------------------------------------------------------
 started = time.time()
 loader_args = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.startswith("cuda"))
 gallery_emb, gallery_labels = embed(model, DataLoader(gallery, **loader_args), device, autocast)
 probe_emb, probe_labels = embed(model, DataLoader(probes, **loader_args), device, autocast)
-result = identification_accuracy(gallery_emb, gallery_labels, gallery.classes,
-                                 probe_emb, probe_labels, probes.classes)
-seconds = time.time() - started
+unknown_emb = embed(model, DataLoader(unknowns, **loader_args), device, autocast)[0] if unknowns else None
+embed_seconds = time.time() - started
+results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir))
+rows = []  # (figure, value) of the summary table
 
-truth, predicted, scores = (result[k].numpy() for k in ("truth", "predicted", "scores"))
+
+def percent(value):
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+# identification -----------------------------------------------------------------
+found = identification_accuracy(gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels, probes.classes)
+truth, predicted, scores = (found[k].numpy() for k in ("truth", "predicted", "scores"))
 known = truth >= 0
 missing = {}  # probe identities absent from the gallery: name -> predicted names
 for name, guess in zip(np.array(probes.classes)[probe_labels.numpy()[~known]], predicted[~known]):
     missing.setdefault(str(name), []).append(gallery.classes[guess])
 if missing:
     print(f"warning: {int((~known).sum())} probes of {len(missing)} identities absent from the gallery are "
-          f"left out of the accuracy: " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(missing.items())))
-
+          f"left out of the accuracy (and serve as unknown people in the open-set figures): "
+          + ", ".join(f"{k} ({len(v)})" for k, v in sorted(missing.items())))
 labels = list(range(len(gallery.classes)))
-report = classification_report(truth[known], predicted[known], labels=labels, target_names=gallery.classes,
-                               zero_division=0, output_dict=True)
-print(classification_report(truth[known], predicted[known], labels=labels, target_names=gallery.classes,
-                            zero_division=0, digits=4))
+report_args = dict(labels=labels, target_names=gallery.classes, zero_division=0)
+report = classification_report(truth[known], predicted[known], output_dict=True, **report_args)
+print(classification_report(truth[known], predicted[known], digits=4, **report_args))
 correct = int((truth[known] == predicted[known]).sum())
-print(f"top-1 accuracy: {100 * result['accuracy']:.2f}% ({correct}/{int(known.sum())} probes); "
-      f"embedding and matching took {seconds:.1f}s")
-
-os.makedirs(out_dir, exist_ok=True)
-plot_confusion_matrix(confusion_matrix(truth[known], predicted[known], labels=labels), gallery.classes,
-                      os.path.join(out_dir, "confusion_matrix.png"))
-save_json(dict(
-    checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir),
-    accuracy=result["accuracy"], correct=correct, probes=len(probes), probes_scored=int(known.sum()),
-    probes_identity_not_in_gallery=int((~known).sum()),
+results["identification"] = dict(
+    accuracy=found["accuracy"], top5=found["top5"], top_k=found["top_k"], correct=correct, probes=len(probes),
+    probes_scored=int(known.sum()), probes_identity_not_in_gallery=int((~known).sum()),
     identities_not_in_gallery={k: dict(probes=len(v), predicted_as=v) for k, v in sorted(missing.items())},
     per_identity={name: {k: report[name][k] for k in ("precision", "recall", "f1-score", "support")}
                   for name in gallery.classes},
-    mean_similarity_correct=float(scores[known][truth[known] == predicted[known]].mean()) if correct else None,
-    seconds=round(seconds, 2),
-), os.path.join(out_dir, "results.json"))
-print(f"wrote {os.path.join(out_dir, 'confusion_matrix.png')} and {os.path.join(out_dir, 'results.json')}")
+    mean_similarity_correct=float(scores[known][truth[known] == predicted[known]].mean()) if correct else None)
+rows += [("identification top-1", f"{percent(found['accuracy'])} ({correct}/{int(known.sum())})"),
+         (f"identification top-{found['top_k']}", percent(found["top5"]))]
+os.makedirs(out_dir, exist_ok=True)
+plot_confusion_matrix(confusion_matrix(truth[known], predicted[known], labels=labels), gallery.classes,
+                      os.path.join(out_dir, "confusion_matrix.png"))
+
+# verification -------------------------------------------------------------------
+roc_curves = []
+
+
+def verify(name, same, similarity, fold_ids=None):
+    """Verification figures of scored pairs, a summary row each, and the ROC curve for roc.png."""
+    figures = verification_metrics(similarity, same, seed=seed, fold_ids=fold_ids)
+    roc = figures.pop("roc")
+    roc_curves.append((name, roc["fpr"], roc["tpr"], figures["auc"], figures["eer"]))
+    unresolved = f" (FAR below 1/{figures['different_pairs']} different pairs: unresolved)"
+    rows.extend([(f"{name}: ROC AUC", f"{figures['auc']:.4f}"), (f"{name}: EER", percent(figures["eer"])),
+                 *((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < figures["far_floor"]
+                                                                 else "")) for far, tar in figures["tar_at_far"].items()),
+                 (f"{name}: {figures['folds']}-fold accuracy", f"{percent(figures['accuracy_mean'])} ± "
+                                                                f"{100 * figures['accuracy_std']:.2f}")])
+    return figures
+
+
+probe_pairs = verification_pairs(probe_labels.numpy(), np.random.default_rng(seed), max_same_pairs or None)
+if len(probe_pairs) >= 4:
+    results["verification"] = verify("probe pairs", probe_pairs[:, 2], cosine_similarity_pairs(probe_emb, probe_pairs))
+    if "pair_head_config" in state:  # the pair classifier recipe: its own same/different decisions
+        head = PairHead(**state["pair_head_config"])
+        head.load_state_dict(state["loss_state"])
+        with torch.inference_mode():
+            decided_same = (head.eval()(probe_emb[probe_pairs[:, 0]], probe_emb[probe_pairs[:, 1]]) > 0).numpy()
+        precision, recall, f1, _ = precision_recall_fscore_support(probe_pairs[:, 2] == 1, decided_same,
+                                                                   average="binary", zero_division=0)
+        results["verification"]["pair_classifier"] = dict(precision=precision, recall=recall, f1=f1)
+        rows.append(("pair classifier: precision / recall / F1", f"{precision:.3f} / {recall:.3f} / {f1:.3f}"))
+else:
+    results["verification"] = None
+    print("warning: too few probe pairs for verification (it needs an identity with two probe images)")
+
+results["pairs"] = None
+if pair_list:
+    for line, path in pair_list["missing"]:
+        print(f"warning: {pairs}:{line}: missing image {path}")
+    files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
+    pair_emb, readable = embed_files(model, files, transform, device, autocast, batch_size)
+    row_of = {files[i]: row for row, i in enumerate(readable)}
+    scored = [i for i, (a, b, _) in enumerate(pair_list["pairs"]) if a in row_of and b in row_of]
+    index_rows = np.array([(row_of[a], row_of[b], same) for a, b, same in (pair_list["pairs"][i] for i in scored)],
+                          dtype=np.int64).reshape(-1, 3)
+    results["pairs"] = dict(file=os.path.abspath(pairs), missing_images=[
+        dict(line=line, path=path) for line, path in pair_list["missing"]], unreadable_images=sorted(
+        set(files) - set(row_of)), pairs_scored=len(index_rows))
+    if len(index_rows) >= 4:
+        results["pairs"].update(verify(os.path.basename(pairs), index_rows[:, 2], cosine_similarity_pairs(
+            pair_emb, index_rows), np.asarray(pair_list["fold_ids"])[scored]))
+    rows.append((f"{os.path.basename(pairs)}: pairs scored",
+                 f"{len(index_rows)} (missing images: {len(pair_list['missing'])})"))
+if roc_curves:
+    plot_roc(roc_curves, os.path.join(out_dir, "roc.png"))
+
+# open set -----------------------------------------------------------------------
+# Calibrate on the known probes as if each were a stranger: its best similarity to any *other* identity's
+# centroid is the score an impostor would get. Then check on people who are really absent from the gallery.
+centroids = class_centroids(gallery_emb, gallery_labels, len(gallery.classes))
+similarity = torch.nn.functional.normalize(probe_emb, dim=1) @ centroids.T
+impostor = similarity[torch.from_numpy(known)].scatter(1, torch.from_numpy(truth[known]).unsqueeze(1),
+                                                         -2.0).max(dim=1).values.numpy()
+stranger_scores = scores[~known]
+if unknowns is not None:
+    stranger_scores = (torch.nn.functional.normalize(unknown_emb, dim=1) @ centroids.T).max(dim=1).values.numpy()
+if len(impostor):
+    threshold = calibrate_threshold(impostor, target_far)
+    results["open_set"] = dict(open_set_metrics(
+        np.concatenate([scores[known], stranger_scores]), np.concatenate([predicted[known], np.zeros(
+            len(stranger_scores), dtype=np.int64)]), np.concatenate([truth[known], -np.ones(len(stranger_scores),
+                                                                                            dtype=np.int64)]),
+        threshold), target_far=target_far, unknown_source=unknown_dir or "valid/ identities absent from train/")
+    rows += [(f"open set: threshold (FAR {target_far:g} on known probes)", f"{threshold:.4f}"),
+             ("open set: detection and identification rate",
+              percent(results["open_set"]["detection_identification_rate"])),
+             ("open set: false-accept rate on unknown people",
+              percent(results["open_set"]["false_accept_rate"]) + f" ({len(stranger_scores)} probes)")]
+else:
+    results["open_set"] = None
+
+# retrieval ----------------------------------------------------------------------
+results["retrieval"] = retrieval_metrics(probe_emb, relabel(probe_labels, probes.classes, gallery.classes),
+                                         gallery_emb, gallery_labels)
+rows += [("retrieval: precision@1", percent(results["retrieval"]["precision_at_1"])),
+         ("retrieval: R-precision", percent(results["retrieval"]["r_precision"])),
+         ("retrieval: MAP@R", percent(results["retrieval"]["map_at_r"]))]
+
+method = plot_embeddings_2d(probe_emb, probe_labels, probes.classes, os.path.join(out_dir, "embeddings.png"), seed)
+results["seconds"] = dict(embedding=round(embed_seconds, 2), total=round(time.time() - started, 2))
+save_json(results, os.path.join(out_dir, "results.json"))
+print(f"wrote results.json, confusion_matrix.png, {'roc.png, ' if roc_curves else ''}embeddings.png ({method}) "
+      f"to {out_dir}")
+width = max(len(name) for name, _ in rows)
+print(f"\n{'figure':<{width}} | value\n{'-' * width}-|------")
+print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))

@@ -6,15 +6,22 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_faces, run_script, write_image
+from conftest import ROOT, make_faces, run_script, write_image
 
 SMALL = ["--backbone=resnet18", "--image_size=48,40", "--batch_size=8"]
 
 
-def test_train_then_test_on_att_faces(att_subset, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def att_run(att_subset, tmp_path_factory):
+    """One epoch of train.py on six AT&T people: (output folder, train.py's stdout)."""
+    out = tmp_path_factory.mktemp("att_run")
     train = run_script("train.py", f"--data_dir={att_subset}", f"--out_dir={out}", "--epochs=1", *SMALL)
-    assert "epoch 1/1 | train loss" in train.stdout
+    return out, train.stdout
+
+
+def test_train_writes_checkpoints_history_and_figures(att_run):
+    out, stdout = att_run
+    assert "epoch 1/1 | train loss" in stdout
     for name in ("tb_model.pth", "last.pth", "config.json", "history.json", "curves.png", "triplets.png"):
         assert (out / name).is_file(), name
     history = json.loads((out / "history.json").read_text())
@@ -24,13 +31,56 @@ def test_train_then_test_on_att_faces(att_subset, tmp_path):
     assert config["backbone"] == "resnet18" and config["epochs"] == 1 and config["image_size"] == [48, 40]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
-    test = run_script("test.py", f"--checkpoint={out / 'last.pth'}")
-    assert "precision" in test.stdout and "top-1 accuracy" in test.stdout
-    results = json.loads((out / "results.json").read_text())
-    assert results["probes"] == 12 and results["probes_scored"] == 12  # 6 people x 2 valid images
-    assert set(results["per_identity"]) == {"s1", "s2", "s3", "s4", "s5", "s6"}
-    assert abs(results["accuracy"] - history[1]["valid_identification"]) < 1e-6  # train.py uses the same method
-    assert Image.open(out / "confusion_matrix.png").size[0] > 300
+
+def test_test_py_answers_identification_verification_open_set_and_retrieval(att_run, tmp_path):
+    out, _ = att_run
+    test = run_script("test.py", f"--checkpoint={out / 'last.pth'}", f"--out_dir={tmp_path}")
+    assert "precision" in test.stdout and "identification top-1" in test.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"identification", "verification", "open_set", "retrieval", "pairs"} <= set(results)
+    found = results["identification"]
+    assert found["probes"] == 12 and found["probes_scored"] == 12  # 6 people x 2 valid images
+    assert set(found["per_identity"]) == {"s1", "s2", "s3", "s4", "s5", "s6"}
+    history = json.loads((out / "history.json").read_text())
+    assert abs(found["accuracy"] - history[1]["valid_identification"]) < 1e-6  # train.py uses the same method
+    assert found["accuracy"] <= found["top5"] <= 1 and found["top_k"] == 5
+    verification = results["verification"]
+    assert verification["same_pairs"] == 6 and verification["different_pairs"] == 6  # one pair per person
+    assert 0 <= verification["auc"] <= 1 and 0 <= verification["eer"] <= 1 and "0.001" in verification["tar_at_far"]
+    assert verification["folds"] == 10 and len(verification["fold_accuracies"]) == 10
+    assert results["open_set"]["unknown_probes"] == 0 and results["open_set"]["false_accept_rate"] is None
+    assert results["open_set"]["known_probes"] == 12 and results["pairs"] is None
+    retrieval = results["retrieval"]
+    assert retrieval["queries"] == 12 and 0 <= retrieval["map_at_r"] <= retrieval["r_precision"] <= 1
+    for name in ("confusion_matrix.png", "roc.png", "embeddings.png"):
+        assert Image.open(tmp_path / name).size[0] > 300, name
+    summary = test.stdout[test.stdout.rindex("figure"):]  # the table comes last
+    assert "probe pairs: 10-fold accuracy" in summary and "unresolved" in summary and "retrieval: MAP@R" in summary
+
+
+def test_evaluation_on_people_never_trained_on_with_pairs_file_and_strangers(att_run, att_faces, tmp_path):
+    """A model trained on s1..s6 evaluated on s7..s10 (gallery train/, probes valid/), with s11 and s12 as
+    strangers for the open set, and the AT&T pairs file of tests/data (s1..s10, 2 folds) scored as LFW's."""
+    out, _ = att_run
+    raw, unknown = tmp_path / "raw", tmp_path / "unknown"
+    for folder, people in ((raw, ("s7", "s8", "s9", "s10")), (unknown, ("s11", "s12"))):
+        folder.mkdir()
+        for name in people:
+            os.symlink(os.path.abspath(os.path.join(att_faces, name)), folder / name)
+    run_script("data_utils.py", "split", str(raw), str(tmp_path / "others"), "--valid=0.2", "--seed=0")
+    test = run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={tmp_path / 'others'}",
+                      f"--out_dir={tmp_path / 'eval'}", f"--unknown_dir={unknown}",
+                      f"--pairs={os.path.join(ROOT, 'tests', 'data', 'att_pairs.txt')}", f"--pairs_root={att_faces}",
+                      "--pairs_name_format={index}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(results["identification"]["per_identity"]) == {"s7", "s8", "s9", "s10"}
+    assert results["identification"]["probes_scored"] == 8
+    open_set = results["open_set"]
+    assert open_set["unknown_probes"] == 20 and 0 <= open_set["false_accept_rate"] <= 1  # all 10 images of 2 people
+    assert open_set["known_probes"] == 8 and open_set["target_far"] == 0.01
+    pairs = results["pairs"]
+    assert pairs["pairs"] == 40 and pairs["folds"] == 2 and pairs["missing_images"] == []
+    assert 0 <= pairs["accuracy_mean"] <= 1 and "att_pairs.txt: 2-fold accuracy" in test.stdout
 
 
 def test_zero_epochs_saves_the_untrained_model(att_subset, tmp_path):
@@ -39,7 +89,7 @@ def test_zero_epochs_saves_the_untrained_model(att_subset, tmp_path):
     state = torch.load(out / "tb_model.pth", weights_only=True)
     assert state["epoch"] == 0 and state["model_config"]["backbone"] == "resnet18"
     test = run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--out_dir={tmp_path / 'eval'}")
-    assert "top-1 accuracy" in test.stdout and (tmp_path / "eval" / "results.json").is_file()
+    assert "identification top-1" in test.stdout and (tmp_path / "eval" / "results.json").is_file()
 
 
 def test_same_seed_on_cpu_gives_identical_weights(tmp_path):
@@ -81,7 +131,7 @@ def test_probe_identities_missing_from_gallery_are_named(tmp_path):
                "--backbone=resnet18", "--image_size=32")
     test = run_script("test.py", f"--checkpoint={tmp_path / 'out' / 'tb_model.pth'}")
     assert "absent from the gallery" in test.stdout and "stranger (1)" in test.stdout
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["identification"]
     assert results["probes"] == 4 and results["probes_scored"] == 3
     assert results["probes_identity_not_in_gallery"] == 1
     assert list(results["identities_not_in_gallery"]) == ["stranger"]
@@ -168,7 +218,7 @@ def test_every_recipe_runs_end_to_end_on_att_faces(recipe, att_subset, tmp_path)
     if recipe == "siamese_contrastive.py":
         assert "trainable" in proc.stdout and "Adam (" in proc.stdout  # verbosity 3: architecture to counts
     test = run_script("test.py", f"--checkpoint={out / 'last.pth'}")
-    assert "top-1 accuracy" in test.stdout
+    assert "identification top-1" in test.stdout
 
 
 def test_passport_anchors_and_gallery_of_id_photos(tmp_path):
@@ -185,6 +235,6 @@ def test_passport_anchors_and_gallery_of_id_photos(tmp_path):
     assert "3 anchors matching 'script'" in proc.stdout
     test = run_script("test.py", f"--checkpoint={tmp_path / 'o' / 'last.pth'}", "--gallery_pattern=script")
     assert "gallery 3 images of 3 identities" in test.stdout
-    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    results = json.loads((tmp_path / "o" / "results.json").read_text())["identification"]
     assert set(results["per_identity"]) == {"group/ann", "group/bob", "group/cid"}
     assert results["probes_scored"] == 6
