@@ -5,6 +5,10 @@
 Every constant is a flag of the same name. Config files (small Python files that assign some of the
 constants) are applied first, in order; flags win over them. A name that is not a constant, or a value
 of the wrong type, is an error that says which and what was expected.
+
+A script whose positional arguments are inputs rather than config files (predict.py PHOTO ...) passes
+`positional=(name, METAVAR, help)`: the arguments, in any order among the flags, are returned as a list
+under `name`, and there are no config files.
 """
 import argparse
 import runpy
@@ -52,25 +56,32 @@ def convert(name, default, value):
         raise ValueError(f"--{name}: expected {expected}, got {value!r}") from None
 
 
-def parse(namespace, argv=None, description=None):
+def parse(namespace, argv=None, description=None, positional=None):
     """Apply config files and --name=value flags from `argv` to the constants in `namespace` (a script's
-    globals()), in place. Returns the resulting {name: value} of every constant."""
+    globals()), in place. Returns the resulting {name: value} of every constant.
+    With `positional=(name, metavar, help)` the positional arguments are not config files: the result holds
+    them too, as a list of strings (empty when none) under `name`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     defaults = constants(namespace)
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("config_files", nargs="*", metavar="CONFIG.py",
-                        help="python files of constant overrides, applied in order before the flags")
+    if positional:
+        parser.add_argument(positional[0], nargs="*", metavar=positional[1], help=positional[2])
+    else:
+        parser.add_argument("config_files", nargs="*", metavar="CONFIG.py",
+                            help="python files of constant overrides, applied in order before the flags")
     for name, default in defaults.items():
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=type(default).__name__.upper(),
                             help=f"default: {shown}")
-    args, unknown = parser.parse_known_args(argv)
+    # inputs may come before, between and after the flags; config files keep their original parsing
+    args, unknown = (parser.parse_known_intermixed_args if positional else parser.parse_known_args)(argv)
     if unknown:
         parser.error(f"unknown option {unknown[0]!r}: not a constant of this script "
                      f"(run with --help for the list)")
+    inputs = {positional[0]: vars(args).pop(positional[0])} if positional else {}
     overrides = {}
-    for path in args.config_files:
+    for path in vars(args).pop("config_files", []):
         try:
             values = runpy.run_path(path)
         except FileNotFoundError:
@@ -81,10 +92,10 @@ def parse(namespace, argv=None, description=None):
             if name not in defaults:
                 parser.error(f"{path}: {name!r} is not a constant of this script")
             overrides[name] = value
-    overrides.update({k: v for k, v in vars(args).items() if k != "config_files"})
+    overrides.update(vars(args))
     for name, value in overrides.items():
         try:
             namespace[name] = convert(name, defaults[name], value)
         except ValueError as err:
             parser.error(str(err))
-    return constants({k: namespace[k] for k in defaults})
+    return dict(constants({k: namespace[k] for k in defaults}), **inputs)

@@ -73,10 +73,14 @@ def identity_folders(root, depth=1):
 
 def atomic_write(path, write, mode="wb"):
     """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename over it:
-    the target is either the complete new file or the old one, never half a file."""
+    the target is either the complete new file or the old one, never half a file. A failure (an exception of
+    `write` too) removes the temporary file and is raised."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the mode an ordinary open() would
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -87,6 +91,13 @@ def atomic_write(path, write, mode="wb"):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    # the folder's entry too, so that the rename outlives a power cut (POSIX; some file systems refuse: no matter)
+    with contextlib.suppress(OSError, AttributeError):
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
 
 
 def save_json(obj, path):
@@ -477,6 +488,86 @@ def fetch_att(dst, seed=0, force=False, log=print):
             pixels = np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
             Image.fromarray(pixels, "L").save(os.path.join(raw, person, f"{count[person]}.pgm"))
         return split_dataset(raw, dst, valid=0.2, seed=seed, force=force, log=log)
+
+
+# -----------------------------------------------------------------------------
+# pairs files
+
+def read_pairs_file(path, root, extensions=IMAGE_EXTENSIONS, name_format="{name}_{index:04d}"):
+    """The verification pairs of an LFW-style pairs.txt, with their images below `root`.
+
+    Format: an optional header line "N" or "S N" (S sets, each of N same-person pairs then N different-people
+    pairs; "N" is one set), then one pair a line: "name i j" (images i and j of one person) or
+    "name1 i name2 j" (two people). Image i of `name` is ROOT/<name>/<name_format>.<ext> with the first
+    extension of `extensions` that exists (in the order given; a set in sorted order); LFW's default name
+    format gives Aaron_Peirsol/Aaron_Peirsol_0001.jpg, AT&T's faces use name_format="{index}" (s1/1.pgm).
+
+    Returns dict(pairs=[(path_a, path_b, same: bool)], fold_ids=[set index of each pair, 0..S-1; all 0
+    without a header], folds=S (1 without a header), missing=[(line number, path)]). A pair with a missing
+    image is left out of `pairs` and its image listed in `missing` (ROOT/<name>/<stem>.* when several
+    extensions were tried). Raises DatasetError naming the file and line for a malformed line, header counts
+    that do not match the lines, and a name whose image would lie outside `root` once real paths are
+    resolved (../, absolute paths, path separators, a symlink leading out).
+    """
+    real_root = os.path.realpath(root)
+    if not os.path.isdir(real_root):
+        raise DatasetError(f"{root}: no such folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(number, line.split()) for number, line in enumerate(f, 1) if line.strip()]
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the pairs file ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not a text pairs file (not UTF-8)") from None
+    if not lines:
+        raise DatasetError(f"{path}: no pairs in the file")
+    order = sorted(extensions) if isinstance(extensions, (set, frozenset)) else list(extensions)
+
+    def fail(number, message):
+        raise DatasetError(f"{path}, line {number}: {message}")
+
+    def image(number, name, index):
+        """The image's path, or None (and listed in `missing`) when no file with any of the extensions exists."""
+        if not re.fullmatch(r"[0-9]+", index):
+            fail(number, f"image index {index!r} is not a non-negative integer")
+        if name in (".", "..") or any(c in name for c in "/\\\0"):
+            fail(number, f"name {name!r} is not a folder name below {root} (no path separators, no ..)")
+        stem = os.path.join(root, name, name_format.format(name=name, index=int(index)))
+        found = next((stem + ext for ext in order if os.path.isfile(stem + ext)), None)
+        if not os.path.realpath(found or stem).startswith(real_root + os.sep):
+            fail(number, f"image {found or stem} lies outside {root}")
+        if not found:
+            missing.append((number, stem + (order[0] if len(order) == 1 else ".*")))
+        return found
+
+    folds, per_set = 1, None
+    if len(lines[0][1]) in (1, 2):
+        number, header = lines.pop(0)
+        if not all(re.fullmatch(r"[0-9]+", v) for v in header) or int(header[-1]) < 1 or int(header[0]) < 1:
+            fail(number, f"header {' '.join(header)!r} is not 'N' or 'S N' (positive integers)")
+        folds, per_set = (1, int(header[0])) if len(header) == 1 else map(int, header)
+        if len(lines) != folds * 2 * per_set:
+            where = lines[folds * 2 * per_set][0] if len(lines) > folds * 2 * per_set else number
+            fail(where, f"the header announces {folds} set(s) of {per_set} same + {per_set} different pairs "
+                        f"({folds * 2 * per_set} lines), the file has {len(lines)} pair lines")
+    pairs, fold_ids, missing = [], [], []
+    for position, (number, fields) in enumerate(lines):
+        if len(fields) == 3:
+            name_a, i, j = fields
+            name_b, same = name_a, True
+        elif len(fields) == 4:
+            name_a, i, name_b, j = fields
+            same = False
+        else:
+            fail(number, f"expected 'name i j' or 'name1 i name2 j', got {len(fields)} fields")
+        if per_set and same != (position % (2 * per_set) < per_set):
+            fail(number, f"expected a {'same-person' if not same else 'different-people'} pair here: each set "
+                         f"of the header's layout is {per_set} same-person lines, then {per_set} different")
+        path_a, path_b = image(number, name_a, i), image(number, name_b, j)
+        if path_a and path_b:
+            pairs.append((path_a, path_b, same))
+            fold_ids.append(position // (2 * per_set) if per_set else 0)
+    return dict(pairs=pairs, fold_ids=fold_ids, folds=folds, missing=missing)
 
 
 def main(argv=None):

@@ -64,3 +64,19 @@ def test_config_file_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         configurator.parse(constants(), [str(typo)])
     assert "--epochs: expected an integer" in capsys.readouterr().err
+
+
+def test_positional_inputs_among_the_flags(tmp_path, capsys):
+    ns = constants()
+    config = configurator.parse(ns, ["a.jpg", "--epochs=3", "b.png", "c.gif"], positional=("photos", "PHOTO", "images"))
+    assert config["photos"] == ["a.jpg", "b.png", "c.gif"] and config["epochs"] == 3 and ns["epochs"] == 3
+    assert "photos" not in ns
+    assert configurator.parse(constants(), ["--lr=1"], positional=("photos", "PHOTO", "images"))["photos"] == []
+    # a python file is an input like any other, not a config file
+    config_file = tmp_path / "first.py"
+    config_file.write_text("epochs = 20\n")
+    config = configurator.parse(constants(), [str(config_file)], positional=("photos", "PHOTO", "images"))
+    assert config["photos"] == [str(config_file)] and config["epochs"] == 10
+    with pytest.raises(SystemExit):
+        configurator.parse(constants(), ["a.jpg", "--epoch=3"], positional=("photos", "PHOTO", "images"))
+    assert "unknown option '--epoch=3'" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""read_pairs_file: LFW-style pairs.txt files, on small files and image trees written into tmp_path."""
+import os
+
+import pytest
+
+from conftest import write_image
+from data_utils import DatasetError, read_pairs_file
+
+ATT_PAIRS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "att_pairs.txt")
+
+
+@pytest.fixture
+def lfw(tmp_path):
+    """An LFW-like tree: ROOT/<name>/<name>_<i:04d>.jpg for two people with three images each."""
+    root = tmp_path / "lfw"
+    for name in ("Ann_Lee", "Bob_Ray"):
+        for i in (1, 2, 3):
+            write_image(root / name / f"{name}_{i:04d}.jpg", seed=i, mode="RGB")
+    return root
+
+
+def write(tmp_path, text):
+    path = tmp_path / "pairs.txt"
+    path.write_text(text)
+    return path
+
+
+def test_header_sets_and_both_line_kinds(tmp_path, lfw):
+    text = "2\t1\n" "Ann_Lee\t1\t2\n" "Ann_Lee\t1\tBob_Ray\t3\n" "Bob_Ray 2 3\n" "Bob_Ray 1 Ann_Lee 3\n"
+    result = read_pairs_file(write(tmp_path, text), lfw)
+    assert result["folds"] == 2 and result["fold_ids"] == [0, 0, 1, 1] and result["missing"] == []
+    assert [same for _, _, same in result["pairs"]] == [True, False, True, False]
+    a, b, _ = result["pairs"][1]
+    assert a == os.path.join(lfw, "Ann_Lee", "Ann_Lee_0001.jpg")
+    assert b == os.path.join(lfw, "Bob_Ray", "Bob_Ray_0003.jpg")
+
+
+def test_single_number_header_and_no_header(tmp_path, lfw):
+    one_set = read_pairs_file(write(tmp_path, "1\nAnn_Lee 1 3\nBob_Ray 1 Ann_Lee 2\n"), lfw)
+    assert one_set["folds"] == 1 and one_set["fold_ids"] == [0, 0]
+    free = read_pairs_file(write(tmp_path, "Bob_Ray 1 Ann_Lee 2\nAnn_Lee 1 3\nAnn_Lee 2 3\n\n"), lfw)
+    assert free["folds"] == 1 and free["fold_ids"] == [0, 0, 0]
+    assert [same for _, _, same in free["pairs"]] == [False, True, True]
+
+
+def test_missing_images_are_listed_and_their_pairs_left_out(tmp_path, lfw):
+    result = read_pairs_file(write(tmp_path, "Ann_Lee 1 9\nBob_Ray 1 2\nCid_Moe 1 Ann_Lee 1\n"), lfw,
+                             extensions=(".jpg",))
+    assert len(result["pairs"]) == 1 and result["pairs"][0][2] is True
+    assert result["missing"] == [(1, os.path.join(lfw, "Ann_Lee", "Ann_Lee_0009.jpg")),
+                                 (3, os.path.join(lfw, "Cid_Moe", "Cid_Moe_0001.jpg"))]
+    assert result["fold_ids"] == [0]
+
+
+def test_first_existing_extension_in_the_order_given(tmp_path, lfw):
+    write_image(lfw / "Ann_Lee" / "Ann_Lee_0001.png", seed=9)
+    path = write(tmp_path, "Ann_Lee 1 2\n")
+    assert read_pairs_file(path, lfw, extensions=(".png", ".jpg"))["pairs"][0][0].endswith("Ann_Lee_0001.png")
+    assert read_pairs_file(path, lfw, extensions=(".jpg", ".png"))["pairs"][0][0].endswith("Ann_Lee_0001.jpg")
+    several = read_pairs_file(write(tmp_path, "Ann_Lee 7 1\n"), lfw)
+    assert several["missing"] == [(1, os.path.join(lfw, "Ann_Lee", "Ann_Lee_0007.*"))]
+
+
+@pytest.mark.parametrize("text,line,message", [
+    ("Ann_Lee 1\n", 1, "is not 'N' or 'S N'"),  # a first line of one or two fields is the header
+    ("Ann_Lee 1 2\nAnn_Lee 1 2 Bob_Ray 3\n", 2, "got 5 fields"),
+    ("Ann_Lee 1 two\n", 1, "image index 'two' is not a non-negative integer"),
+    ("Ann_Lee 1 2\nAnn_Lee -1 Bob_Ray 2\n", 2, "image index '-1'"),
+    ("1 x\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\n", 1, "is not 'N' or 'S N'"),
+    ("2 1\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\n", 1, "the file has 2 pair lines"),
+    ("1\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\nBob_Ray 1 2\n", 4, "the file has 3 pair lines"),
+    ("1\nAnn_Lee 1 Bob_Ray 2\nAnn_Lee 1 2\n", 2, "expected a same-person pair here"),
+    ("1 2\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\nBob_Ray 1 2\nBob_Ray 1 Ann_Lee 2\n", 3, "expected a same-person"),
+])
+def test_malformed_files_name_the_line(tmp_path, lfw, text, line, message):
+    with pytest.raises(DatasetError) as info:
+        read_pairs_file(write(tmp_path, text), lfw)
+    assert f"pairs.txt, line {line}: " in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["..", "../lfw_outside", "/etc", "Ann_Lee/../../x", "a\\b"])
+def test_names_that_leave_the_root_are_refused(tmp_path, lfw, name):
+    with pytest.raises(DatasetError, match=r"line 2: .*(not a folder name|outside)"):
+        read_pairs_file(write(tmp_path, f"Ann_Lee 1 2\n{name} 1 Ann_Lee 2\n"), lfw)
+
+
+def test_a_symlink_out_of_the_root_is_refused(tmp_path, lfw):
+    outside = tmp_path / "elsewhere"
+    write_image(outside / "Eve_0001.jpg", seed=3)
+    write_image(outside / "Eve_0002.jpg", seed=4)
+    os.symlink(outside, lfw / "Eve")
+    with pytest.raises(DatasetError, match="line 1: image .*Eve_0001.jpg lies outside"):
+        read_pairs_file(write(tmp_path, "Eve 1 2\n"), lfw)
+
+
+def test_unreadable_or_empty_files(tmp_path, lfw):
+    with pytest.raises(DatasetError, match="cannot read the pairs file"):
+        read_pairs_file(tmp_path / "none.txt", lfw)
+    with pytest.raises(DatasetError, match="no pairs"):
+        read_pairs_file(write(tmp_path, "\n\n"), lfw)
+    with pytest.raises(DatasetError, match="no such folder"):
+        read_pairs_file(write(tmp_path, "Ann_Lee 1 2\n"), tmp_path / "nowhere")
+
+
+def test_att_pairs_file_finds_every_image(att_faces):
+    result = read_pairs_file(ATT_PAIRS, att_faces, extensions=(".pgm",), name_format="{index}")
+    assert result["missing"] == [] and len(result["pairs"]) == 40 and result["folds"] == 2
+    assert result["fold_ids"] == [0] * 20 + [1] * 20
+    same = [s for _, _, s in result["pairs"]]
+    assert same == ([True] * 10 + [False] * 10) * 2
+    names = {os.path.basename(os.path.dirname(p)) for a, b, _ in result["pairs"] for p in (a, b)}
+    assert names <= {f"s{k}" for k in range(1, 11)}
+    assert all(os.path.basename(a) != os.path.basename(b) for a, b, s in result["pairs"] if s)
