@@ -3,13 +3,18 @@
     python train.py                          # the defaults below
     python train.py --backbone=resnet18 --epochs=20
     python train.py configs/NAME.py --lr=1e-4  # a file of overrides, then flags
+    python train.py --resume=out/last.pth    # continue a run where it stopped, with its own settings
 
 Every constant below can be overridden by a flag of the same name. Writes to out_dir: tb_model.pth (best
-by valid identification accuracy), last.pth, config.json, history.json, curves.png and triplets.png.
+by valid identification accuracy), last.pth (all a resumed run needs), config.json, history.json, curves.png,
+triplets.png and skipped_files.txt (the unreadable images, with the reason). Ctrl-C or SIGTERM stops after the
+current step, saves last.pth and prints the command that resumes the run; a second Ctrl-C quits at once.
 """
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 
@@ -22,11 +27,11 @@ from tqdm import tqdm
 
 import configurator
 from data_utils import (DatasetError, FaceFolder, PairDataset, PKBatchSampler, TripletFaceDataset, as_hw,
-                        atomic_write, draw_pairs, draw_triplets, make_transform, save_json, save_triplet_grid)
+                        atomic_write, draw_pairs, draw_triplets, load_rgb, make_transform, save_json, save_triplet_grid)
 from evaluation import embed, identification_accuracy, plot_history, relabel, triplet_accuracy
 from losses import (ArcFaceLoss, CollapseDetector, ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss,
                     TripletLoss)
-from model import EmbeddingNet, PairHead, PretrainedUnavailable, select_device
+from model import CheckpointError, EmbeddingNet, PairHead, PretrainedUnavailable, load_checkpoint, select_device
 
 # -----------------------------------------------------------------------------
 # data
@@ -71,9 +76,48 @@ plot_x = "epoch"  # x axis of curves.png: epoch | step (iterations)
 device = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 amp = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
 seed = 0  # same seed and data on the CPU -> the same weights
+deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU already is
+resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out_dir>/last.pth); "": a fresh run
 # -----------------------------------------------------------------------------
+defaults = configurator.constants(globals())
 config = configurator.parse(globals(), description=__doc__.split("\n")[0])
 
+# resume ----------------------------------------------------------------------
+checkpoint, first_epoch, position = None, 0, None  # position: where in its epoch a resumed run had stopped
+if resume:
+    resume_path = os.path.join(out_dir, "last.pth") if resume == "last" else resume
+    try:
+        checkpoint = load_checkpoint(resume_path)  # weights_only: loading it cannot run code
+    except CheckpointError as err:
+        sys.exit(f"error: --resume: {err}")
+    if "rng" not in checkpoint:
+        sys.exit(f"error: --resume: {resume_path} holds no training state to resume from (tb_model.pth and "
+                 f"epoch_N.pth never do, nor a last.pth from before --resume existed)")
+    # the run goes on with its own settings; only these may be given anew, nothing that shapes the model, the data
+    # or the optimisation. A constant newer than the checkpoint keeps its default; a flag equal to its default
+    # cannot be told from no flag, so it leaves the run's value. out_dir defaults to the checkpoint's folder.
+    may_change = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "save_every", "plot_x",
+                  "device", "amp", "deterministic")
+    saved = {k: checkpoint["config"].get(k, v) for k, v in config.items()}
+    given = {k: v for k, v in config.items() if v != defaults[k]}
+    conflicts = [f"--{k}={v} (the run has {saved[k]})" for k, v in given.items()
+                 if k not in may_change and v != saved[k]]
+    if conflicts:
+        sys.exit(f"error: --resume continues the run with its own settings, but {', '.join(conflicts)}; on resume "
+                 f"only {', '.join(may_change[1:])} may change")
+    config = {**saved, "out_dir": os.path.dirname(resume_path) or ".",
+              **{k: v for k, v in given.items() if k in may_change}}
+    globals().update(config)
+    position = checkpoint["position"]  # None when it stopped after a whole epoch
+    first_epoch = position["epoch"] if position else checkpoint["epoch"] + 1
+    if first_epoch > epochs:
+        sys.exit(f"error: --resume: {resume_path} has trained all its {epochs} epochs; add --epochs=N with "
+                 f"N > {epochs} to train on")
+
+if deterministic:  # set before CUDA starts: cuBLAS reads its workspace setting once
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True  # (cudnn.benchmark, which picks kernels by timing, stays off)
 try:
     device, autocast, fp16_scaling = select_device(device, amp)
 except ValueError as err:
@@ -112,6 +156,9 @@ try:
     probes = FaceFolder(os.path.join(data_dir, "valid"), make_transform(image_size, train=False), identity_depth)
 except DatasetError as err:
     sys.exit(f"error: {err}")
+if checkpoint and train_faces.classes != checkpoint["classes"]:
+    sys.exit(f"error: --resume: the identities of {train_faces.root} ({len(train_faces.classes)}) are not those the "
+             f"run trained on ({len(checkpoint['classes'])}); resume on the same data")
 lonely = train_faces.single_image_identities()
 if lonely:
     print(f"warning: {len(lonely)} identities have a single training image and serve only as negatives: "
@@ -123,8 +170,17 @@ print(f"data: {len(train_faces.classes)} identities, {len(train_faces)} train im
       f"of {len(probes.classes)} identities; training on {batch_kind}"
       + (f" ({len(triplet_view)} anchors matching {anchor_pattern!r})" if anchor_pattern else ""))
 
+
+def ignore_ctrl_c(worker_id):
+    """DataLoader workers leave Ctrl-C, which the terminal sends to all the run's processes, to the main process: it
+    stops after the current step, then shuts them down. SIGTERM stays fatal to them, as Python's exit stops them
+    with it; sent to every process (as some job schedulers do), it ends the run with their error, and a resumed run
+    starts from the last epoch's last.pth."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 loader_args = dict(num_workers=num_workers, pin_memory=device.startswith("cuda"),
-                   persistent_workers=num_workers > 0)
+                   persistent_workers=num_workers > 0, worker_init_fn=ignore_ctrl_c)
 if batch_kind == "labelled":
     identities = batch_size // images_per_identity
     if 2 <= len(train_faces.classes) < identities:
@@ -168,7 +224,8 @@ optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
 if optimizer not in optimizers:
     sys.exit(f"error: --optimizer={optimizer!r}; choose one of {', '.join(optimizers)}")
 trainable = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-opt = optimizers[optimizer](trainable, lr=lr, weight_decay=weight_decay)
+# fused: one kernel for the whole update; on the CPU the per-tensor loop costs ~10 % of a ResNet18 step
+opt = optimizers[optimizer](trainable, lr=lr, weight_decay=weight_decay, fused=True)
 steps = max(epochs, 1) * len(train_loader)  # the schedules advance per optimiser step
 
 
@@ -181,10 +238,12 @@ def warmup_cosine(step, total, warmup=0.25):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
+# cosine and onecycle are functions of (step, total steps), so a resumed run with more --epochs spreads them
+# over the new total (the learning rate rises again from where the decay had taken it)
 schedulers = {
     "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=max(step_size, 1) * len(train_loader),
                                                     gamma=gamma),
-    "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+    "cosine": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 + math.cos(math.pi * min(1, s / steps))) / 2),
     "onecycle": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps)),
 }
 if lr_schedule not in schedulers:
@@ -279,48 +338,182 @@ def evaluate():
     return result
 
 
-def save_checkpoint(name, epoch, metrics, training_state=True):
-    """Write a checkpoint atomically; a failed save is reported and training goes on. Without the training
-    state (optimiser, schedule) it is a third of the size: all that test.py needs."""
+def reported(path, save):
+    """Run `save()`, which writes `path`; a failure (a full disk, no permission, a folder gone) is reported rather
+    than raised, so that training goes on. Returns whether it saved."""
+    try:
+        save()
+        return True
+    except OSError as err:
+        print(f"warning: could not save {path}: {err}; training goes on", file=sys.stderr)
+        return False
+
+
+def rng_state():
+    """Every random generator training draws from, as tensors and plain values (weights_only loads them). The P x K
+    batches and the random triplets and pairs are drawn from (seed, epoch) alone (set_epoch): nothing to save."""
+    numpy_state = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
+                loader=train_loader.generator.get_state() if train_loader.generator else None)
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.startswith("cuda"):  # None from the CPU: the GPU's stays as seeded
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if state["loader"] is not None:
+        train_loader.generator.set_state(state["loader"])
+
+
+def save_checkpoint(name, epoch, metrics, training_state=True, position=None):
+    """Write a checkpoint atomically, a failure reported (see `reported`); returns whether it saved. `epoch` is the
+    last evaluated epoch and `metrics` its evaluation. Without the training state it is a third of the size: all
+    that test.py needs. With it (last.pth), it holds all that --resume continues from, as tensors and plain values:
+    optimiser, schedule, grad scaler, step, history, best epoch, training time, random generators and, for a run
+    stopped mid-epoch, its `position` in the epoch (the weights are then those of that step)."""
     path = os.path.join(out_dir, name)
     state = dict(model=model.state_dict(), model_config=model.config, image_size=list(image_size),
                  classes=train_faces.classes, epoch=epoch, metrics=metrics, config=config,
                  loss_state=criterion.state_dict())
     if training_state:
-        state.update(optimizer=opt.state_dict(), scheduler=scheduler.state_dict())
+        state.update(optimizer=opt.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                     step=step, history=history, best=best, train_seconds=train_seconds, rng=rng_state(),
+                     position=position)
     if loss == "pair_bce":
         state["pair_head_config"] = criterion.config
+    return reported(path, lambda: atomic_write(path, lambda f: torch.save(state, f)))
+
+
+def why_unreadable(path):
+    """What Pillow says about `path` now (FaceFolder keeps only the paths of the files it skipped)."""
     try:
-        atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as err:
-        print(f"warning: could not save {path}: {err}; training goes on", file=sys.stderr)
+        load_rgb(path)
+    except Exception as err:  # any: it only describes the file
+        return f"{type(err).__name__}: {err}"
+    return "readable now"
+
+
+def save_skipped(listed):
+    """Rewrite out_dir/skipped_files.txt if the unreadable files differ from those `listed` before: one
+    `path<TAB>reason` line per file skipped at the scan or found unreadable while loading since (empty: none).
+    With num_workers > 0 the loading happens in the workers: only their warnings name the files they find.
+    Returns the files the file lists."""
+    skipped = list(dict.fromkeys(train_faces.skipped + gallery.skipped + probes.skipped))
+    if skipped == listed:
+        return listed
+    path = os.path.join(out_dir, "skipped_files.txt")
+
+    def write(f):
+        f.writelines(f"{p}\t{why_unreadable(p)}\n" for p in skipped)
+    return skipped if reported(path, lambda: atomic_write(path, write, mode="w")) else listed
+
+
+def poisoned():
+    """Whether a weight or running statistic of the network or the loss has become NaN or infinite."""
+    tensors = list(model.state_dict().values()) + list(criterion.state_dict().values())
+    return not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def stop_at_nan(what, epoch, batch):
+    """Exit without saving: a NaN or infinite loss or weight would spoil every checkpoint after it."""
+    sys.exit(f"error: {what} in epoch {epoch} at step {batch} of {len(train_loader)}. Training stopped without saving: "
+             f"{out_dir}/last.pth and tb_model.pth keep the last good state. Try a lower --lr (now {lr:g}), "
+             f"--amp=False, or check the data for broken images")
+
+
+stop_signal = 0  # the SIGINT or SIGTERM that asked training to stop (0: none yet)
+
+
+def on_stop_signal(signum, frame):
+    """The first SIGINT (Ctrl-C) or SIGTERM lets the current step finish (the training loop then stops); a second
+    one exits at once (atomic_write leaves no half-written file behind)."""
+    global stop_signal
+    if stop_signal:
+        sys.exit(128 + signum)
+    stop_signal = signum
+    os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current step to save {out_dir}/last.pth; "
+                "press Ctrl-C again to quit at once\n".encode())  # os.write: print is not safe in a signal handler
+
+
+def stop_for_signal(where, position=None):
+    """Exit after a stop signal with 128 + its number (130: SIGINT, 143: SIGTERM), naming the command that resumes
+    the run. Mid-epoch, last.pth is saved first with the `position` in the epoch; after an epoch, its saves just
+    ran. A resumed run goes on from that very step, as if never stopped."""
+    path = os.path.join(out_dir, "last.pth")
+    if position and poisoned():
+        stop_at_nan("the weights are no longer finite", epoch, position["batches"])
+    saved = position is None or save_checkpoint("last.pth", history[-1]["epoch"], metrics, position=position)
+    print(f"{signal.Signals(stop_signal).name} {where}: " + (f"saved {path}" if saved else
+          f"the save failed, so {path} keeps the state saved before") +
+          f"\nresume with: python train.py --resume={shlex.quote(path)}", file=sys.stderr)
+    sys.exit(128 + stop_signal)
 
 
 # training --------------------------------------------------------------------
 collapse = CollapseDetector(margin) if loss == "triplet" else None
-history, best, train_seconds, step = [], None, 0.0, 0
-for epoch in range(epochs + 1):  # epoch 0 only evaluates the untrained network
+history, best, train_seconds, step, listed = [], None, 0.0, 0, None
+if checkpoint:
+    model.load_state_dict(checkpoint["model"])
+    criterion.load_state_dict(checkpoint["loss_state"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint["scaler"]:  # empty when saved without float16 loss scaling (CPU, bfloat16)
+        scaler.load_state_dict(checkpoint["scaler"])
+    history, step, train_seconds, metrics = (checkpoint[k] for k in ("history", "step", "train_seconds", "metrics"))
+    # tb_model.pth is rewritten only by an epoch better than `best`: in a folder without it, the best starts afresh
+    best = checkpoint["best"] if os.path.isfile(os.path.join(out_dir, "tb_model.pth")) else None
+    set_rng_state(checkpoint["rng"])
+    print(f"resuming {resume_path} at epoch {first_epoch}/{epochs}"
+          + (f", step {position['batches'] + 1} of {len(train_loader)}" if position else ""))
+signal.signal(signal.SIGINT, on_stop_signal)
+signal.signal(signal.SIGTERM, on_stop_signal)
+for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untrained network
     train_loss = train_second = None
     if epoch > 0:
         model.train()
         epoch_source.set_epoch(epoch)
-        started, total, second_total, count = time.time(), 0.0, 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
+        if position:  # resumed mid-epoch: the states the epoch began with draw the same batches
+            set_rng_state(position["rng"])
+        epoch_rng, batches = rng_state(), iter(train_loader)
+        started, count, total, second_total = time.time(), 0, 0.0, 0.0
+        if position:  # those trained on before the stop are loaded and passed over; on from there
+            count, total, second_total = position["batches"], position["loss_total"], position["second_total"]
+            for _ in range(count):
+                next(batches)
+            set_rng_state(checkpoint["rng"])
+            position = None
+        bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", total=len(train_loader), initial=count, leave=False,
+                   dynamic_ncols=True, disable=None)
         for batch in bar:
             batch_value, second, embeddings = batch_loss(batch)
             opt.zero_grad(set_to_none=True)
             scaler.scale(batch_value).backward()
-            scaler.step(opt)
+            scaler.step(opt)  # float16 scaling skips a step whose gradients overflowed: not an error
             scaler.update()
             scheduler.step()
-            step, count, total = step + 1, count + 1, total + batch_value.item()
+            value = batch_value.item()
+            if not math.isfinite(value):
+                stop_at_nan(f"the training loss is {value}", epoch, count + 1)
+            step, count, total = step + 1, count + 1, total + value
             second_total += second or 0.0
             shown_second = {} if second is None else {second_figure: f"{second:.2f}"}
             bar.set_postfix(loss=f"{total / count:.4f}", **shown_second)
-            if collapse is not None and collapse.update(batch_value.item(), embeddings):
-                tqdm.write(f"warning: the embeddings are collapsing (loss {batch_value.item():.3f} ~ margin {margin}, "
+            if collapse is not None and collapse.update(value, embeddings):
+                tqdm.write(f"warning: the embeddings are collapsing (loss {value:.3f} ~ margin {margin}, "
                            f"spread {collapse.spread:.3f} for {collapse.patience} steps): try a lower --lr, "
                            f"--zero_init_residual=True, --mining=semihard, or a larger --margin")
+            if stop_signal and count < len(train_loader):  # after the epoch's last step, the epoch ends and saves
+                train_seconds += time.time() - started
+                stop_for_signal(f"in epoch {epoch} after step {count} of {len(train_loader)}",
+                                dict(epoch=epoch, batches=count, loss_total=total, second_total=second_total,
+                                     rng=epoch_rng))
+        if poisoned():  # an update can overflow the weights while its own loss was finite
+            stop_at_nan("the weights are no longer finite", epoch, count)
         train_loss, train_second = total / count, (second_total / count if second is not None else None)
         train_seconds += time.time() - started
     metrics = evaluate()
@@ -333,14 +526,18 @@ for epoch in range(epochs + 1):  # epoch 0 only evaluates the untrained network
     save_checkpoint("last.pth", epoch, metrics)
     if save_every and epoch and epoch % save_every == 0:
         save_checkpoint(f"epoch_{epoch}.pth", epoch, metrics, training_state=False)
-    save_json(history, os.path.join(out_dir, "history.json"))
-    plot_history(history, os.path.join(out_dir, "curves.png"), x=plot_x)
+    listed = save_skipped(listed)
+    history_path, curves_path = os.path.join(out_dir, "history.json"), os.path.join(out_dir, "curves.png")
+    reported(history_path, lambda: save_json(history, history_path))
+    reported(curves_path, lambda: plot_history(history, curves_path, x=plot_x))
     print(f"epoch {epoch}/{epochs} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
           + ("" if train_second is None else f"{second_figure} {100 * train_second:.0f}% | ")
           + f"valid loss {metrics['valid_loss']:.4f} | valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}% | "
           + (f"valid pair F1 {metrics['valid_pair_f1']:.3f} | " if "valid_pair_f1" in metrics else "")
           + f"valid top-1 {100 * metrics['valid_identification']:.2f}% | {train_seconds:.0f}s"
           + (" | best" if improved else ""))
+    if stop_signal and epoch < epochs:
+        stop_for_signal(f"after epoch {epoch}")
 
 print(f"best valid top-1 {100 * best['valid_identification']:.2f}% at epoch {best['epoch']}; "
       f"{train_seconds:.0f}s of training. Saved {os.path.join(out_dir, 'tb_model.pth')}\n"
