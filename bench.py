@@ -24,7 +24,14 @@ RECIPES = {  # name: train.py arguments
     "default": [],
     "fast_cpu": ["configs/att_fast_cpu.py"],
     "resnet50_triplet": ["configs/resnet50_triplet.py"],
+    "resnet50_distortion": ["configs/resnet50_distortion.py"],
+    "siamese_contrastive": ["configs/siamese_contrastive.py"],
+    "facenet_online": ["configs/facenet_online.py"],
+    # AT&T has no ID photos (image 1 of each person stands in) and ImageNet weights cannot be had offline
+    "passport_vgg16": ["configs/passport_vgg16.py", "--pretrained=False", "--anchor_pattern=1.pgm"],
+    "pair_classifier": ["configs/pair_classifier.py"],
 }
+DEFAULT_RECIPES = ("default", "fast_cpu", "resnet50_triplet")
 THRESHOLDS = (0.90, 0.975, 0.985)
 QUICK = ["--epochs=2", "--backbone=resnet18", "--image_size=48,40"]
 
@@ -61,10 +68,12 @@ def measure(name, extra, seed, data_dir, work):
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
     with open(os.path.join(out, "results.json")) as f:
-        top1 = json.load(f)["accuracy"]
+        results = json.load(f)
+    top1 = results["identification"]["accuracy"]
+    f1 = ((results.get("verification") or {}).get("pair_classifier") or {}).get("f1")
     reached = {t: next((h["train_seconds"] for h in history if h["valid_identification"] >= t), None)
                for t in THRESHOLDS}
-    return dict(recipe=name, seed=seed, top1=top1, seconds=history[-1]["train_seconds"], peak_mib=peak,
+    return dict(recipe=name, seed=seed, top1=top1, f1=f1, seconds=history[-1]["train_seconds"], peak_mib=peak,
                 untrained=history[0]["valid_identification"], reached=reached,
                 best_epoch=max(history, key=lambda h: h["valid_identification"])["epoch"])
 
@@ -76,7 +85,7 @@ def cell(value, unit=""):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--att_dir", default=os.environ.get("FACE_DATA", "../shared/data/att_faces"))
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="comma-separated: " + ", ".join(RECIPES))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="two epochs of ResNet18 on six people, one seed")
     parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
@@ -108,7 +117,7 @@ def main():
 
     print(f"\nAT&T faces, 8/2 split, random initialisation, {os.cpu_count()} CPU cores"
           + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {seeds} seed(s)"))
-    head = "| recipe | top-1 (test.py) | untrained | s to 90 % | s to 97.5 % | s to 98.5 % | train s | peak MiB |"
+    head = "| recipe | top-1 (test.py) | pair F1 | untrained | s to 90 % | s to 97.5 % | s to 98.5 % | train s | peak MiB |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     means = {}
@@ -120,7 +129,8 @@ def main():
             return statistics.mean(values) if len(values) == len(runs) else None
         reached = {t: mean([r["reached"][t] for r in runs]) for t in THRESHOLDS}
         means[name] = reached
-        print(f"| {name} | {100 * mean([r['top1'] for r in runs]):.2f} % | "
+        f1 = mean([r["f1"] for r in runs])
+        print(f"| {name} | {100 * mean([r['top1'] for r in runs]):.2f} % | {'-' if f1 is None else f'{f1:.3f}'} | "
               f"{100 * mean([r['untrained'] for r in runs]):.2f} % | "
               + " | ".join(cell(reached[t], " s") for t in THRESHOLDS)
               + f" | {mean([r['seconds'] for r in runs]):.0f} | {cell(mean([r['peak_mib'] for r in runs]))} |")
