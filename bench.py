@@ -1,4 +1,4 @@
-"""Benchmark the training recipes on the AT&T faces: accuracy, time to accuracy and peak memory, as a table.
+"""Benchmark the training recipes on the AT&T faces: accuracy, time to accuracy, pipeline efficiency, memory.
 
     python bench.py                         # default, fast CPU and resnet50_triplet recipes, 3 seeds each
     python bench.py --recipes=default --seeds=1
@@ -9,6 +9,12 @@ person (`split --valid=0.2 --seed=0`) into a temporary folder. Each run is `trai
 history gives the training seconds (evaluation excluded) at which the valid top-1 first reached 90 %, 97.5 %
 and 98.5 %, and `test.py` gives the top-1 of the saved best model. Peak memory is the resident set's high-water
 mark of the training process.
+
+Pipeline efficiency: the images/s of train.py's real training steps (loading, augmentation, forward, loss and
+mining, backward, optimiser; from its history, the first epoch left out as warm-up) against the bare network's
+forward + backward on random tensors of the same batch shape, timed here right after the run with the same
+thread count; likewise test.py's embedding pass against bare inference. And the share of each epoch spent on
+validation and on saving (checkpoints, history, curves).
 """
 import argparse
 import json
@@ -18,6 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import torch
+
+from model import EmbeddingNet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {  # name: train.py arguments
@@ -60,7 +70,7 @@ def run(args, log_path):
     return peak
 
 
-def measure(name, extra, seed, data_dir, work):
+def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
     out = os.path.join(work, f"{name}_seed{seed}")
     peak = run(["train.py", *RECIPES[name], f"--data_dir={data_dir}", f"--out_dir={out}", f"--seed={seed}", *extra],
                out + "_train.log")
@@ -73,9 +83,46 @@ def measure(name, extra, seed, data_dir, work):
     f1 = ((results.get("verification") or {}).get("pair_classifier") or {}).get("f1")
     reached = {t: next((h["train_seconds"] for h in history if h["valid_identification"] >= t), None)
                for t in THRESHOLDS}
+    trained = [h for h in history if h["epoch"] > 0]
+    steady = trained[1:] or trained  # the first epoch warms up (allocations, thread pools)
+    epoch_time = [h["epoch_seconds"] + h["valid_seconds"] + h["save_seconds"] for h in trained]
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    state = torch.load(os.path.join(out, "tb_model.pth"), weights_only=True)
+    batch = round(sum(h["images"] for h in trained) / (trained[-1]["step"] - history[0]["step"]))
     return dict(recipe=name, seed=seed, top1=top1, f1=f1, seconds=history[-1]["train_seconds"], peak_mib=peak,
                 untrained=history[0]["valid_identification"], reached=reached,
-                best_epoch=max(history, key=lambda h: h["valid_identification"])["epoch"])
+                best_epoch=max(history, key=lambda h: h["valid_identification"])["epoch"],
+                train_speed=statistics.median(h["images_per_second"] for h in steady),
+                bare_train_speed=None if config["freeze_backbone"] else bare_speed(
+                    state["model_config"], state["image_size"], batch, True, bare_seconds),
+                test_speed=results["seconds"]["images_per_second"],
+                bare_test_speed=bare_speed(state["model_config"], state["image_size"], 64, False, bare_seconds),
+                valid_share=statistics.mean(h["valid_seconds"] / t for h, t in zip(trained, epoch_time)),
+                save_share=statistics.mean(h["save_seconds"] / t for h, t in zip(trained, epoch_time)))
+
+
+def bare_speed(model_config, image_size, batch, train, seconds=4.0):
+    """Images/s of the network alone on random tensors of (batch, 3, *image_size): forward + backward
+    (train=True) or inference. Two warm-up batches, then batches until `seconds` have passed (at least three)."""
+    torch.manual_seed(0)
+    model = EmbeddingNet(**model_config).train(train)
+    images = torch.randn(batch, 3, *image_size)
+
+    def one_batch():
+        if train:
+            model.zero_grad(set_to_none=True)
+            model(images).sum().backward()
+        else:
+            with torch.inference_mode():
+                model(images)
+    for _ in range(2):
+        one_batch()
+    count, started = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - started < seconds:
+        one_batch()
+        count += 1
+    return count * batch / (time.perf_counter() - started)
 
 
 def cell(value, unit=""):
@@ -111,7 +158,7 @@ def main():
     rows = []
     for name in names:
         for seed in range(seeds):
-            rows.append(measure(name, extra, seed, data_dir, work))
+            rows.append(measure(name, extra, seed, data_dir, work, 1.0 if args.quick else 4.0))
             r = rows[-1]
             print(f"{name} seed {seed}: top-1 {100 * r['top1']:.2f}% in {r['seconds']:.0f}s", flush=True)
 
@@ -134,6 +181,23 @@ def main():
               f"{100 * mean([r['untrained'] for r in runs]):.2f} % | "
               + " | ".join(cell(reached[t], " s") for t in THRESHOLDS)
               + f" | {mean([r['seconds'] for r in runs]):.0f} | {cell(mean([r['peak_mib'] for r in runs]))} |")
+    print("\nPipeline efficiency (images/s; bare: the network alone on random tensors, same batch shape)")
+    head = ("| recipe | train.py steps | bare forward+backward | ratio | test.py embedding | bare inference | ratio "
+            "| validation share of an epoch | saving share |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name in names:
+        runs = [r for r in rows if r["recipe"] == name]
+
+        def mean(key):
+            values = [r[key] for r in runs]
+            return None if None in values else statistics.mean(values)
+        train_ratio = mean("bare_train_speed") and mean("train_speed") / mean("bare_train_speed")
+        print(f"| {name} | {mean('train_speed'):.1f} | {cell(mean('bare_train_speed'))} | "
+              + ("-" if train_ratio is None else f"{100 * train_ratio:.0f} %")
+              + f" | {mean('test_speed'):.1f} | {mean('bare_test_speed'):.1f} | "
+              f"{100 * mean('test_speed') / mean('bare_test_speed'):.0f} % | {100 * mean('valid_share'):.1f} % | "
+              f"{100 * mean('save_share'):.1f} % |")
     reference = means.get("resnet50_triplet", {}).get(0.90)
     for name in names:
         if name != "resnet50_triplet" and reference and means[name][0.90]:

@@ -174,6 +174,7 @@ class FaceFolder(Dataset):
         if not os.path.isdir(root):
             raise DatasetError(f"{root}: no such folder")
         self.root, self.transform, self.skipped = root, transform, []
+        self.cached = None  # {index: image after the transform's deterministic steps}, once cache() has run
         self.classes, self.samples = [], []
         for name, folder in identity_folders(root, identity_depth).items():
             paths = [p for p in find_images(folder)
@@ -201,6 +202,36 @@ class FaceFolder(Dataset):
             self.skipped.append(path)
             return False
 
+    def _split_transform(self):
+        """(deterministic leading steps of the transform: resizing and centre cropping, the rest)."""
+        steps = self.transform.transforms if isinstance(self.transform, T.Compose) else []
+        n = next((i for i, step in enumerate(steps) if not isinstance(step, (T.Resize, T.CenterCrop))), len(steps))
+        return T.Compose(steps[:n]), T.Compose(steps[n:])
+
+    def cache_bytes(self):
+        """Memory the decoded images would take in cache(), or None when the transform does not fix their size."""
+        sizes = [step.size for step in self._split_transform()[0].transforms]
+        if not sizes or not isinstance(sizes[-1], (tuple, list)) or len(sizes[-1]) != 2:
+            return None
+        return len(self.samples) * 3 * sizes[-1][0] * sizes[-1][1]
+
+    def cache(self):
+        """Decode every image once and keep it in memory after the transform's deterministic steps (uint8, already
+        resized); items then apply only the rest (random augmentation, tensor conversion). Unreadable images are
+        skipped as when loading. DataLoader workers share the filled cache (they fork after it)."""
+        prepare, self.after_cache = self._split_transform()
+        self.cached = {}
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                self.cached[i] = prepare(load_rgb(path))
+            except UNREADABLE_IMAGE as err:
+                self._skip(path, err)
+
+    def _skip(self, path, err):
+        if path not in self.skipped:
+            self.skipped.append(path)
+            warnings.warn(f"skipping unreadable image {path}: {err}")
+
     def single_image_identities(self):
         return [self.classes[y] for y, idx in enumerate(self.by_label) if len(idx) == 1]
 
@@ -213,13 +244,15 @@ class FaceFolder(Dataset):
         candidates = self.by_label[label]
         start = candidates.index(index)
         for i in candidates[start:] + candidates[:start]:
+            if self.cached is not None:
+                if i in self.cached:
+                    return self.after_cache(self.cached[i])
+                continue
             path = self.samples[i][0]
             try:
                 image = load_rgb(path)
             except UNREADABLE_IMAGE as err:
-                if path not in self.skipped:
-                    self.skipped.append(path)
-                    warnings.warn(f"skipping unreadable image {path}: {err}")
+                self._skip(path, err)
                 continue
             return self.transform(image) if self.transform else image
         raise DatasetError(f"no readable image left for identity {self.classes[label]!r} in {self.root}")

@@ -207,7 +207,9 @@ rows += [("retrieval: precision@1", percent(results["retrieval"]["precision_at_1
          ("retrieval: MAP@R", percent(results["retrieval"]["map_at_r"]))]
 
 method = plot_embeddings_2d(probe_emb, probe_labels, probes.classes, os.path.join(out_dir, "embeddings.png"), seed)
-results["seconds"] = dict(embedding=round(embed_seconds, 2), total=round(time.time() - started, 2))
+embedded = len(gallery) + len(probes) + (len(unknowns) if unknowns else 0)
+results["seconds"] = dict(embedding=round(embed_seconds, 2), images_embedded=embedded,
+                          images_per_second=round(embedded / embed_seconds, 2), total=round(time.time() - started, 2))
 save_json(results, os.path.join(out_dir, "results.json"))
 print(f"wrote results.json, confusion_matrix.png, {'roc.png, ' if roc_curves else ''}embeddings.png ({method}) "
       f"to {out_dir}")

@@ -44,6 +44,7 @@ batch_size = 32  # triplets or pairs per step; images per step for P x K batches
 images_per_identity = 4  # K of a P x K batch (P = batch_size // K)
 fill = "repeat"  # P x K: identities with fewer than K images: repeat their images | drop them
 num_workers = 0  # DataLoader worker processes; 0 loads in the main process
+cache_images = "auto"  # decode each image once, keep it resized in memory: auto (when all fit in 2 GiB) | true | false
 # model
 backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | vgg16 | alexnet | smallcnn
 pretrained = False  # start from torchvision's ImageNet weights (downloads once into the torch cache)
@@ -76,6 +77,8 @@ plot_x = "epoch"  # x axis of curves.png: epoch | step (iterations)
 device = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 amp = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
 seed = 0  # same seed and data on the CPU -> the same weights
+channels_last = False  # convolutional backbones in NHWC memory format (faster on CUDA tensor cores)
+compile = False  # torch.compile the network for training (PyTorch 2; the first steps wait for the compiler)
 deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU already is
 resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out_dir>/last.pth); "": a fresh run
 # -----------------------------------------------------------------------------
@@ -97,7 +100,7 @@ if resume:
     # or the optimisation. A constant newer than the checkpoint keeps its default; a flag equal to its default
     # cannot be told from no flag, so it leaves the run's value. out_dir defaults to the checkpoint's folder.
     may_change = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "save_every", "plot_x",
-                  "device", "amp", "deterministic")
+                  "device", "amp", "deterministic", "cache_images", "channels_last", "compile")
     saved = {k: checkpoint["config"].get(k, v) for k, v in config.items()}
     given = {k: v for k, v in config.items() if v != defaults[k]}
     conflicts = [f"--{k}={v} (the run has {saved[k]})" for k, v in given.items()
@@ -123,6 +126,7 @@ try:
 except ValueError as err:
     sys.exit(f"error: {err}")
 scaler = torch.amp.GradScaler("cuda", enabled=fp16_scaling)
+torch.backends.cudnn.benchmark = device.startswith("cuda") and not deterministic  # fixed shapes: time the kernels
 random.seed(seed)
 np.random.seed(seed)
 torch.manual_seed(seed)
@@ -159,6 +163,14 @@ except DatasetError as err:
 if checkpoint and train_faces.classes != checkpoint["classes"]:
     sys.exit(f"error: --resume: the identities of {train_faces.root} ({len(train_faces.classes)}) are not those the "
              f"run trained on ({len(checkpoint['classes'])}); resume on the same data")
+if cache_images not in ("auto", "true", "false"):
+    sys.exit(f"error: --cache_images={cache_images!r}; choose auto, true or false")
+folders = (train_faces, gallery, probes)
+cache_size = sum(folder.cache_bytes() or float("inf") for folder in folders)
+if cache_images == "true" or (cache_images == "auto" and cache_size <= 2 ** 31):
+    for folder in folders:
+        folder.cache()
+    print(f"cached the decoded images: {cache_size / 2 ** 20:.0f} MiB")
 lonely = train_faces.single_image_identities()
 if lonely:
     print(f"warning: {len(lonely)} identities have a single training image and serve only as negatives: "
@@ -206,7 +218,7 @@ probe_loader = DataLoader(probes, **loader_args)
 # model, loss, optimiser ------------------------------------------------------
 try:
     model = EmbeddingNet(backbone, embedding_dim, head, hidden_dim, pretrained, zero_init_residual,
-                         freeze_backbone).to(device)
+                         freeze_backbone).to(device, memory_format=torch.channels_last if channels_last else None)
     if loss == "triplet":
         criterion = (TripletLoss(margin, squared, reduction="none") if batch_kind == "triplets"
                      else OnlineTripletLoss(margin, mining, squared))
@@ -270,10 +282,13 @@ a, p, n, la, ln = (torch.stack([torch.as_tensor(item[k]) for item in shown]) for
 save_triplet_grid(a, p, n, la, ln, train_faces.classes, os.path.join(out_dir, "triplets.png"))
 
 
+network = torch.compile(model) if compile else model  # the compiled one trains; model is what is saved
+
+
 def embed_batches(*image_batches):
     """Embeddings (float32) of image batches concatenated, in one forward pass."""
     with autocast:
-        return model(torch.cat(image_batches).to(device, non_blocking=True)).float()
+        return network(torch.cat(image_batches).to(device, non_blocking=True)).float()
 
 
 def pair_loss(e1, e2, target):
@@ -480,7 +495,7 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
         if position:  # resumed mid-epoch: the states the epoch began with draw the same batches
             set_rng_state(position["rng"])
         epoch_rng, batches = rng_state(), iter(train_loader)
-        started, count, total, second_total = time.time(), 0, 0.0, 0.0
+        started, count, total, second_total, images = time.time(), 0, 0.0, 0.0, 0
         if position:  # those trained on before the stop are loaded and passed over; on from there
             count, total, second_total = position["batches"], position["loss_total"], position["second_total"]
             for _ in range(count):
@@ -499,7 +514,7 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
             value = batch_value.item()
             if not math.isfinite(value):
                 stop_at_nan(f"the training loss is {value}", epoch, count + 1)
-            step, count, total = step + 1, count + 1, total + value
+            step, count, total, images = step + 1, count + 1, total + value, images + len(embeddings)
             second_total += second or 0.0
             shown_second = {} if second is None else {second_figure: f"{second:.2f}"}
             bar.set_postfix(loss=f"{total / count:.4f}", **shown_second)
@@ -515,10 +530,16 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
         if poisoned():  # an update can overflow the weights while its own loss was finite
             stop_at_nan("the weights are no longer finite", epoch, count)
         train_loss, train_second = total / count, (second_total / count if second is not None else None)
-        train_seconds += time.time() - started
+        epoch_seconds = time.time() - started
+        train_seconds += epoch_seconds
+        # bench.py sets this throughput against the bare network's (a resumed epoch: of its remaining steps)
+        speed = dict(epoch_seconds=round(epoch_seconds, 3), images=images,
+                     images_per_second=round(images / epoch_seconds, 2))
+    started = time.time()
     metrics = evaluate()
     history.append(dict(epoch=epoch, step=step, train_loss=train_loss, **{f"train_{second_figure}": train_second},
-                        **metrics, train_seconds=round(train_seconds, 1), lr=opt.param_groups[0]["lr"]))
+                        **metrics, train_seconds=round(train_seconds, 1), lr=opt.param_groups[0]["lr"],
+                        **(speed if epoch else {}), valid_seconds=round(time.time() - started, 3)))
     improved = best is None or metrics["valid_identification"] > best["valid_identification"]
     if improved:
         best = history[-1]
@@ -528,8 +549,9 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
         save_checkpoint(f"epoch_{epoch}.pth", epoch, metrics, training_state=False)
     listed = save_skipped(listed)
     history_path, curves_path = os.path.join(out_dir, "history.json"), os.path.join(out_dir, "curves.png")
-    reported(history_path, lambda: save_json(history, history_path))
     reported(curves_path, lambda: plot_history(history, curves_path, x=plot_x))
+    history[-1]["save_seconds"] = round(time.time() - started - history[-1]["valid_seconds"], 3)  # with the plot
+    reported(history_path, lambda: save_json(history, history_path))
     print(f"epoch {epoch}/{epochs} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
           + ("" if train_second is None else f"{second_figure} {100 * train_second:.0f}% | ")
           + f"valid loss {metrics['valid_loss']:.4f} | valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}% | "

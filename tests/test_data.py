@@ -91,6 +91,27 @@ def test_truncated_image_is_replaced_by_another_of_its_identity(tmp_path):
     assert faces.skipped == [faces.samples[index][0]]
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_cached_images_give_the_same_items_as_decoding_each_time(tmp_path, train):
+    make_faces(tmp_path, identities=2, images=3)
+    whole = (tmp_path / "p1" / "0.png").read_bytes()
+    (tmp_path / "p1" / "0.png").write_bytes(whole[: len(whole) // 2])  # fails when decoded: replaced either way
+    items = []
+    for cached in (False, True):
+        faces = FaceFolder(str(tmp_path), transform=make_transform((20, 16), train=train))
+        # uint8 after the deterministic steps: resized with the 1.1 margin, and centre-cropped for evaluation
+        assert faces.cache_bytes() == 6 * 3 * (22 * 18 if train else 20 * 16)
+        with pytest.warns(UserWarning, match="0.png"):
+            if cached:
+                faces.cache()
+            torch.manual_seed(0)  # the random augmentation draws alike
+            items.append([faces[i] for i in range(len(faces))])
+        assert faces.skipped == [str(tmp_path / "p1" / "0.png")]
+    assert faces.cached is not None and len(faces.cached) == 5
+    for (a, label_a), (b, label_b) in zip(*items):
+        assert torch.equal(a, b) and label_a == label_b
+
+
 def test_symlink_cycle_is_followed_once(tmp_path):
     make_faces(tmp_path / "data", identities=2, images=2)
     os.symlink(tmp_path / "data" / "p0", tmp_path / "data" / "p0" / "loop")

@@ -27,6 +27,9 @@ def test_train_writes_checkpoints_history_and_figures(att_run):
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[1]["train_loss"] > 0 and 0 <= history[1]["valid_identification"] <= 1
+    assert history[1]["images"] == 48 and history[1]["images_per_second"] > 0  # 6 people x 8 train images
+    assert all(h["valid_seconds"] > 0 and h["save_seconds"] > 0 for h in history)  # what bench.py reads
+    assert "cached the decoded images" in stdout  # AT&T fits in memory many times over
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"] == "resnet18" and config["epochs"] == 1 and config["image_size"] == [48, 40]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -238,3 +241,19 @@ def test_passport_anchors_and_gallery_of_id_photos(tmp_path):
     results = json.loads((tmp_path / "o" / "results.json").read_text())["identification"]
     assert set(results["per_identity"]) == {"group/ann", "group/bob", "group/cid"}
     assert results["probes_scored"] == 6
+
+
+@pytest.mark.parametrize("flags", [["--channels_last=True"], ["--compile=True"], ["--cache_images=false"]],
+                         ids=["channels_last", "compile", "no_cache"])
+def test_system_flags_train_and_the_checkpoint_loads_in_test_py(tmp_path, flags):
+    data = tmp_path / "data"
+    make_faces(data / "train", identities=3, images=4)
+    make_faces(data / "valid", identities=3, images=2)
+    out = tmp_path / "out"
+    train = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", "--epochs=1", "--backbone=resnet18",
+                       "--image_size=32", "--batch_size=6", "--images_per_identity=2", *flags)
+    assert ("cached the decoded images" in train.stdout) == (flags != ["--cache_images=false"])
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])  # compiled or not, the plain network's keys
+    test = run_script("test.py", f"--checkpoint={out / 'last.pth'}")
+    assert "identification top-1" in test.stdout
