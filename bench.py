@@ -88,16 +88,16 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
     epoch_time = [h["epoch_seconds"] + h["valid_seconds"] + h["save_seconds"] for h in trained]
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    state = torch.load(os.path.join(out, "tb_model.pth"), weights_only=True)
+    network = {k: config[k] for k in ("backbone", "embedding_dim", "head", "hidden_dim")}
     batch = round(sum(h["images"] for h in trained) / (trained[-1]["step"] - history[0]["step"]))
     return dict(recipe=name, seed=seed, top1=top1, f1=f1, seconds=history[-1]["train_seconds"], peak_mib=peak,
                 untrained=history[0]["valid_identification"], reached=reached,
                 best_epoch=max(history, key=lambda h: h["valid_identification"])["epoch"],
                 train_speed=statistics.median(h["images_per_second"] for h in steady),
                 bare_train_speed=None if config["freeze_backbone"] else bare_speed(
-                    state["model_config"], state["image_size"], batch, True, bare_seconds),
+                    network, config["image_size"], batch, True, bare_seconds),
                 test_speed=results["seconds"]["images_per_second"],
-                bare_test_speed=bare_speed(state["model_config"], state["image_size"], 64, False, bare_seconds),
+                bare_test_speed=bare_speed(network, config["image_size"], 64, False, bare_seconds),
                 valid_share=statistics.mean(h["valid_seconds"] / t for h, t in zip(trained, epoch_time)),
                 save_share=statistics.mean(h["save_seconds"] / t for h, t in zip(trained, epoch_time)))
 
@@ -123,6 +123,12 @@ def bare_speed(model_config, image_size, batch, train, seconds=4.0):
         one_batch()
         count += 1
     return count * batch / (time.perf_counter() - started)
+
+
+def mean(values):
+    """The mean, or None when a value is missing (e.g. a seed that never reached a threshold)."""
+    values = list(values)
+    return None if None in values else statistics.mean(values)
 
 
 def cell(value, unit=""):
@@ -170,17 +176,13 @@ def main():
     means = {}
     for name in names:
         runs = [r for r in rows if r["recipe"] == name]
-
-        def mean(values):
-            values = [v for v in values if v is not None]
-            return statistics.mean(values) if len(values) == len(runs) else None
-        reached = {t: mean([r["reached"][t] for r in runs]) for t in THRESHOLDS}
+        reached = {t: mean(r["reached"][t] for r in runs) for t in THRESHOLDS}
         means[name] = reached
-        f1 = mean([r["f1"] for r in runs])
-        print(f"| {name} | {100 * mean([r['top1'] for r in runs]):.2f} % | {'-' if f1 is None else f'{f1:.3f}'} | "
-              f"{100 * mean([r['untrained'] for r in runs]):.2f} % | "
+        f1 = mean(r["f1"] for r in runs)
+        print(f"| {name} | {100 * mean(r['top1'] for r in runs):.2f} % | {'-' if f1 is None else f'{f1:.3f}'} | "
+              f"{100 * mean(r['untrained'] for r in runs):.2f} % | "
               + " | ".join(cell(reached[t], " s") for t in THRESHOLDS)
-              + f" | {mean([r['seconds'] for r in runs]):.0f} | {cell(mean([r['peak_mib'] for r in runs]))} |")
+              + f" | {mean(r['seconds'] for r in runs):.0f} | {cell(mean(r['peak_mib'] for r in runs))} |")
     print("\nPipeline efficiency (images/s; bare: the network alone on random tensors, same batch shape)")
     head = ("| recipe | train.py steps | bare forward+backward | ratio | test.py embedding | bare inference | ratio "
             "| validation share of an epoch | saving share |")
@@ -188,16 +190,14 @@ def main():
     print("|" + "---|" * (head.count("|") - 1))
     for name in names:
         runs = [r for r in rows if r["recipe"] == name]
-
-        def mean(key):
-            values = [r[key] for r in runs]
-            return None if None in values else statistics.mean(values)
-        train_ratio = mean("bare_train_speed") and mean("train_speed") / mean("bare_train_speed")
-        print(f"| {name} | {mean('train_speed'):.1f} | {cell(mean('bare_train_speed'))} | "
+        speed = {key: mean(r[key] for r in runs) for key in ("train_speed", "bare_train_speed", "test_speed",
+                                                              "bare_test_speed", "valid_share", "save_share")}
+        train_ratio = speed["bare_train_speed"] and speed["train_speed"] / speed["bare_train_speed"]
+        print(f"| {name} | {speed['train_speed']:.1f} | {cell(speed['bare_train_speed'])} | "
               + ("-" if train_ratio is None else f"{100 * train_ratio:.0f} %")
-              + f" | {mean('test_speed'):.1f} | {mean('bare_test_speed'):.1f} | "
-              f"{100 * mean('test_speed') / mean('bare_test_speed'):.0f} % | {100 * mean('valid_share'):.1f} % | "
-              f"{100 * mean('save_share'):.1f} % |")
+              + f" | {speed['test_speed']:.1f} | {speed['bare_test_speed']:.1f} | "
+              f"{100 * speed['test_speed'] / speed['bare_test_speed']:.0f} % | {100 * speed['valid_share']:.1f} % | "
+              f"{100 * speed['save_share']:.1f} % |")
     reference = means.get("resnet50_triplet", {}).get(0.90)
     for name in names:
         if name != "resnet50_triplet" and reference and means[name][0.90]:

@@ -71,6 +71,16 @@ def identity_folders(root, depth=1):
     return {rel.replace(os.sep, "/"): os.path.join(root, rel) for rel in level}
 
 
+def _file_mode():
+    """The mode open() gives a new file under this process's umask (read once: setting it is the only way)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path, write, mode="wb"):
     """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename over it:
     the target is either the complete new file or the old one, never half a file. A failure (an exception of
@@ -78,9 +88,7 @@ def atomic_write(path, write, mode="wb"):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the mode an ordinary open() would
+    os.chmod(tmp, FILE_MODE)  # mkstemp's file is private (0600)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -240,6 +248,8 @@ class FaceFolder(Dataset):
 
     def load(self, index):
         """The transformed image at `index`, or another image of its identity if that file is unreadable."""
+        if self.cached is not None and index in self.cached:
+            return self.after_cache(self.cached[index])
         label = self.targets[index]
         candidates = self.by_label[label]
         start = candidates.index(index)

@@ -71,7 +71,8 @@ def identification_accuracy(gallery, gallery_labels, gallery_classes, probes, pr
     """Top-1 and top-k accuracy by centroids over the probes whose identity is in the gallery, with the details:
     dict(accuracy (top-1), top5 (share whose true identity is among the top_k most similar centroids),
     top_k = min(5, number of gallery classes), predicted, truth (gallery indices, -1 = identity not in the
-    gallery), scores (cosine similarity to the predicted centroid)). Accuracies are NaN without known probes."""
+    gallery), scores (cosine similarity to the predicted centroid), similarities (P, C) to every centroid,
+    centroids (C, D)). Accuracies are NaN without known probes."""
     centroids = class_centroids(gallery, gallery_labels, len(gallery_classes))
     similarities = centroid_similarities(probes, centroids)
     scores, predicted = similarities.max(dim=1)
@@ -84,7 +85,8 @@ def identification_accuracy(gallery, gallery_labels, gallery_classes, probes, pr
         top5 = top_k_hits.float().mean().item()
     else:
         accuracy = top5 = float("nan")
-    return dict(accuracy=accuracy, top5=top5, top_k=top_k, predicted=predicted, truth=truth, scores=scores)
+    return dict(accuracy=accuracy, top5=top5, top_k=top_k, predicted=predicted, truth=truth, scores=scores,
+                similarities=similarities, centroids=centroids)
 
 
 def triplet_accuracy(embeddings, triplets):
@@ -470,13 +472,17 @@ def embedding_map(embeddings, seed=0):
     return coords, "PCA"
 
 
-def plot_embeddings_2d(embeddings, labels, classes, path, seed=0):
+def plot_embeddings_2d(embeddings, labels, classes, path, seed=0, max_points=3000):
     """2-D map (embedding_map) of (N, D) embeddings, one colour per identity; `labels` (N,) index `classes`
-    (names). Up to 20 identities get a legend, more get their name written at the mean of their points. Saved
-    as a PNG at `path`; returns the method, "t-SNE" or "PCA"."""
+    (names). Up to 20 identities get a legend, more get their name written at the mean of their points. Beyond
+    `max_points`, a seeded random subset (t-SNE's time grows fast with N). Saved as a PNG at `path`; returns the
+    method, "t-SNE" or "PCA"."""
     plt = _pyplot()
-    coords, method = embedding_map(embeddings, seed)
     labels = np.asarray(labels)
+    if len(labels) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(labels), max_points, replace=False))
+        embeddings, labels = np.asarray(embeddings)[keep], labels[keep]
+    coords, method = embedding_map(embeddings, seed)
     present = np.unique(labels)
     few = len(present) <= 20
     colours = (plt.get_cmap("tab10" if len(present) <= 10 else "tab20").colors if few

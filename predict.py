@@ -8,8 +8,8 @@ As in test.py, a gallery identity is the normalised mean of the embeddings of it
 DIR/<identity>/<image>), and a photo goes to the identity of highest cosine similarity; below the threshold
 it is "unknown". The gallery's centroids are cached beside the checkpoint (<checkpoint stem>.gallery.pt) and
 embedded anew when a gallery file or the checkpoint changes. The threshold is --threshold, else the one
-test.py calibrated in results.json beside the checkpoint: results["open_set"]["threshold"], and for --verify
-results["verification"]["threshold_mean"] when there is one. Photos of any size and image mode work.
+test.py calibrated for this checkpoint in results.json beside it: results["open_set"]["threshold"], and for
+--verify results["verification"]["threshold_mean"]. Photos of any size and image mode work.
 Exit status 1 when a photo could not be read (the others are still predicted).
 """
 import json
@@ -58,9 +58,9 @@ def export_onnx(model, image_size, path):
 
 
 def decision_threshold():
-    """(threshold or None, where it comes from or why there is none). --threshold wins; else results.json beside
-    the checkpoint: for --verify its verification threshold when present, else (and for identification) its
-    open-set threshold."""
+    """(threshold or None, where it comes from or why there is none). --threshold wins; else the results.json
+    that test.py wrote beside the checkpoint for this very checkpoint: its open-set threshold (image to identity
+    centroid) for identification, its verification threshold (image to image) for --verify."""
     if threshold >= -1:
         return threshold, "--threshold"
     path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "results.json")
@@ -71,14 +71,13 @@ def decision_threshold():
         return None, f"no {path} (run test.py, or pass --threshold)"
     except (OSError, ValueError) as err:
         return None, f"{path} is unreadable ({err})"
-    keys = ([("verification", "threshold_mean")] if verify else []) + [("open_set", "threshold")]
-    for section, key in keys:
-        part = results.get(section) if isinstance(results, dict) else None
-        value = part.get(key) if isinstance(part, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), f"{path}, {section}.{key}"
-    wanted = " or ".join(f"{section}.{key}" for section, key in keys)
-    return None, f"{path} has no {wanted} (run test.py, or pass --threshold)"
+    if not isinstance(results, dict) or results.get("checkpoint") != os.path.abspath(checkpoint):
+        return None, f"{path} evaluated another checkpoint (run test.py --checkpoint={checkpoint}, or pass --threshold)"
+    section, key = ("verification", "threshold_mean") if verify else ("open_set", "threshold")
+    value = (results.get(section) or {}).get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), f"{path}, {section}.{key}"
+    return None, f"{path} has no {section}.{key} (too few valid images to calibrate it; pass --threshold)"
 
 
 def gallery_files(root, depth):

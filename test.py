@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 import configurator
 from data_utils import DatasetError, FaceFolder, make_transform, read_pairs_file, save_json
-from evaluation import (calibrate_threshold, class_centroids, cosine_similarity_pairs, embed, embed_files,
-                        identification_accuracy, open_set_metrics, plot_confusion_matrix, plot_embeddings_2d,
+from evaluation import (calibrate_threshold, cosine_similarity_pairs, embed, embed_files, identification_accuracy,
+                        identify, open_set_metrics, plot_confusion_matrix, plot_embeddings_2d,
                         plot_roc, relabel, retrieval_metrics, verification_metrics, verification_pairs)
 from model import CheckpointError, PairHead, load_checkpoint, model_from_checkpoint, select_device
 
@@ -99,7 +99,8 @@ for name, guess in zip(np.array(probes.classes)[probe_labels.numpy()[~known]], p
     missing.setdefault(str(name), []).append(gallery.classes[guess])
 if missing:
     print(f"warning: {int((~known).sum())} probes of {len(missing)} identities absent from the gallery are "
-          f"left out of the accuracy (and serve as unknown people in the open-set figures): "
+          f"left out of the accuracy" + ("" if unknowns else " (they are the strangers of the open-set figures)")
+          + ": "
           + ", ".join(f"{k} ({len(v)})" for k, v in sorted(missing.items())))
 labels = list(range(len(gallery.classes)))
 report_args = dict(labels=labels, target_names=gallery.classes, zero_division=0)
@@ -124,7 +125,15 @@ roc_curves = []
 
 
 def verify(name, same, similarity, fold_ids=None):
-    """Verification figures of scored pairs, a summary row each, and the ROC curve for roc.png."""
+    """Verification figures of scored pairs, a summary row each, and the ROC curve for roc.png; None, with a
+    warning, unless there are at least 4 pairs of both kinds. Fewer than two folds in `fold_ids` (a pairs file
+    of one set, or none) fall back to seeded random folds."""
+    if len(same) < 4 or same.all() or not same.any():
+        print(f"warning: {name}: no verification figures: they need 4 pairs or more, same-identity and different "
+              f"ones, and there are {int(same.sum())} same and {int(len(same) - same.sum())} different")
+        return None
+    if fold_ids is not None and len(np.unique(fold_ids)) < 2:
+        fold_ids = None
     figures = verification_metrics(similarity, same, seed=seed, fold_ids=fold_ids)
     roc = figures.pop("roc")
     roc_curves.append((name, roc["fpr"], roc["tpr"], figures["auc"], figures["eer"]))
@@ -138,20 +147,16 @@ def verify(name, same, similarity, fold_ids=None):
 
 
 probe_pairs = verification_pairs(probe_labels.numpy(), np.random.default_rng(seed), max_same_pairs or None)
-if len(probe_pairs) >= 4:
-    results["verification"] = verify("probe pairs", probe_pairs[:, 2], cosine_similarity_pairs(probe_emb, probe_pairs))
-    if "pair_head_config" in state:  # the pair classifier recipe: its own same/different decisions
-        head = PairHead(**state["pair_head_config"])
-        head.load_state_dict(state["loss_state"])
-        with torch.inference_mode():
-            decided_same = (head.eval()(probe_emb[probe_pairs[:, 0]], probe_emb[probe_pairs[:, 1]]) > 0).numpy()
-        precision, recall, f1, _ = precision_recall_fscore_support(probe_pairs[:, 2] == 1, decided_same,
-                                                                   average="binary", zero_division=0)
-        results["verification"]["pair_classifier"] = dict(precision=precision, recall=recall, f1=f1)
-        rows.append(("pair classifier: precision / recall / F1", f"{precision:.3f} / {recall:.3f} / {f1:.3f}"))
-else:
-    results["verification"] = None
-    print("warning: too few probe pairs for verification (it needs an identity with two probe images)")
+results["verification"] = verify("probe pairs", probe_pairs[:, 2], cosine_similarity_pairs(probe_emb, probe_pairs))
+if results["verification"] and "pair_head_config" in state:  # the pair classifier recipe: its own decisions
+    head = PairHead(**state["pair_head_config"])
+    head.load_state_dict(state["loss_state"])
+    with torch.inference_mode():
+        decided_same = (head.eval()(probe_emb[probe_pairs[:, 0]], probe_emb[probe_pairs[:, 1]]) > 0).numpy()
+    precision, recall, f1, _ = precision_recall_fscore_support(probe_pairs[:, 2] == 1, decided_same,
+                                                               average="binary", zero_division=0)
+    results["verification"]["pair_classifier"] = dict(precision=precision, recall=recall, f1=f1)
+    rows.append(("pair classifier: precision / recall / F1", f"{precision:.3f} / {recall:.3f} / {f1:.3f}"))
 
 results["pairs"] = None
 if pair_list:
@@ -166,9 +171,8 @@ if pair_list:
     results["pairs"] = dict(file=os.path.abspath(pairs), missing_images=[
         dict(line=line, path=path) for line, path in pair_list["missing"]], unreadable_images=sorted(
         set(files) - set(row_of)), pairs_scored=len(index_rows))
-    if len(index_rows) >= 4:
-        results["pairs"].update(verify(os.path.basename(pairs), index_rows[:, 2], cosine_similarity_pairs(
-            pair_emb, index_rows), np.asarray(pair_list["fold_ids"])[scored]))
+    results["pairs"].update(verify(os.path.basename(pairs), index_rows[:, 2], cosine_similarity_pairs(
+        pair_emb, index_rows), np.asarray(pair_list["fold_ids"])[scored]) or {})
     rows.append((f"{os.path.basename(pairs)}: pairs scored",
                  f"{len(index_rows)} (missing images: {len(pair_list['missing'])})"))
 if roc_curves:
@@ -177,27 +181,23 @@ if roc_curves:
 # open set -----------------------------------------------------------------------
 # Calibrate on the known probes as if each were a stranger: its best similarity to any *other* identity's
 # centroid is the score an impostor would get. Then check on people who are really absent from the gallery.
-centroids = class_centroids(gallery_emb, gallery_labels, len(gallery.classes))
-similarity = torch.nn.functional.normalize(probe_emb, dim=1) @ centroids.T
-impostor = similarity[torch.from_numpy(known)].scatter(1, torch.from_numpy(truth[known]).unsqueeze(1),
-                                                         -2.0).max(dim=1).values.numpy()
-stranger_scores = scores[~known]
-if unknowns is not None:
-    stranger_scores = (torch.nn.functional.normalize(unknown_emb, dim=1) @ centroids.T).max(dim=1).values.numpy()
-if len(impostor):
-    threshold = calibrate_threshold(impostor, target_far)
+# (A single gallery identity has no other: no threshold.)
+results["open_set"] = None
+if len(gallery.classes) >= 2 and known.any():
+    mask = torch.from_numpy(known)
+    impostor = found["similarities"][mask].scatter(1, found["truth"][mask].unsqueeze(1), -2.0).max(dim=1).values
+    threshold = calibrate_threshold(impostor.numpy(), target_far)
+    stranger_scores = identify(unknown_emb, found["centroids"])[1].numpy() if unknowns else scores[~known]
+    strangers = np.full(len(stranger_scores), -1)  # truth -1: not in the gallery (their predictions do not count)
     results["open_set"] = dict(open_set_metrics(
-        np.concatenate([scores[known], stranger_scores]), np.concatenate([predicted[known], np.zeros(
-            len(stranger_scores), dtype=np.int64)]), np.concatenate([truth[known], -np.ones(len(stranger_scores),
-                                                                                            dtype=np.int64)]),
-        threshold), target_far=target_far, unknown_source=unknown_dir or "valid/ identities absent from train/")
+        np.concatenate([scores[known], stranger_scores]), np.concatenate([predicted[known], strangers]),
+        np.concatenate([truth[known], strangers]), threshold),
+        target_far=target_far, unknown_source=unknown_dir or "valid/ identities absent from train/")
     rows += [(f"open set: threshold (FAR {target_far:g} on known probes)", f"{threshold:.4f}"),
              ("open set: detection and identification rate",
               percent(results["open_set"]["detection_identification_rate"])),
              ("open set: false-accept rate on unknown people",
               percent(results["open_set"]["false_accept_rate"]) + f" ({len(stranger_scores)} probes)")]
-else:
-    results["open_set"] = None
 
 # retrieval ----------------------------------------------------------------------
 results["retrieval"] = retrieval_metrics(probe_emb, relabel(probe_labels, probes.classes, gallery.classes),

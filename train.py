@@ -97,7 +97,7 @@ if resume:
         sys.exit(f"error: --resume: {resume_path} holds no training state to resume from (tb_model.pth and "
                  f"epoch_N.pth never do, nor a last.pth from before --resume existed)")
     # the run goes on with its own settings; only these may be given anew, nothing that shapes the model, the data
-    # or the optimisation. A constant newer than the checkpoint keeps its default; a flag equal to its default
+    # or the optimisation. A constant newer than the checkpoint keeps its value here; a flag equal to its default
     # cannot be told from no flag, so it leaves the run's value. out_dir defaults to the checkpoint's folder.
     may_change = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "save_every", "plot_x",
                   "device", "amp", "deterministic", "cache_images", "channels_last", "compile")
@@ -183,16 +183,19 @@ print(f"data: {len(train_faces.classes)} identities, {len(train_faces)} train im
       + (f" ({len(triplet_view)} anchors matching {anchor_pattern!r})" if anchor_pattern else ""))
 
 
-def ignore_ctrl_c(worker_id):
+def worker_signals(worker_id):
     """DataLoader workers leave Ctrl-C, which the terminal sends to all the run's processes, to the main process: it
-    stops after the current step, then shuts them down. SIGTERM stays fatal to them, as Python's exit stops them
-    with it; sent to every process (as some job schedulers do), it ends the run with their error, and a resumed run
-    starts from the last epoch's last.pth."""
+    stops after the current step, then shuts them down. SIGTERM goes back to its default, fatal to them (they are
+    forked with the main process's handler, and Python's exit stops them with it); sent to every process (as some
+    job schedulers do), it ends the run with their error, and a resumed run starts from the last epoch's last.pth."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 loader_args = dict(num_workers=num_workers, pin_memory=device.startswith("cuda"),
-                   persistent_workers=num_workers > 0, worker_init_fn=ignore_ctrl_c)
+                   worker_init_fn=worker_signals,
+                   # random triplets and pairs are drawn anew each epoch in this process: workers must copy them anew
+                   persistent_workers=num_workers > 0 and batch_kind == "labelled")
 if batch_kind == "labelled":
     identities = batch_size // images_per_identity
     if 2 <= len(train_faces.classes) < identities:
@@ -462,7 +465,7 @@ def stop_for_signal(where, position=None):
     path = os.path.join(out_dir, "last.pth")
     if position and poisoned():
         stop_at_nan("the weights are no longer finite", epoch, position["batches"])
-    saved = position is None or save_checkpoint("last.pth", history[-1]["epoch"], metrics, position=position)
+    saved = save_checkpoint("last.pth", history[-1]["epoch"], metrics, position=position) if position else last_saved
     print(f"{signal.Signals(stop_signal).name} {where}: " + (f"saved {path}" if saved else
           f"the save failed, so {path} keeps the state saved before") +
           f"\nresume with: python train.py --resume={shlex.quote(path)}", file=sys.stderr)
@@ -539,12 +542,13 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
     metrics = evaluate()
     history.append(dict(epoch=epoch, step=step, train_loss=train_loss, **{f"train_{second_figure}": train_second},
                         **metrics, train_seconds=round(train_seconds, 1), lr=opt.param_groups[0]["lr"],
-                        **(speed if epoch else {}), valid_seconds=round(time.time() - started, 3)))
+                        **(speed if epoch else {}), valid_seconds=round(time.time() - started, 3),
+                        save_seconds=None))  # known after the saves below: last.pth keeps None
     improved = best is None or metrics["valid_identification"] > best["valid_identification"]
     if improved:
         best = history[-1]
         save_checkpoint("tb_model.pth", epoch, metrics, training_state=False)
-    save_checkpoint("last.pth", epoch, metrics)
+    last_saved = save_checkpoint("last.pth", epoch, metrics)
     if save_every and epoch and epoch % save_every == 0:
         save_checkpoint(f"epoch_{epoch}.pth", epoch, metrics, training_state=False)
     listed = save_skipped(listed)

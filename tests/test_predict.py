@@ -103,7 +103,12 @@ def test_thresholds_from_the_flag_or_from_results_json(att_subset, checkpoint, t
     assert "threshold: 1.0000 (--threshold)" in strict.stdout
     assert [r["identity"] for r in results(strict.stdout)] == ["unknown", "unknown"]
 
-    (tmp_path / "results.json").write_text(json.dumps({"open_set": {"threshold": 1.0}, "accuracy": 0.9}))
+    (tmp_path / "results.json").write_text(json.dumps({"checkpoint": "elsewhere/tb_model.pth",
+                                                       "open_set": {"threshold": 1.0}}))
+    other = predict(checkpoint, *photos)  # calibrated for another checkpoint: not used
+    assert "evaluated another checkpoint" in other.stdout and "no decisions" in other.stdout
+    (tmp_path / "results.json").write_text(json.dumps({"checkpoint": os.path.abspath(checkpoint),
+                                                       "open_set": {"threshold": 1.0}}))
     calibrated = predict(checkpoint, *photos)
     assert f"threshold: 1.0000 ({tmp_path / 'results.json'}, open_set.threshold)" in calibrated.stdout
     assert [r["identity"] for r in results(calibrated.stdout)] == ["unknown", "unknown"]
@@ -113,8 +118,12 @@ def test_thresholds_from_the_flag_or_from_results_json(att_subset, checkpoint, t
 
 def test_verify_two_photos(att_subset, checkpoint, tmp_path):
     same = valid_photos(att_subset, "s2")
-    # --verify prefers the verification threshold to the open-set one
-    (tmp_path / "results.json").write_text(json.dumps({"open_set": {"threshold": 1.0},
+    # --verify takes the verification threshold (image to image), never the open-set one (image to centroid)
+    (tmp_path / "results.json").write_text(json.dumps({"checkpoint": os.path.abspath(checkpoint),
+                                                       "open_set": {"threshold": 1.0}}))
+    assert "has no verification.threshold_mean" in predict(checkpoint, *same, "--verify=True").stdout
+    (tmp_path / "results.json").write_text(json.dumps({"checkpoint": os.path.abspath(checkpoint),
+                                                       "open_set": {"threshold": 1.0},
                                                        "verification": {"threshold_mean": -1.0}}))
     proc = predict(checkpoint, *same, "--verify=True")
     assert "threshold: -1.0000" in proc.stdout and "verification.threshold_mean" in proc.stdout
