@@ -81,7 +81,8 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
         results = json.load(f)
     top1 = results["identification"]["accuracy"]
     f1 = ((results.get("verification") or {}).get("pair_classifier") or {}).get("f1")
-    reached = {t: next((h["train_seconds"] for h in history if h["valid_identification"] >= t), None)
+    evaluated = [h for h in history if h.get("valid_identification") is not None]  # (train.py's eval_every)
+    reached = {t: next((h["train_seconds"] for h in evaluated if h["valid_identification"] >= t), None)
                for t in THRESHOLDS}
     trained = [h for h in history if h["epoch"] > 0]
     steady = trained[1:] or trained  # the first epoch warms up (allocations, thread pools)
@@ -92,7 +93,7 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
     batch = round(sum(h["images"] for h in trained) / (trained[-1]["step"] - history[0]["step"]))
     return dict(recipe=name, seed=seed, top1=top1, f1=f1, seconds=history[-1]["train_seconds"], peak_mib=peak,
                 untrained=history[0]["valid_identification"], reached=reached,
-                best_epoch=max(history, key=lambda h: h["valid_identification"])["epoch"],
+                best_epoch=max(evaluated, key=lambda h: h["valid_identification"])["epoch"],
                 train_speed=statistics.median(h["images_per_second"] for h in steady),
                 bare_train_speed=None if config["freeze_backbone"] else bare_speed(
                     network, config["image_size"], batch, True, bare_seconds),

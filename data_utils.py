@@ -369,9 +369,13 @@ class PKBatchSampler(torch.utils.data.Sampler):
     (and any last group short of K) is filled up with repeats of its own images (`fill='repeat'`); with
     `fill='drop'`, identities with fewer than K images are left out (listed in `short`). The batches are
     drawn reproducibly from (seed, epoch): call `set_epoch` before each epoch.
+
+    Across the `world_size` processes of a distributed run, each epoch draws global batches of P x world_size
+    identities and process `rank` takes the `rank`-th block of P identities of each: at every step the processes
+    hold disjoint identities and images, and together the batch a single process with P x world_size would draw.
     """
 
-    def __init__(self, labels, p, k, seed=0, fill="repeat"):
+    def __init__(self, labels, p, k, seed=0, fill="repeat", rank=0, world_size=1):
         if p < 2 or k < 2:
             raise ValueError(f"a P x K batch needs P >= 2 identities and K >= 2 images, got P={p}, K={k}")
         if fill not in ("repeat", "drop"):
@@ -382,11 +386,13 @@ class PKBatchSampler(torch.utils.data.Sampler):
         self.short = sorted(label for label, idx in by_label.items() if len(idx) < k)
         if fill == "drop":
             by_label = {label: idx for label, idx in by_label.items() if len(idx) >= k}
-        if len(by_label) < p:
-            raise ValueError(f"P={p} identities per batch, but only {len(by_label)} identities can fill a "
-                             f"group of K={k}" if fill == "drop" else
-                             f"P={p} identities per batch, but the data has only {len(by_label)}")
-        self.by_label, self.p, self.k, self.seed = by_label, p, k, seed
+        wanted = p * world_size  # the identities of a global batch
+        per_process = f" ({p} in each of {world_size} processes)" if world_size > 1 else ""
+        if len(by_label) < wanted:
+            raise ValueError(f"P={wanted} identities per batch{per_process}, but only {len(by_label)} identities "
+                             f"can fill a group of K={k}" if fill == "drop" else
+                             f"P={wanted} identities per batch{per_process}, but the data has only {len(by_label)}")
+        self.by_label, self.p, self.k, self.seed, self.rank, self.world_size = by_label, p, k, seed, rank, world_size
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
@@ -396,15 +402,16 @@ class PKBatchSampler(torch.utils.data.Sampler):
             order = [indices[i] for i in rng.permutation(len(indices))]
             order += [indices[i] for i in rng.integers(len(indices), size=-len(order) % self.k)]
             groups[label] = [order[i:i + self.k] for i in range(0, len(order), self.k)]
-        self.batches = []
+        self.batches, wanted, mine = [], self.p * self.world_size, slice(self.rank * self.p, (self.rank + 1) * self.p)
         while True:
             labels = np.array([label for label, g in groups.items() if g])
-            if len(labels) < self.p:
+            if len(labels) < wanted:
                 break
             left = np.array([len(groups[label]) for label in labels])
             # the identities with the most groups left (ties at random), so that all run out together
-            chosen = labels[np.argsort(rng.random(len(labels)) - left)[:self.p]]
-            self.batches.append([i for label in chosen for i in groups[label].pop()])
+            chosen = labels[np.argsort(rng.random(len(labels)) - left)[:wanted]]
+            drawn = [groups[label].pop() for label in chosen]
+            self.batches.append([i for group in drawn[mine] for i in group])
 
     def __iter__(self):
         return iter(self.batches)

@@ -375,14 +375,14 @@ def _pyplot():
 
 def plot_history(history, path, x="epoch"):
     """Loss and accuracy against epochs or optimiser steps (x='step'); the untrained network at 0, the best
-    epoch marked."""
+    epoch marked. Epochs without an evaluation (train.py's eval_every) have training figures only."""
     plt = _pyplot()
-    xs = [h[x] for h in history]
+    evaluated = [h for h in history if h.get("valid_identification") is not None]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     trained = [h for h in history if h.get("train_loss") is not None]
     if trained:
         loss_ax.plot([h[x] for h in trained], [h["train_loss"] for h in trained], "o-", label="train")
-    loss_ax.plot(xs, [h["valid_loss"] for h in history], "s-", label="valid")
+    loss_ax.plot([h[x] for h in evaluated], [h["valid_loss"] for h in evaluated], "s-", label="valid")
     loss_ax.set(xlabel=x, ylabel="loss", title="training loss")
     for key, label in (("valid_identification", "valid identification (top-1)"),
                        ("valid_triplet_accuracy", "valid triplets d(a,p) < d(a,n)"),
@@ -390,7 +390,7 @@ def plot_history(history, path, x="epoch"):
         points = [(h[x], 100 * h[key]) for h in history if h.get(key) is not None]
         if points:
             acc_ax.plot(*zip(*points), "o-", label=label)
-    best = max(history, key=lambda h: h["valid_identification"])
+    best = max(evaluated, key=lambda h: h["valid_identification"])
     acc_ax.axvline(best[x], color="grey", linestyle=":", label=f"best: epoch {best['epoch']}")
     acc_ax.set(xlabel=x, ylabel="%", title="accuracy", ylim=(0, 101))
     for ax in (loss_ax, acc_ax):

@@ -2,6 +2,7 @@
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -124,6 +125,35 @@ class OnlineTripletLoss(nn.Module):
 
 # -----------------------------------------------------------------------------
 # contrastive loss
+
+class _GatherWithGradients(torch.autograd.Function):
+    """all_gather whose backward sends each process the gradient of its own rows, summed over the processes."""
+
+    @staticmethod
+    def forward(ctx, local):
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # (gloo has no reduce_scatter)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_batch(embeddings, labels):
+    """The global batch of a distributed run: every process's (N, D) embeddings and (N,) labels, concatenated in
+    rank order (each process must hold the same N), so that in-batch mining sees the triplets across processes.
+    Gradients flow back to each process's own embeddings summed over the processes; as DistributedDataParallel
+    averages them, the weights get the gradient of the loss on the global batch. Outside a distributed run
+    (or with one process) returns the inputs."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return embeddings, labels
+    parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, labels.contiguous())
+    return _GatherWithGradients.apply(embeddings), torch.cat(parts)
+
 
 def contrastive_losses(d2, different, margin):
     """Per-pair contrastive loss from squared distances d2 and a boolean `different` (pair of two people):

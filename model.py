@@ -20,14 +20,16 @@ class CheckpointError(ValueError):
     """A file that is missing, not a checkpoint of this repository, or does not fit its model."""
 
 
-def select_device(name="auto", amp=True):
+def select_device(name="auto", amp=True, local_rank=None):
     """The one place that decides CPU vs CUDA: (device, autocast context, float16 grad scaling needed).
-    'auto' picks CUDA when available. Autocast runs in bfloat16 where the GPU supports it, else float16;
-    on the CPU there is none."""
+    'auto' picks CUDA when available. In a distributed run, 'auto' and 'cuda' mean the GPU of the process's
+    `local_rank`. Autocast runs in bfloat16 where the GPU supports it, else float16; on the CPU there is none."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={name} but CUDA is not available here; use --device=cpu")
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     if not name.startswith("cuda") or not amp:
         return name, nullcontext(), False
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

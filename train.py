@@ -4,11 +4,14 @@
     python train.py --backbone=resnet18 --epochs=20
     python train.py configs/NAME.py --lr=1e-4  # a file of overrides, then flags
     python train.py --resume=out/last.pth    # continue a run where it stopped, with its own settings
+    torchrun --standalone --nproc_per_node=4 train.py   # DistributedDataParallel, one process per GPU
 
 Every constant below can be overridden by a flag of the same name. Writes to out_dir: tb_model.pth (best
 by valid identification accuracy), last.pth (all a resumed run needs), config.json, history.json, curves.png,
 triplets.png and skipped_files.txt (the unreadable images, with the reason). Ctrl-C or SIGTERM stops after the
 current step, saves last.pth and prints the command that resumes the run; a second Ctrl-C quits at once.
+Under torchrun, batch_size is per process (the global batch is N times larger), and process 0 alone
+evaluates, prints and saves.
 """
 import math
 import os
@@ -20,9 +23,11 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import precision_recall_fscore_support
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import configurator
@@ -30,7 +35,7 @@ from data_utils import (DatasetError, FaceFolder, PairDataset, PKBatchSampler, T
                         atomic_write, draw_pairs, draw_triplets, load_rgb, make_transform, save_json, save_triplet_grid)
 from evaluation import embed, identification_accuracy, plot_history, relabel, triplet_accuracy
 from losses import (ArcFaceLoss, CollapseDetector, ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss,
-                    TripletLoss)
+                    TripletLoss, gather_batch)
 from model import CheckpointError, EmbeddingNet, PairHead, PretrainedUnavailable, load_checkpoint, select_device
 
 # -----------------------------------------------------------------------------
@@ -71,7 +76,8 @@ step_size = 5  # StepLR: multiply the learning rate by gamma every step_size epo
 gamma = 0.1
 # logging
 verbosity = 0  # 0: summary lines | 1: + architecture | 2: + optimiser | 3: + parameter counts per module
-save_every = 0  # also keep epoch_N.pth every N epochs (0: only tb_model.pth and last.pth)
+eval_every = 1  # evaluate, keep the best and save last.pth every N epochs (and before the first, after the last)
+save_every = 0  # also keep epoch_N.pth every N evaluated epochs (0: only tb_model.pth and last.pth)
 plot_x = "epoch"  # x axis of curves.png: epoch | step (iterations)
 # system
 device = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -79,6 +85,7 @@ amp = True  # mixed precision on CUDA (bfloat16 where supported, else float16); 
 seed = 0  # same seed and data on the CPU -> the same weights
 channels_last = False  # convolutional backbones in NHWC memory format (faster on CUDA tensor cores)
 compile = False  # torch.compile the network for training (PyTorch 2; the first steps wait for the compiler)
+sync_bn = False  # torchrun on GPUs: batch-norm statistics over the global batch rather than each GPU's share
 deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU already is
 resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out_dir>/last.pth); "": a fresh run
 # -----------------------------------------------------------------------------
@@ -99,8 +106,9 @@ if resume:
     # the run goes on with its own settings; only these may be given anew, nothing that shapes the model, the data
     # or the optimisation. A constant newer than the checkpoint keeps its value here; a flag equal to its default
     # cannot be told from no flag, so it leaves the run's value. out_dir defaults to the checkpoint's folder.
-    may_change = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "save_every", "plot_x",
-                  "device", "amp", "deterministic", "cache_images", "channels_last", "compile")
+    may_change = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "eval_every", "save_every",
+                  "plot_x",
+                  "device", "amp", "deterministic", "cache_images", "channels_last", "compile", "sync_bn")
     saved = {k: checkpoint["config"].get(k, v) for k, v in config.items()}
     given = {k: v for k, v in config.items() if v != defaults[k]}
     conflicts = [f"--{k}={v} (the run has {saved[k]})" for k, v in given.items()
@@ -121,15 +129,27 @@ if deterministic:  # set before CUDA starts: cuBLAS reads its workspace setting 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True  # (cudnn.benchmark, which picks kernels by timing, stays off)
+# torchrun starts one process per GPU (or CPU share) and tells each its rank in the environment
+rank, local_rank, world_size = (int(os.environ.get(name, 0)) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+distributed = world_size > 1
+world_size, master = max(world_size, 1), rank == 0  # the master process alone evaluates, prints and saves
 try:
-    device, autocast, fp16_scaling = select_device(device, amp)
+    device, autocast, fp16_scaling = select_device(device, amp, local_rank if distributed else None)
 except ValueError as err:
     sys.exit(f"error: {err}")
+if sync_bn and distributed and not device.startswith("cuda"):
+    sys.exit("error: --sync_bn=True needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+if distributed:
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # errors and warnings (stderr) still come from every process
 scaler = torch.amp.GradScaler("cuda", enabled=fp16_scaling)
 torch.backends.cudnn.benchmark = device.startswith("cuda") and not deterministic  # fixed shapes: time the kernels
-random.seed(seed)
-np.random.seed(seed)
-torch.manual_seed(seed)
+random.seed(seed + rank)  # the processes draw different augmentations; the weights start as the master's
+np.random.seed(seed + rank)
+torch.manual_seed(seed + rank)
 
 # data ------------------------------------------------------------------------
 losses_known = ("triplet", "contrastive", "pair_bce", "arcface")
@@ -197,24 +217,32 @@ loader_args = dict(num_workers=num_workers, pin_memory=device.startswith("cuda")
                    # random triplets and pairs are drawn anew each epoch in this process: workers must copy them anew
                    persistent_workers=num_workers > 0 and batch_kind == "labelled")
 if batch_kind == "labelled":
-    identities = batch_size // images_per_identity
-    if 2 <= len(train_faces.classes) < identities:
-        identities = len(train_faces.classes)
-        print(f"P x K batches: only {identities} identities, so P = {identities} (batches of "
-              f"{identities * images_per_identity} images)")
+    identities = batch_size // images_per_identity  # per process
+    if 2 * world_size <= len(train_faces.classes) < identities * world_size:
+        identities = len(train_faces.classes) // world_size
+        print(f"P x K batches: only {len(train_faces.classes)} identities, so P = {identities} (batches of "
+              f"{identities * images_per_identity} images{' per process' if distributed else ''})")
     try:
-        epoch_source = PKBatchSampler(train_faces.targets, identities, images_per_identity, seed, fill)
+        epoch_source = PKBatchSampler(train_faces.targets, identities, images_per_identity, seed, fill, rank,
+                                      world_size)
     except ValueError as err:
         sys.exit(f"error: --batch_size={batch_size} --images_per_identity={images_per_identity}: {err}")
     if epoch_source.short:
         print(f"P x K batches: {len(epoch_source.short)} identities have fewer than {images_per_identity} images "
               f"({'their images repeat' if fill == 'repeat' else 'left out'})")
     train_loader = DataLoader(train_faces, batch_sampler=epoch_source, **loader_args)
+    epoch_sources = [epoch_source]
+elif distributed:  # each process a different share of the epoch's random rows
+    shares = DistributedSampler(train_set, world_size, rank, seed=seed, drop_last=True)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=shares,
+                              drop_last=len(train_set) > batch_size * world_size, **loader_args)
+    epoch_sources = [train_set, shares]  # train_set draws new rows per epoch
 else:
-    epoch_source = train_set  # draws new rows per epoch
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
                               generator=torch.Generator().manual_seed(seed), **loader_args)
-loader_args["batch_size"] = max(batch_size, 64)
+    epoch_sources = [train_set]
+# evaluation draws nothing from the training's random streams (a loader takes its seed from its generator)
+loader_args.update(batch_size=max(batch_size, 64), generator=torch.Generator())
 gallery_loader = DataLoader(gallery, **loader_args)
 probe_loader = DataLoader(probes, **loader_args)
 
@@ -234,6 +262,8 @@ try:
 except (PretrainedUnavailable, ValueError) as err:
     sys.exit(f"error: {err}")
 criterion = criterion.to(device)
+if sync_bn and distributed:
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same modules, their batch norms replaced
 optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "sgd": lambda params, **kw: torch.optim.SGD(params, momentum=0.9, **kw)}
 if optimizer not in optimizers:
@@ -278,14 +308,24 @@ if verbosity >= 3:
         print(f"  {name}: {sum(p.numel() for p in module.parameters()):,} parameters, "
               f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trainable")
 
-os.makedirs(out_dir, exist_ok=True)
-save_json(dict(config, device=device, image_size=list(image_size)), os.path.join(out_dir, "config.json"))
-shown = [triplet_view[int(i)] for i in np.linspace(0, len(triplet_view) - 1, min(8, len(triplet_view)))]
-a, p, n, la, ln = (torch.stack([torch.as_tensor(item[k]) for item in shown]) for k in range(5))
-save_triplet_grid(a, p, n, la, ln, train_faces.classes, os.path.join(out_dir, "triplets.png"))
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    save_json(dict(config, device=device, image_size=list(image_size), world_size=world_size),
+              os.path.join(out_dir, "config.json"))
+    shown = [triplet_view[int(i)] for i in np.linspace(0, len(triplet_view) - 1, min(8, len(triplet_view)))]
+    a, p, n, la, ln = (torch.stack([torch.as_tensor(item[k]) for item in shown]) for k in range(5))
+    save_triplet_grid(a, p, n, la, ln, train_faces.classes, os.path.join(out_dir, "triplets.png"))
 
-
-network = torch.compile(model) if compile else model  # the compiled one trains; model is what is saved
+# what trains: the network and the loss, wrapped so that a distributed run averages their gradients over the
+# processes, and compiled on request; model and criterion are what evaluates and is saved
+network, train_criterion = model, criterion
+if distributed:
+    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    network = DistributedDataParallel(model, device_ids)
+    if any(p.requires_grad for p in criterion.parameters()):
+        train_criterion = DistributedDataParallel(criterion, device_ids)
+if compile:
+    network = torch.compile(network)
 
 
 def embed_batches(*image_batches):
@@ -294,30 +334,33 @@ def embed_batches(*image_batches):
         return network(torch.cat(image_batches).to(device, non_blocking=True)).float()
 
 
-def pair_loss(e1, e2, target):
-    """Loss and accuracy of pairs (target 0 = same person): contrastive or the pair classifier's BCE."""
+def pair_loss(e1, e2, target, head):
+    """Loss and accuracy of pairs (target 0 = same person): contrastive (`head`: the loss) or the pair classifier's
+    BCE (`head`: the classifier)."""
     target = torch.as_tensor(target).to(e1.device)
     if loss == "contrastive":
-        return criterion(e1, e2, target), None
-    logits = criterion(e1, e2)
+        return head(e1, e2, target), None
+    logits = head(e1, e2)
     same = (target == 0).float()
     return F.binary_cross_entropy_with_logits(logits, same), ((logits > 0).float() == same).float().mean().item()
 
 
 def batch_loss(batch):
-    """(loss, a second figure: share of active triplets or pairs, or accuracy; embeddings) of a training batch."""
+    """(loss, a second figure: share of active triplets or pairs, or accuracy; this process's embeddings) of a
+    training batch. In a distributed run, P x K batches are mined (and ArcFace's mean taken) over the global batch;
+    random triplets and pairs, independent rows, need no gathering."""
     if batch_kind == "triplets":
         anchor, positive, negative, _, _ = batch
         embeddings = embed_batches(anchor, positive, negative)
-        losses = criterion(*embeddings.chunk(3))
+        losses = train_criterion(*embeddings.chunk(3))
         return losses.mean(), (losses > 0).float().mean().item(), embeddings
     if batch_kind == "pairs":
         first, second, target, _, _ = batch
         embeddings = embed_batches(first, second)
-        return (*pair_loss(*embeddings.chunk(2), target), embeddings)
+        return (*pair_loss(*embeddings.chunk(2), target, train_criterion), embeddings)
     images, labels = batch
     embeddings = embed_batches(images)
-    return (*criterion(embeddings, labels.to(device)), embeddings)
+    return (*train_criterion(*gather_batch(embeddings, labels.to(device))), embeddings)
 
 
 second_figure = "accuracy" if loss in ("pair_bce", "arcface") else "active"
@@ -341,7 +384,7 @@ def evaluate():
         result["valid_loss"] = criterion(*(probe_emb[valid_triplets[:, i]] for i in range(3))).mean().item()
     elif batch_kind == "pairs" and len(valid_pairs):
         first, second = probe_emb[valid_pairs[:, 0]], probe_emb[valid_pairs[:, 1]]
-        result["valid_loss"] = pair_loss(first, second, valid_pairs[:, 2])[0].item()
+        result["valid_loss"] = pair_loss(first, second, valid_pairs[:, 2], criterion)[0].item()
         if loss == "pair_bce":
             predicted_same = (criterion(first, second) > 0).cpu().numpy()
             precision, recall, f1, _ = precision_recall_fscore_support(
@@ -369,15 +412,23 @@ def reported(path, save):
 
 def rng_state():
     """Every random generator training draws from, as tensors and plain values (weights_only loads them). The P x K
-    batches and the random triplets and pairs are drawn from (seed, epoch) alone (set_epoch): nothing to save."""
+    batches and the random triplets and pairs are drawn from (seed, epoch) alone (set_epoch): nothing to save.
+    In a distributed run, every process's generators, gathered: all the processes must call it together."""
     numpy_state = np.random.get_state()
-    return dict(python=random.getstate(), numpy=[numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-                torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
-                loader=train_loader.generator.get_state() if train_loader.generator else None)
+    state = dict(python=random.getstate(), numpy=[numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                 torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
+                 loader=train_loader.generator.get_state() if train_loader.generator else None)
+    if not distributed:
+        return state
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return dict(ranks=states)
 
 
 def set_rng_state(state):
+    if "ranks" in state:
+        state = state["ranks"][rank]
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
@@ -388,20 +439,21 @@ def set_rng_state(state):
         train_loader.generator.set_state(state["loader"])
 
 
-def save_checkpoint(name, epoch, metrics, training_state=True, position=None):
+def save_checkpoint(name, epoch, metrics, rng=None, position=None):
     """Write a checkpoint atomically, a failure reported (see `reported`); returns whether it saved. `epoch` is the
     last evaluated epoch and `metrics` its evaluation. Without the training state it is a third of the size: all
-    that test.py needs. With it (last.pth), it holds all that --resume continues from, as tensors and plain values:
-    optimiser, schedule, grad scaler, step, history, best epoch, training time, random generators and, for a run
-    stopped mid-epoch, its `position` in the epoch (the weights are then those of that step)."""
+    that test.py needs. With it (last.pth: given `rng`, the rng_state() of this moment), it holds all that --resume
+    continues from, as tensors and plain values: optimiser, schedule, grad scaler, step, history, best epoch,
+    training time, random generators and, for a run stopped mid-epoch, its `position` in the epoch (the weights
+    are then those of that step)."""
     path = os.path.join(out_dir, name)
     state = dict(model=model.state_dict(), model_config=model.config, image_size=list(image_size),
                  classes=train_faces.classes, epoch=epoch, metrics=metrics, config=config,
                  loss_state=criterion.state_dict())
-    if training_state:
+    if rng:
         state.update(optimizer=opt.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                     step=step, history=history, best=best, train_seconds=train_seconds, rng=rng_state(),
-                     position=position)
+                     step=step, history=history, best=best, train_seconds=train_seconds, rng=rng,
+                     position=position, world_size=world_size)
     if loss == "pair_bce":
         state["pair_head_config"] = criterion.config
     return reported(path, lambda: atomic_write(path, lambda f: torch.save(state, f)))
@@ -449,32 +501,54 @@ stop_signal = 0  # the SIGINT or SIGTERM that asked training to stop (0: none ye
 
 def on_stop_signal(signum, frame):
     """The first SIGINT (Ctrl-C) or SIGTERM lets the current step finish (the training loop then stops); a second
-    one exits at once (atomic_write leaves no half-written file behind)."""
+    one exits at once (atomic_write leaves no half-written file behind). Under torchrun the second is ignored: the
+    launcher follows the terminal's Ctrl-C with a SIGTERM of its own, and kills what has not ended 30 s later."""
     global stop_signal
     if stop_signal:
+        if distributed:
+            return
         sys.exit(128 + signum)
     stop_signal = signum
-    os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current step to save {out_dir}/last.pth; "
-                "press Ctrl-C again to quit at once\n".encode())  # os.write: print is not safe in a signal handler
+    if master:  # os.write: print is not safe in a signal handler
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current step to save {out_dir}/last.pth"
+                    f"{'' if distributed else '; press Ctrl-C again to quit at once'}\n".encode())
+
+
+def agreed(*flags):
+    """Each flag's largest value over the processes of a distributed run (one small all_reduce), so that they all
+    stop at the same step, whichever of them got the signal or saw the loss go bad."""
+    if not distributed:
+        return flags
+    values = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [int(v) for v in values.tolist()]
 
 
 def stop_for_signal(where, position=None):
     """Exit after a stop signal with 128 + its number (130: SIGINT, 143: SIGTERM), naming the command that resumes
     the run. Mid-epoch, last.pth is saved first with the `position` in the epoch; after an epoch, its saves just
-    ran. A resumed run goes on from that very step, as if never stopped."""
+    ran. A resumed run goes on from that very step, as if never stopped. All the processes call it together."""
     path = os.path.join(out_dir, "last.pth")
     if position and poisoned():
         stop_at_nan("the weights are no longer finite", epoch, position["batches"])
-    saved = save_checkpoint("last.pth", history[-1]["epoch"], metrics, position=position) if position else last_saved
-    print(f"{signal.Signals(stop_signal).name} {where}: " + (f"saved {path}" if saved else
-          f"the save failed, so {path} keeps the state saved before") +
-          f"\nresume with: python train.py --resume={shlex.quote(path)}", file=sys.stderr)
+    saved = last_saved
+    if position:
+        rng = rng_state()
+        if master:
+            saved = save_checkpoint("last.pth", history[-1]["epoch"], metrics, rng, position)
+    if distributed:
+        dist.barrier()  # the master's save ends before any process exits (torchrun then stops the others)
+    launcher = f"torchrun --nproc_per_node={world_size}" if distributed else "python"
+    if master:
+        print(f"{signal.Signals(stop_signal).name} {where}: " + (f"saved {path}" if saved else
+              f"the save failed, so {path} keeps the state saved before") +
+              f"\nresume with: {launcher} train.py --resume={shlex.quote(path)}", file=sys.stderr)
     sys.exit(128 + stop_signal)
 
 
 # training --------------------------------------------------------------------
 collapse = CollapseDetector(margin) if loss == "triplet" else None
-history, best, train_seconds, step, listed = [], None, 0.0, 0, None
+history, best, train_seconds, step, listed, last_saved = [], None, 0.0, 0, None, None
 if checkpoint:
     model.load_state_dict(checkpoint["model"])
     criterion.load_state_dict(checkpoint["loss_state"])
@@ -485,7 +559,14 @@ if checkpoint:
     history, step, train_seconds, metrics = (checkpoint[k] for k in ("history", "step", "train_seconds", "metrics"))
     # tb_model.pth is rewritten only by an epoch better than `best`: in a folder without it, the best starts afresh
     best = checkpoint["best"] if os.path.isfile(os.path.join(out_dir, "tb_model.pth")) else None
-    set_rng_state(checkpoint["rng"])
+    saved_world = checkpoint.get("world_size", 1)
+    if saved_world == world_size:
+        set_rng_state(checkpoint["rng"])
+    elif position:
+        sys.exit(f"error: --resume: {resume_path} stopped in the middle of an epoch of a run of {saved_world} "
+                 f"processes; resume it with {saved_world}, or resume the last.pth of an epoch's end")
+    else:
+        print(f"resuming a run of {saved_world} processes with {world_size}: the random augmentation starts anew")
     print(f"resuming {resume_path} at epoch {first_epoch}/{epochs}"
           + (f", step {position['batches'] + 1} of {len(train_loader)}" if position else ""))
 signal.signal(signal.SIGINT, on_stop_signal)
@@ -494,7 +575,8 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
     train_loss = train_second = None
     if epoch > 0:
         model.train()
-        epoch_source.set_epoch(epoch)
+        for source in epoch_sources:
+            source.set_epoch(epoch)
         if position:  # resumed mid-epoch: the states the epoch began with draw the same batches
             set_rng_state(position["rng"])
         epoch_rng, batches = rng_state(), iter(train_loader)
@@ -506,7 +588,7 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
             set_rng_state(checkpoint["rng"])
             position = None
         bar = tqdm(batches, desc=f"epoch {epoch}/{epochs}", total=len(train_loader), initial=count, leave=False,
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if master else True)
         for batch in bar:
             batch_value, second, embeddings = batch_loss(batch)
             opt.zero_grad(set_to_none=True)
@@ -515,9 +597,13 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
             scaler.update()
             scheduler.step()
             value = batch_value.item()
-            if not math.isfinite(value):
-                stop_at_nan(f"the training loss is {value}", epoch, count + 1)
-            step, count, total, images = step + 1, count + 1, total + value, images + len(embeddings)
+            signalled, diverged = agreed(stop_signal, not math.isfinite(value))
+            if diverged:
+                stop_at_nan(f"the training loss is {value}" if not math.isfinite(value) else
+                            "the training loss of another process is not finite", epoch, count + 1)
+            stop_signal = signalled
+            step, count, total = step + 1, count + 1, total + value
+            images += len(embeddings) * world_size
             second_total += second or 0.0
             shown_second = {} if second is None else {second_figure: f"{second:.2f}"}
             bar.set_postfix(loss=f"{total / count:.4f}", **shown_second)
@@ -538,33 +624,46 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
         # bench.py sets this throughput against the bare network's (a resumed epoch: of its remaining steps)
         speed = dict(epoch_seconds=round(epoch_seconds, 3), images=images,
                      images_per_second=round(images / epoch_seconds, 2))
-    started = time.time()
-    metrics = evaluate()
-    history.append(dict(epoch=epoch, step=step, train_loss=train_loss, **{f"train_{second_figure}": train_second},
-                        **metrics, train_seconds=round(train_seconds, 1), lr=opt.param_groups[0]["lr"],
-                        **(speed if epoch else {}), valid_seconds=round(time.time() - started, 3),
-                        save_seconds=None))  # known after the saves below: last.pth keeps None
-    improved = best is None or metrics["valid_identification"] > best["valid_identification"]
-    if improved:
-        best = history[-1]
-        save_checkpoint("tb_model.pth", epoch, metrics, training_state=False)
-    last_saved = save_checkpoint("last.pth", epoch, metrics)
-    if save_every and epoch and epoch % save_every == 0:
-        save_checkpoint(f"epoch_{epoch}.pth", epoch, metrics, training_state=False)
-    listed = save_skipped(listed)
-    history_path, curves_path = os.path.join(out_dir, "history.json"), os.path.join(out_dir, "curves.png")
-    reported(curves_path, lambda: plot_history(history, curves_path, x=plot_x))
-    history[-1]["save_seconds"] = round(time.time() - started - history[-1]["valid_seconds"], 3)  # with the plot
-    reported(history_path, lambda: save_json(history, history_path))
-    print(f"epoch {epoch}/{epochs} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
-          + ("" if train_second is None else f"{second_figure} {100 * train_second:.0f}% | ")
-          + f"valid loss {metrics['valid_loss']:.4f} | valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}% | "
-          + (f"valid pair F1 {metrics['valid_pair_f1']:.3f} | " if "valid_pair_f1" in metrics else "")
-          + f"valid top-1 {100 * metrics['valid_identification']:.2f}% | {train_seconds:.0f}s"
-          + (" | best" if improved else ""))
+    # a stop signal gets the epoch evaluated and saved (one during the evaluation stops the next step)
+    stop_signal = agreed(stop_signal)[0]
+    evaluating = epoch % max(eval_every, 1) == 0 or epoch == epochs or stop_signal
+    rng = rng_state() if evaluating else None
+    if master:  # the others go on to the next epoch's first step, where they wait for it
+        started = time.time()
+        if evaluating:
+            metrics = evaluate()
+        history.append(dict(epoch=epoch, step=step, train_loss=train_loss, **{f"train_{second_figure}": train_second},
+                            **(metrics if evaluating else {}), train_seconds=round(train_seconds, 1),
+                            lr=opt.param_groups[0]["lr"], **(speed if epoch else {}),
+                            valid_seconds=round(time.time() - started, 3),
+                            save_seconds=None))  # known after the saves below: last.pth keeps None
+        improved = evaluating and (best is None or metrics["valid_identification"] > best["valid_identification"])
+        if improved:
+            best = history[-1]
+            save_checkpoint("tb_model.pth", epoch, metrics)
+        if evaluating:
+            last_saved = save_checkpoint("last.pth", epoch, metrics, rng)
+            if save_every and epoch and epoch % save_every == 0:
+                save_checkpoint(f"epoch_{epoch}.pth", epoch, metrics)
+        listed = save_skipped(listed)
+        history_path, curves_path = os.path.join(out_dir, "history.json"), os.path.join(out_dir, "curves.png")
+        if evaluating:
+            reported(curves_path, lambda: plot_history(history, curves_path, x=plot_x))
+        history[-1]["save_seconds"] = round(time.time() - started - history[-1]["valid_seconds"], 3)  # with the plot
+        reported(history_path, lambda: save_json(history, history_path))
+        print(f"epoch {epoch}/{epochs} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
+              + ("" if train_second is None else f"{second_figure} {100 * train_second:.0f}% | ")
+              + (f"valid loss {metrics['valid_loss']:.4f} | "
+                 f"valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}% | "
+                 + (f"valid pair F1 {metrics['valid_pair_f1']:.3f} | " if "valid_pair_f1" in metrics else "")
+                 + f"valid top-1 {100 * metrics['valid_identification']:.2f}% | " if evaluating else "")
+              + f"{train_seconds:.0f}s" + (" | best" if improved else ""))
     if stop_signal and epoch < epochs:
         stop_for_signal(f"after epoch {epoch}")
 
-print(f"best valid top-1 {100 * best['valid_identification']:.2f}% at epoch {best['epoch']}; "
-      f"{train_seconds:.0f}s of training. Saved {os.path.join(out_dir, 'tb_model.pth')}\n"
-      f"evaluate it with: python test.py --checkpoint={os.path.join(out_dir, 'tb_model.pth')}")
+if master:
+    print(f"best valid top-1 {100 * best['valid_identification']:.2f}% at epoch {best['epoch']}; "
+          f"{train_seconds:.0f}s of training. Saved {os.path.join(out_dir, 'tb_model.pth')}\n"
+          f"evaluate it with: python test.py --checkpoint={os.path.join(out_dir, 'tb_model.pth')}")
+if distributed:
+    dist.destroy_process_group()

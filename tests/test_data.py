@@ -417,6 +417,22 @@ def test_pk_sampler_rejects_impossible_batches():
         data_utils.PKBatchSampler(labels, 2, 5, fill="drop")
 
 
+def test_pk_ranks_split_the_global_batch_into_disjoint_identity_blocks():
+    labels = np.repeat(np.arange(12), 6)
+    whole = data_utils.PKBatchSampler(labels, 6, 3, seed=4)  # one process drawing P = 3 x 2
+    ranks = [data_utils.PKBatchSampler(labels, 3, 3, seed=4, rank=r, world_size=2) for r in range(2)]
+    for epoch in (0, 1):
+        for sampler in [whole, *ranks]:
+            sampler.set_epoch(epoch)
+        assert len(ranks[0]) == len(ranks[1]) == len(whole) == 4
+        for first, second, together in zip(ranks[0], ranks[1], whole):
+            assert first + second == together  # the ranks' batches make up the single-process batch, in order
+            assert not set(labels[first]) & set(labels[second])  # disjoint identities, hence disjoint images
+            assert len(set(labels[first])) == 3 and len(first) == 9
+    with pytest.raises(ValueError, match=r"P=14 identities per batch \(7 in each of 2 processes\)"):
+        data_utils.PKBatchSampler(labels, 7, 3, rank=1, world_size=2)
+
+
 def test_anchor_pattern_restricts_anchors_not_positives(tmp_path):
     for person in ("ann", "bob", "cid"):
         write_image(tmp_path / person / f"{person}_passport.png", seed=1)

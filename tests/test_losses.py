@@ -1,11 +1,14 @@
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from losses import (ArcFaceLoss, ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss,
-                    pair_distance, pairwise_distances)
+                    gather_batch, pair_distance, pairwise_distances)
 
 
 def embeddings(n=16, d=8, seed=0):
@@ -406,3 +409,59 @@ def test_collapse_is_detected_after_patience_steps_and_only_then():
     flags = [detector.update(0.2, alike), detector.update(0.2, spread_out), detector.update(0.2, alike),
              detector.update(0.05, alike), detector.update(0.2, alike)]
     assert not any(flags)  # interrupted by a spread batch and by a loss away from the margin
+
+
+# -----------------------------------------------------------------------------
+# mining across the processes of a distributed run
+
+GATHERED_LOSSES = {"batch_all": lambda: OnlineTripletLoss(0.5, "batch_all"),
+                   "batch_hard": lambda: OnlineTripletLoss(0.5, "batch_hard", squared=False),
+                   "semihard": lambda: OnlineTripletLoss(0.5, "semihard"),
+                   "contrastive": lambda: OnlineContrastiveLoss(1.0)}
+
+
+def global_batch():
+    """16 inputs of 4 identities x 4 images, in identity blocks as the P x K sampler gives them."""
+    return torch.randn(16, 6, generator=torch.Generator().manual_seed(5)), torch.arange(4).repeat_interleave(4)
+
+
+def loss_and_gradient(network, inputs, labels, name):
+    """(loss, the network's weight gradient) of an in-batch loss on L2-normalised embeddings."""
+    embeddings, labels = gather_batch(F.normalize(network(inputs)), labels)
+    value = GATHERED_LOSSES[name]()(embeddings, labels)[0]
+    value.backward()
+    weights = network.module.weight if hasattr(network, "module") else network.weight
+    grad = weights.grad.clone()
+    network.zero_grad()
+    return value.item(), grad
+
+
+def gathered_worker(rank, world_size, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    network = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(6, 5))
+    inputs, labels = global_batch()
+    mine = slice(rank * 8, (rank + 1) * 8)  # two identities each
+    results = {name: loss_and_gradient(network, inputs[mine], labels[mine], name) for name in GATHERED_LOSSES}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_gathered_mining_matches_one_process_on_the_global_batch(tmp_path):
+    mp.spawn(gathered_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    network = torch.nn.Linear(6, 5)
+    inputs, labels = global_batch()
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for name in GATHERED_LOSSES:
+            value, grad = loss_and_gradient(network, inputs, labels, name)
+            assert value > 0.01, name  # the comparison means something
+            assert abs(results[name][0] - value) < 1e-5, name
+            torch.testing.assert_close(results[name][1], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_gather_batch_outside_a_distributed_run_returns_its_inputs():
+    embeddings, labels = torch.randn(4, 3), torch.arange(4)
+    gathered = gather_batch(embeddings, labels)
+    assert gathered[0] is embeddings and gathered[1] is labels

@@ -1,0 +1,89 @@
+"""train.py under torchrun: two CPU processes (gloo) with DistributedDataParallel, end to end on AT&T faces.
+
+The batches of the two processes are checked in tests/test_data.py (disjoint identity blocks of one global batch)
+and the gathered mining in tests/test_losses.py (the loss and gradient of one process on the global batch).
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT, run_script
+
+SMALL = ["--backbone=smallcnn", "--image_size=32", "--embedding_dim=32"]
+
+
+def torchrun(*args, stop_rank=None):
+    """train.py in two processes on this machine; the CompletedProcess, stdout and stderr apart. With `stop_rank`,
+    that process alone gets a SIGTERM once the first trained epoch is reported."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    if stop_rank is None:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+    launcher = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/"):
+            os.kill(worker(launcher.pid, stop_rank), signal.SIGTERM)
+            break
+    stdout, stderr = launcher.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, launcher.returncode, "".join(lines) + stdout, stderr)
+
+
+def worker(launcher, rank):
+    """The pid of the launcher's child process of that rank (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                variables = environ.read().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in variables:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} under {launcher}")
+
+
+def test_two_processes_mine_the_global_batch_and_the_run_resumes_in_one(att_subset, tmp_path):
+    out = tmp_path / "out"
+    # P = 3 identities x K = 2 images in each process: together the six people, 12 of the 48 images per step
+    train = torchrun(f"--data_dir={att_subset}", f"--out_dir={out}", "--epochs=2", "--loss=triplet",
+                     "--mining=batch_hard", "--batch_size=6", "--images_per_identity=2", *SMALL)
+    assert train.stdout.count("epoch 2/2 |") == 1  # the master process alone prints
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 4, 8] and [h["images"] for h in history[1:]] == [48, 48]
+    checkpoint = (out / "last.pth")
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    test = run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--out_dir={tmp_path / 'test'}")
+    assert "identification top-1" in test.stdout
+
+    resumed = run_script("train.py", f"--resume={checkpoint}", "--epochs=3")
+    assert "resuming a run of 2 processes with 1" in resumed.stdout and "epoch 3/3 |" in resumed.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 4, 8, 16]  # one process: P = 6 on its own, 6 x 2 images a step
+
+
+def test_a_signal_to_one_process_stops_both_at_one_step_and_the_run_resumes(att_subset, tmp_path):
+    out = tmp_path / "out"
+    args = [f"--data_dir={att_subset}", f"--out_dir={out}", "--loss=triplet", "--batch_size=8", *SMALL]
+    stopped = torchrun(*args, "--epochs=8", stop_rank=1)  # random triplets, shared out between the processes
+    assert stopped.returncode != 0 and "training on triplets" in stopped.stdout
+    assert re.search(r"SIGTERM (in epoch \d after step \d of 3|after epoch \d): saved", stopped.stderr), stopped.stderr
+    assert f"resume with: torchrun --nproc_per_node=2 train.py --resume={out / 'last.pth'}" in stopped.stderr
+    torchrun(f"--resume={out / 'last.pth'}")
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(9))
+    # 48 anchors, 24 in each process: 3 steps of 8 triplets (24 images) each, 144 images in all
+    assert history[1]["step"] == 3 and history[1]["images"] == 144 and history[-1]["step"] == 24
+
+
+def test_sync_bn_on_the_cpu_is_refused_before_training(tmp_path):
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")  # as torchrun sets them
+    proc = subprocess.run([sys.executable, "train.py", f"--data_dir={tmp_path}", "--sync_bn=True", "--device=cpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--sync_bn=True needs GPUs" in proc.stderr and "Traceback" not in proc.stderr
