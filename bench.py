@@ -3,6 +3,7 @@
     python bench.py                         # default, fast CPU and resnet50_triplet recipes, 3 seeds each
     python bench.py --recipes=default --seeds=1
     python bench.py --quick                 # a reduced run (two epochs on six people), under a minute
+    python bench.py --recipes=default --seeds=1 --train_flags="--eval_every=2"   # flags for every train.py run
 
 The raw AT&T folder (s1..s40) comes from --att_dir or the FACE_DATA environment variable; it is split 8/2 per
 person (`split --valid=0.2 --seed=0`) into a temporary folder. Each run is `train.py` in a subprocess; its
@@ -19,6 +20,7 @@ validation and on saving (checkpoints, history, curves).
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -143,6 +145,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="two epochs of ResNet18 on six people, one seed")
     parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
+    parser.add_argument("--train_flags", default="", help="train.py flags added to every run (after the recipe's)")
     args = parser.parse_args()
     names = args.recipes.split(",")
     unknown = [n for n in names if n not in RECIPES]
@@ -161,7 +164,7 @@ def main():
     data_dir = os.path.join(work, "att_8_2")
     if not os.path.isdir(data_dir):
         run(["data_utils.py", "split", raw, data_dir, "--valid=0.2", "--seed=0"], os.path.join(work, "split.log"))
-    extra = QUICK if args.quick else []
+    extra = (QUICK if args.quick else []) + shlex.split(args.train_flags)
     rows = []
     for name in names:
         for seed in range(seeds):
@@ -170,7 +173,8 @@ def main():
             print(f"{name} seed {seed}: top-1 {100 * r['top1']:.2f}% in {r['seconds']:.0f}s", flush=True)
 
     print(f"\nAT&T faces, 8/2 split, random initialisation, {os.cpu_count()} CPU cores"
-          + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {seeds} seed(s)"))
+          + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {seeds} seed(s)")
+          + (f", train.py {args.train_flags}" if args.train_flags else ""))
     head = "| recipe | top-1 (test.py) | pair F1 | untrained | s to 90 % | s to 97.5 % | s to 98.5 % | train s | peak MiB |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))

@@ -13,6 +13,7 @@ current step, saves last.pth and prints the command that resumes the run; a seco
 Under torchrun, batch_size is per process (the global batch is N times larger), and process 0 alone
 evaluates, prints and saves.
 """
+import datetime
 import math
 import os
 import random
@@ -48,7 +49,7 @@ image_size = (64, 56)  # network input, height,width (one number: square); AT&T 
 batch_size = 32  # triplets or pairs per step; images per step for P x K batches
 images_per_identity = 4  # K of a P x K batch (P = batch_size // K)
 fill = "repeat"  # P x K: identities with fewer than K images: repeat their images | drop them
-num_workers = 0  # DataLoader worker processes; 0 loads in the main process
+num_workers = 0  # DataLoader worker processes; 0 loads in the main process (as fast as 1 or 2 on 2 CPU cores)
 cache_images = "auto"  # decode each image once, keep it resized in memory: auto (when all fit in 2 GiB) | true | false
 # model
 backbone = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | vgg16 | alexnet | smallcnn
@@ -142,7 +143,8 @@ if sync_bn and distributed and not device.startswith("cuda"):
 if distributed:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # the others wait while the master evaluates alone: allow that an hour, not NCCL's default 10 minutes
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
     if not master:
         sys.stdout = open(os.devnull, "w")  # errors and warnings (stderr) still come from every process
 scaler = torch.amp.GradScaler("cuda", enabled=fp16_scaling)
