@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_utils import UNREADABLE_IMAGE, load_rgb, save_figure
+from data_utils import UNREADABLE_IMAGE, load_image, save_figure
 
 
 @torch.inference_mode()
@@ -31,7 +31,7 @@ def embed_files(model, paths, transform, device, autocast, batch_size=64):
         images, indices = [], []
         for i, path in enumerate(paths[start:start + batch_size], start):
             try:
-                images.append(transform(load_rgb(path)))
+                images.append(transform(load_image(path)))
                 indices.append(i)
             except UNREADABLE_IMAGE as err:
                 print(f"error: {path}: cannot be read as an image ({err})", file=sys.stderr)
