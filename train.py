@@ -108,8 +108,7 @@ if resume:
     # or the optimisation. A constant newer than the checkpoint keeps its value here; a flag equal to its default
     # cannot be told from no flag, so it leaves the run's value. out_dir defaults to the checkpoint's folder.
     may_change = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "eval_every", "save_every",
-                  "plot_x",
-                  "device", "amp", "deterministic", "cache_images", "channels_last", "compile", "sync_bn")
+                  "plot_x", "device", "amp", "deterministic", "cache_images", "channels_last", "compile", "sync_bn")
     saved = {k: checkpoint["config"].get(k, v) for k, v in config.items()}
     given = {k: v for k, v in config.items() if v != defaults[k]}
     conflicts = [f"--{k}={v} (the run has {saved[k]})" for k, v in given.items()
@@ -640,6 +639,7 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
                             valid_seconds=round(time.time() - started, 3),
                             save_seconds=None))  # known after the saves below: last.pth keeps None
         improved = evaluating and (best is None or metrics["valid_identification"] > best["valid_identification"])
+        history_path, curves_path = os.path.join(out_dir, "history.json"), os.path.join(out_dir, "curves.png")
         if improved:
             best = history[-1]
             save_checkpoint("tb_model.pth", epoch, metrics)
@@ -647,10 +647,8 @@ for epoch in range(first_epoch, epochs + 1):  # epoch 0 only evaluates the untra
             last_saved = save_checkpoint("last.pth", epoch, metrics, rng)
             if save_every and epoch and epoch % save_every == 0:
                 save_checkpoint(f"epoch_{epoch}.pth", epoch, metrics)
-        listed = save_skipped(listed)
-        history_path, curves_path = os.path.join(out_dir, "history.json"), os.path.join(out_dir, "curves.png")
-        if evaluating:
             reported(curves_path, lambda: plot_history(history, curves_path, x=plot_x))
+        listed = save_skipped(listed)
         history[-1]["save_seconds"] = round(time.time() - started - history[-1]["valid_seconds"], 3)  # with the plot
         reported(history_path, lambda: save_json(history, history_path))
         print(f"epoch {epoch}/{epochs} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
