@@ -14,6 +14,7 @@ Under torchrun, batch_size is per process (the global batch is N times larger), 
 evaluates, prints and saves.
 """
 import datetime
+import gc
 import math
 import os
 import random
@@ -525,6 +526,17 @@ def agreed(*flags):
     return [int(v) for v in values.tolist()]
 
 
+def leave_process_group():
+    """All the processes of a distributed run together: the wrappers that hold the process group go first, so that
+    gloo's and NCCL's threads end here rather than while the interpreter shuts down (where they can abort it)."""
+    global network, train_criterion
+    if distributed:
+        dist.barrier()
+        network = train_criterion = None
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def stop_for_signal(where, position=None):
     """Exit after a stop signal with 128 + its number (130: SIGINT, 143: SIGTERM), naming the command that resumes
     the run. Mid-epoch, last.pth is saved first with the `position` in the epoch; after an epoch, its saves just
@@ -537,8 +549,7 @@ def stop_for_signal(where, position=None):
         rng = rng_state()
         if master:
             saved = save_checkpoint("last.pth", history[-1]["epoch"], metrics, rng, position)
-    if distributed:
-        dist.barrier()  # the master's save ends before any process exits (torchrun then stops the others)
+    leave_process_group()  # after the master's save: torchrun stops the others when one process exits
     launcher = f"torchrun --nproc_per_node={world_size}" if distributed else "python"
     if master:
         print(f"{signal.Signals(stop_signal).name} {where}: " + (f"saved {path}" if saved else
@@ -665,5 +676,4 @@ if master:
     print(f"best valid top-1 {100 * best['valid_identification']:.2f}% at epoch {best['epoch']}; "
           f"{train_seconds:.0f}s of training. Saved {os.path.join(out_dir, 'tb_model.pth')}\n"
           f"evaluate it with: python test.py --checkpoint={os.path.join(out_dir, 'tb_model.pth')}")
-if distributed:
-    dist.destroy_process_group()
+leave_process_group()
