@@ -14,7 +14,8 @@ mark of the training process.
 Pipeline efficiency: the images/s of train.py's real training steps (loading, augmentation, forward, loss and
 mining, backward, optimiser; from its history, the first epoch left out as warm-up) against the bare network's
 forward + backward on random tensors of the same batch shape, timed here right after the run with the same
-thread count; likewise test.py's embedding pass against bare inference. And the share of each epoch spent on
+thread count; test.py's embedding pass (reading and decoding the files included) against bare inference, the two
+timed batch by batch in alternation. And the share of each epoch spent on
 validation and on saving (checkpoints, history, curves).
 """
 import argparse
@@ -28,8 +29,10 @@ import tempfile
 import time
 
 import torch
+from torch.utils.data import DataLoader
 
-from model import EmbeddingNet
+from data_utils import FaceFolder, as_hw, make_transform
+from model import EmbeddingNet, load_checkpoint, model_from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {  # name: train.py arguments
@@ -99,8 +102,7 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
                 train_speed=statistics.median(h["images_per_second"] for h in steady),
                 bare_train_speed=None if config["freeze_backbone"] else bare_speed(
                     network, config["image_size"], batch, True, bare_seconds),
-                test_speed=results["seconds"]["images_per_second"],
-                bare_test_speed=bare_speed(network, config["image_size"], 64, False, bare_seconds),
+                **embedding_speeds(os.path.join(out, "tb_model.pth"), data_dir),
                 valid_share=statistics.mean(h["valid_seconds"] / t for h, t in zip(trained, epoch_time)),
                 save_share=statistics.mean(h["save_seconds"] / t for h, t in zip(trained, epoch_time)))
 
@@ -126,6 +128,37 @@ def bare_speed(model_config, image_size, batch, train, seconds=4.0):
         one_batch()
         count += 1
     return count * batch / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def embedding_speeds(checkpoint, data_dir, passes=2):
+    """Images/s of test.py's embedding pass (its transform, FaceFolder and DataLoader: files read, decoded and
+    transformed, then inference in batches of 64) over train/ and valid/, and of bare inference on random tensors
+    of each batch's shape. Timed in pairs, a bare batch right after each real one, so that a change in the
+    machine's load falls on both alike (unpaired runs on 2 cores move the ratio by 15-20 points)."""
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state, checkpoint).eval()
+    transform = make_transform(state["image_size"], train=False)
+    loaders = [DataLoader(FaceFolder(os.path.join(data_dir, part), transform), batch_size=64)
+               for part in ("train", "valid")]
+    noise = torch.randn(64, 3, *as_hw(state["image_size"]))
+    model(noise[:2])  # warm-up: allocations, thread pool
+    real = bare = 0.0
+    images = 0
+    for _ in range(passes):
+        for loader in loaders:
+            batches = iter(loader)
+            while True:
+                started = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                model(batch[0])
+                middle = time.perf_counter()
+                model(noise[:len(batch[0])])
+                real, bare = real + middle - started, bare + time.perf_counter() - middle
+                images += len(batch[0])
+    return dict(test_speed=images / real, bare_test_speed=images / bare)
 
 
 def mean(values):

@@ -1,6 +1,8 @@
 """train.py and test.py end to end, run as a user runs them (subprocesses)."""
+import importlib.util
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -59,6 +61,21 @@ def test_test_py_answers_identification_verification_open_set_and_retrieval(att_
         assert Image.open(tmp_path / name).size[0] > 300, name
     summary = test.stdout[test.stdout.rindex("figure"):]  # the table comes last
     assert "probe pairs: 10-fold accuracy" in summary and "unresolved" in summary and "retrieval: MAP@R" in summary
+
+
+def test_bench_times_the_embedding_pass_and_bare_inference_batch_by_batch(att_run, att_subset, monkeypatch):
+    """bench.py's paired timing: a slower file pipeline lowers the pass against bare inference."""
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    checkpoint = str(att_run[0] / "tb_model.pth")
+    plain = bench.embedding_speeds(checkpoint, str(att_subset), passes=1)
+    read = bench.FaceFolder.__getitem__
+    monkeypatch.setattr(bench.FaceFolder, "__getitem__", lambda self, i: (time.sleep(0.01), read(self, i))[1])
+    slowed = bench.embedding_speeds(checkpoint, str(att_subset), passes=1)
+    ratio = {name: speeds["test_speed"] / speeds["bare_test_speed"] for name, speeds in
+             (("plain", plain), ("slowed", slowed))}
+    assert 0 < ratio["slowed"] < ratio["plain"] - 0.2, ratio  # 10 ms an image: 0.6 s more for 60 images
 
 
 def test_evaluation_on_people_never_trained_on_with_pairs_file_and_strangers(att_run, att_faces, tmp_path):
