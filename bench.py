@@ -100,27 +100,23 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
                 untrained=history[0]["valid_identification"], reached=reached,
                 best_epoch=max(evaluated, key=lambda h: h["valid_identification"])["epoch"],
                 train_speed=statistics.median(h["images_per_second"] for h in steady),
-                bare_train_speed=None if config["freeze_backbone"] else bare_speed(
-                    network, config["image_size"], batch, True, bare_seconds),
+                bare_train_speed=None if config["freeze_backbone"] else bare_train_speed(
+                    network, config["image_size"], batch, bare_seconds),
                 **embedding_speeds(os.path.join(out, "tb_model.pth"), data_dir),
                 valid_share=statistics.mean(h["valid_seconds"] / t for h, t in zip(trained, epoch_time)),
                 save_share=statistics.mean(h["save_seconds"] / t for h, t in zip(trained, epoch_time)))
 
 
-def bare_speed(model_config, image_size, batch, train, seconds=4.0):
-    """Images/s of the network alone on random tensors of (batch, 3, *image_size): forward + backward
-    (train=True) or inference. Two warm-up batches, then batches until `seconds` have passed (at least three)."""
+def bare_train_speed(model_config, image_size, batch, seconds=4.0):
+    """Images/s of the network alone, forward + backward, on random tensors of (batch, 3, *image_size). Two warm-up
+    batches, then batches until `seconds` have passed (at least three)."""
     torch.manual_seed(0)
-    model = EmbeddingNet(**model_config).train(train)
+    model = EmbeddingNet(**model_config).train()
     images = torch.randn(batch, 3, *image_size)
 
     def one_batch():
-        if train:
-            model.zero_grad(set_to_none=True)
-            model(images).sum().backward()
-        else:
-            with torch.inference_mode():
-                model(images)
+        model.zero_grad(set_to_none=True)
+        model(images).sum().backward()
     for _ in range(2):
         one_batch()
     count, started = 0, time.perf_counter()
