@@ -492,7 +492,9 @@ def poisoned():
 
 
 def stop_at_nan(what, epoch, batch):
-    """Exit without saving: a NaN or infinite loss or weight would spoil every checkpoint after it."""
+    """Exit without saving: a NaN or infinite loss or weight would spoil every checkpoint after it. All the
+    processes call it together."""
+    leave_process_group()
     sys.exit(f"error: {what} in epoch {epoch} at step {batch} of {len(train_loader)}. Training stopped without saving: "
              f"{out_dir}/last.pth and tb_model.pth keep the last good state. Try a lower --lr (now {lr:g}), "
              f"--amp=False, or check the data for broken images")
