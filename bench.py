@@ -144,17 +144,14 @@ def embedding_speeds(checkpoint, data_dir, passes=2):
     images = 0
     for _ in range(passes):
         for loader in loaders:
-            batches = iter(loader)
-            while True:
-                started = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                model(batch[0])
+            started = time.perf_counter()  # each real batch's time includes reading it
+            for batch, _labels in loader:
+                model(batch)
                 middle = time.perf_counter()
-                model(noise[:len(batch[0])])
-                real, bare = real + middle - started, bare + time.perf_counter() - middle
-                images += len(batch[0])
+                model(noise[:len(batch)])
+                ended = time.perf_counter()
+                real, bare, images = real + middle - started, bare + ended - middle, images + len(batch)
+                started = ended
     return dict(test_speed=images / real, bare_test_speed=images / bare)
 
 
