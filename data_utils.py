@@ -153,31 +153,44 @@ def as_hw(size):
     return (size[0], size[0]) if len(size) == 1 else size
 
 
-class ToNormalizedTensor:
-    """8-bit PIL image -> (3, H, W) float tensor normalised with ImageNet statistics, in one multiply-add: ToTensor
-    and then Normalize cost several times more per image, which shows in an embedding pass. A grayscale image
-    gives three equal channels by broadcasting."""
-
-    def __init__(self):
-        self.scale = 1 / (255 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
-        self.shift = -255 * torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * self.scale
+class ToPixels:
+    """8-bit PIL image -> (3, H, W) uint8 tensor; a grayscale image's one channel is repeated (a view)."""
 
     def __call__(self, image):
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W) or (H, W, channels)
-        channels = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
-        return torch.addcmul(self.shift, channels, self.scale).contiguous()
+        pixels = torch.from_numpy(np.array(image))  # (H, W) or (H, W, channels)
+        return pixels.expand(3, *pixels.shape) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
-def make_transform(image_size, train):
+class Normalize:
+    """(..., 3, H, W) uint8 pixels -> float32 normalised with ImageNet statistics, in one multiply-add on the
+    pixels' device (ToTensor and then Normalize cost several times more per image, which shows in an embedding
+    pass). Training batches travel as uint8, a quarter of the bytes, and are normalised here on the GPU."""
+
+    def __init__(self):
+        scale = 1 / (255 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
+        self.on_device = {torch.device("cpu"): (-255 * torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * scale, scale)}
+
+    def __call__(self, pixels):
+        if pixels.device not in self.on_device:  # copied once per device, not at every batch
+            self.on_device[pixels.device] = tuple(t.to(pixels.device) for t in self.on_device[torch.device("cpu")])
+        shift, scale = self.on_device[pixels.device]
+        return torch.addcmul(shift, pixels.float(), scale)
+
+
+normalize = Normalize()
+
+
+def make_transform(image_size, train, pixels=False):
     """Training: resize with a margin, small rotation, random crop, flip. Evaluation: the same resize and a
-    centre crop. Both normalise with ImageNet statistics (what torchvision's pretrained backbones expect)."""
+    centre crop. Both normalise with ImageNet statistics (what torchvision's pretrained backbones expect), or
+    with `pixels` stop at uint8 (3, H, W) tensors for `normalize` to finish."""
     h, w = as_hw(image_size)
     resize = T.Resize((round(h * 1.1), round(w * 1.1)), antialias=True)
     if train:
         steps = [resize, T.RandomRotation(10), T.RandomCrop((h, w)), T.RandomHorizontalFlip()]
     else:
         steps = [resize, T.CenterCrop((h, w))]
-    return T.Compose(steps + [ToNormalizedTensor()])
+    return T.Compose(steps + ([ToPixels()] if pixels else [ToPixels(), normalize, torch.Tensor.contiguous]))
 
 
 def denormalize(images):

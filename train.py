@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 import configurator
 from data_utils import (DatasetError, FaceFolder, PairDataset, PKBatchSampler, TripletFaceDataset, as_hw,
-                        atomic_write, draw_pairs, draw_triplets, load_rgb, make_transform, save_json, save_triplet_grid)
+                        atomic_write, draw_pairs, draw_triplets, load_rgb, make_transform, normalize, save_json,
+                        save_triplet_grid)
 from evaluation import embed, identification_accuracy, plot_history, relabel, triplet_accuracy
 from losses import (ArcFaceLoss, CollapseDetector, ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss,
                     TripletLoss, gather_batch)
@@ -130,9 +131,10 @@ if deterministic:  # set before CUDA starts: cuBLAS reads its workspace setting 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True  # (cudnn.benchmark, which picks kernels by timing, stays off)
-# torchrun starts one process per GPU (or CPU share) and tells each its rank in the environment
+# torchrun starts one process per GPU (or CPU share) and tells each its rank in the environment; a run under
+# torchrun takes the distributed path even with one process (DDP, the process group, gathered mining)
 rank, local_rank, world_size = (int(os.environ.get(name, 0)) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-distributed = world_size > 1
+distributed = "WORLD_SIZE" in os.environ
 world_size, master = max(world_size, 1), rank == 0  # the master process alone evaluates, prints and saves
 try:
     device, autocast, fp16_scaling = select_device(device, amp, local_rank if distributed else None)
@@ -174,7 +176,10 @@ if not os.path.isdir(os.path.join(data_dir, "train")):
              f"or point --data_dir at a folder with train/ and valid/ identity folders.")
 image_size = as_hw(image_size)
 try:
-    train_faces = FaceFolder(os.path.join(data_dir, "train"), make_transform(image_size, train=True), identity_depth)
+    # training images travel as uint8 (a quarter of the float32 bytes to collate, pin and copy to the GPU) and are
+    # normalised on the device in embed_batches
+    train_faces = FaceFolder(os.path.join(data_dir, "train"), make_transform(image_size, train=True, pixels=True),
+                             identity_depth)
     # random triplets: the batches of mining=none, and triplets.png whatever the batches
     triplet_view = TripletFaceDataset(train_faces, seed, anchor_pattern)
     train_set = PairDataset(train_faces, seed, anchor_pattern) if batch_kind == "pairs" else triplet_view
@@ -316,7 +321,8 @@ if master:
               os.path.join(out_dir, "config.json"))
     shown = [triplet_view[int(i)] for i in np.linspace(0, len(triplet_view) - 1, min(8, len(triplet_view)))]
     a, p, n, la, ln = (torch.stack([torch.as_tensor(item[k]) for item in shown]) for k in range(5))
-    save_triplet_grid(a, p, n, la, ln, train_faces.classes, os.path.join(out_dir, "triplets.png"))
+    save_triplet_grid(normalize(a), normalize(p), normalize(n), la, ln, train_faces.classes,
+                      os.path.join(out_dir, "triplets.png"))
 
 # what trains: the network and the loss, wrapped so that a distributed run averages their gradients over the
 # processes, and compiled on request; model and criterion are what evaluates and is saved
@@ -331,9 +337,9 @@ if compile:
 
 
 def embed_batches(*image_batches):
-    """Embeddings (float32) of image batches concatenated, in one forward pass."""
+    """Embeddings (float32) of uint8 image batches concatenated, in one forward pass."""
     with autocast:
-        return network(torch.cat(image_batches).to(device, non_blocking=True)).float()
+        return network(normalize(torch.cat(image_batches).to(device, non_blocking=True))).float()
 
 
 def pair_loss(e1, e2, target, head):
@@ -494,7 +500,7 @@ def poisoned():
 def stop_at_nan(what, epoch, batch):
     """Exit without saving: a NaN or infinite loss or weight would spoil every checkpoint after it. All the
     processes call it together."""
-    leave_process_group()
+    wind_up()
     sys.exit(f"error: {what} in epoch {epoch} at step {batch} of {len(train_loader)}. Training stopped without saving: "
              f"{out_dir}/last.pth and tb_model.pth keep the last good state. Try a lower --lr (now {lr:g}), "
              f"--amp=False, or check the data for broken images")
@@ -528,14 +534,18 @@ def agreed(*flags):
     return [int(v) for v in values.tolist()]
 
 
-def leave_process_group():
-    """All the processes of a distributed run together: the wrappers that hold the process group go first, so that
-    gloo's and NCCL's threads end here rather than while the interpreter shuts down (where they can abort it)."""
-    global network, train_criterion
+def wind_up():
+    """Before exiting, what must not be left to the interpreter's shutdown: persistent DataLoader workers (left,
+    each is waited for 5 s, then killed with an error) are stopped by dropping the loader's iterator; and all the
+    processes of a distributed run leave the process group together, the wrappers that hold it first, so that
+    gloo's and NCCL's threads end here (at shutdown they can abort the interpreter)."""
+    global network, train_criterion, train_loader, batches, bar, gallery_loader, probe_loader
+    train_loader = batches = bar = gallery_loader = probe_loader = None  # the last references to their iterators
     if distributed:
         dist.barrier()
         network = train_criterion = None
-        gc.collect()
+    gc.collect()
+    if distributed:
         dist.destroy_process_group()
 
 
@@ -551,7 +561,7 @@ def stop_for_signal(where, position=None):
         rng = rng_state()
         if master:
             saved = save_checkpoint("last.pth", history[-1]["epoch"], metrics, rng, position)
-    leave_process_group()  # after the master's save: torchrun stops the others when one process exits
+    wind_up()  # after the master's save: torchrun stops the others when one process exits
     launcher = f"torchrun --nproc_per_node={world_size}" if distributed else "python"
     if master:
         print(f"{signal.Signals(stop_signal).name} {where}: " + (f"saved {path}" if saved else
@@ -678,4 +688,4 @@ if master:
     print(f"best valid top-1 {100 * best['valid_identification']:.2f}% at epoch {best['epoch']}; "
           f"{train_seconds:.0f}s of training. Saved {os.path.join(out_dir, 'tb_model.pth')}\n"
           f"evaluate it with: python test.py --checkpoint={os.path.join(out_dir, 'tb_model.pth')}")
-leave_process_group()
+wind_up()

@@ -9,7 +9,7 @@ from PIL import Image
 import data_utils
 from conftest import make_faces, run_script, write_image
 from data_utils import (DatasetError, FaceFolder, PairDataset, TripletFaceDataset, atomic_write, draw_pairs, load_rgb,
-                        make_transform, split_dataset)
+                        denormalize, make_transform, normalize, split_dataset)
 
 
 # -----------------------------------------------------------------------------
@@ -42,6 +42,17 @@ def test_every_image_mode_becomes_rgb(tmp_path, mode):
     assert image.mode == "RGB" and image.size == (24, 20)
     tensor = make_transform(32, train=False)(image)
     assert tensor.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_uint8_pixels_normalised_later_equal_the_normalised_transform(tmp_path, mode):
+    """train.py's batches travel as uint8 and are normalised on the device: the same numbers, bit for bit."""
+    image = load_rgb(write_image(tmp_path / "img.png", mode=mode))
+    pixels = make_transform((32, 28), train=False, pixels=True)(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 28)
+    expected = make_transform((32, 28), train=False)(image)
+    assert torch.equal(normalize(torch.stack([pixels, pixels])), torch.stack([expected, expected]))
+    assert torch.allclose(denormalize(expected[None]) * 255, pixels.float(), atol=1e-3)
 
 
 def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
