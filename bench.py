@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_utils import FaceFolder, as_hw, make_transform
-from model import EmbeddingNet, load_checkpoint, model_from_checkpoint
+from losses import ArcFaceLoss
+from model import EmbeddingNet, load_checkpoint, model_from_checkpoint, select_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {  # name: train.py arguments
@@ -49,6 +50,12 @@ RECIPES = {  # name: train.py arguments
 DEFAULT_RECIPES = ("default", "fast_cpu", "resnet50_triplet")
 THRESHOLDS = (0.90, 0.975, 0.985)
 QUICK = ["--epochs=2", "--backbone=resnet18", "--image_size=48,40"]
+GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile) of the training step on random tensors
+    ("float32", False, False, False),
+    ("AMP (bfloat16)", True, False, False),
+    ("AMP + channels_last", True, True, False),
+    ("AMP + channels_last + compile", True, True, True),
+)
 
 
 def peak_rss_mib(pid):
@@ -91,7 +98,6 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
     reached = {t: next((h["train_seconds"] for h in evaluated if h["valid_identification"] >= t - 1e-6), None)
                for t in THRESHOLDS}
     trained = [h for h in history if h["epoch"] > 0]
-    steady = trained[1:] or trained  # the first epoch warms up (allocations, thread pools)
     epoch_time = [h["epoch_seconds"] + h["valid_seconds"] + h["save_seconds"] for h in trained]
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
@@ -100,59 +106,145 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
     return dict(recipe=name, seed=seed, top1=top1, f1=f1, seconds=history[-1]["train_seconds"], peak_mib=peak,
                 untrained=history[0]["valid_identification"], reached=reached,
                 best_epoch=max(evaluated, key=lambda h: h["valid_identification"])["epoch"],
-                train_speed=statistics.median(h["images_per_second"] for h in steady),
+                train_speed=steady_speed(history),
                 bare_train_speed=None if config["freeze_backbone"] else bare_train_speed(
-                    network, config["image_size"], batch, bare_seconds),
-                **embedding_speeds(os.path.join(out, "tb_model.pth"), data_dir),
+                    network, config["image_size"], batch, bare_seconds, config["device"], config["amp"],
+                    config["channels_last"], config["compile"]),
+                **embedding_speeds(os.path.join(out, "tb_model.pth"), data_dir, device=config["device"]),
                 valid_share=statistics.mean(h["valid_seconds"] / t for h, t in zip(trained, epoch_time)),
                 save_share=statistics.mean(h["save_seconds"] / t for h, t in zip(trained, epoch_time)))
 
 
-def bare_train_speed(model_config, image_size, batch, seconds=4.0):
-    """Images/s of the network alone, forward + backward, on random tensors of (batch, 3, *image_size). Two warm-up
-    batches, then batches until `seconds` have passed (at least three)."""
+def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu", amp=False, channels_last=False,
+                     compile=False, step=False):
+    """Images/s of the network alone on random tensors of (batch, 3, *image_size): forward + backward, and with
+    `step`, the whole of train.py's step around them (ArcFace loss in float32 on random labels of 40 identities,
+    fused Adam update). On `device` with train.py's autocast, memory format and compiler options. Two warm-up
+    batches (and the compilation), then batches until `seconds` have passed (at least three)."""
     torch.manual_seed(0)
-    model = EmbeddingNet(**model_config).train()
-    images = torch.randn(batch, 3, *image_size)
+    device, autocast, _ = select_device(device, amp)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = EmbeddingNet(**model_config).to(device, memory_format=memory_format).train()
+    network = torch.compile(model) if compile else model
+    images = torch.randn(batch, 3, *image_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 40, (batch,), device=device)
+    criterion = ArcFaceLoss(model_config["embedding_dim"], 40).to(device)
+    opt = torch.optim.Adam(list(model.parameters()) + list(criterion.parameters()), fused=True)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    torch.backends.cudnn.benchmark = device.startswith("cuda")  # as train.py: time the kernels for fixed shapes
 
     def one_batch():
-        model.zero_grad(set_to_none=True)
-        model(images).sum().backward()
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            embeddings = network(images).float()
+        (criterion(embeddings, labels)[0] if step else embeddings.sum()).backward()
+        if step:
+            opt.step()
     for _ in range(2):
         one_batch()
+    synchronize()
     count, started = 0, time.perf_counter()
     while count < 3 or time.perf_counter() - started < seconds:
         one_batch()
         count += 1
+    synchronize()  # the GPU runs behind: the time counts until its last batch is done
     return count * batch / (time.perf_counter() - started)
 
 
 @torch.inference_mode()
-def embedding_speeds(checkpoint, data_dir, passes=2):
+def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True):
     """Images/s of test.py's embedding pass (its transform, FaceFolder and DataLoader: files read, decoded and
-    transformed, then inference in batches of 64) over train/ and valid/, and of bare inference on random tensors
-    of each batch's shape. Timed in pairs, a bare batch right after each real one, so that a change in the
-    machine's load falls on both alike (unpaired runs on 2 cores move the ratio by 15-20 points)."""
+    transformed, then inference in batches of 64, on `device` with test.py's autocast) over train/ and valid/, and
+    of bare inference on random tensors of each batch's shape. Timed in pairs, a bare batch right after each real
+    one, so that a change in the machine's load falls on both alike (unpaired runs on 2 cores move the ratio by
+    15-20 points)."""
+    device, autocast, _ = select_device(device, amp)
     state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint).eval()
+    model = model_from_checkpoint(state, checkpoint).to(device).eval()
     transform = make_transform(state["image_size"], train=False)
-    loaders = [DataLoader(FaceFolder(os.path.join(data_dir, part), transform), batch_size=64)
-               for part in ("train", "valid")]
-    noise = torch.randn(64, 3, *as_hw(state["image_size"]))
-    model(noise[:2])  # warm-up: allocations, thread pool
+    loaders = [DataLoader(FaceFolder(os.path.join(data_dir, part), transform), batch_size=64,
+                          pin_memory=device.startswith("cuda")) for part in ("train", "valid")]
+    noise = torch.randn(64, 3, *as_hw(state["image_size"]), device=device)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+
+    def infer(batch):
+        with autocast:
+            model(batch.to(device, non_blocking=True))
+        synchronize()
+    infer(noise[:2])  # warm-up: allocations, thread pool
     real = bare = 0.0
     images = 0
     for _ in range(passes):
         for loader in loaders:
             started = time.perf_counter()  # each real batch's time includes reading it
             for batch, _labels in loader:
-                model(batch)
+                infer(batch)
                 middle = time.perf_counter()
-                model(noise[:len(batch)])
+                infer(noise[:len(batch)])
                 ended = time.perf_counter()
                 real, bare, images = real + middle - started, bare + ended - middle, images + len(batch)
                 started = ended
     return dict(test_speed=images / real, bare_test_speed=images / bare)
+
+
+def repeat_train_images(data_dir, out, times):
+    """A view of the split `data_dir` (symbolic links) whose train/ holds each photo `times` times under other names,
+    so that a GPU trains full batches of 256 for more than one step an epoch; valid/ is the same."""
+    for person in sorted(os.listdir(os.path.join(data_dir, "train"))):
+        folder = os.path.join(out, "train", person)
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(os.path.join(data_dir, "train", person)):
+            for copy in range(times):
+                link = os.path.join(folder, f"{copy}_{name}")
+                if not os.path.lexists(link):
+                    os.symlink(os.path.abspath(os.path.join(data_dir, "train", person, name)), link)
+    if not os.path.lexists(os.path.join(out, "valid")):
+        os.symlink(os.path.abspath(os.path.join(data_dir, "valid")), os.path.join(out, "valid"))
+    return out
+
+
+def gpu_figures(data_dir, work, workers, batch=256, size=(224, 224), seconds=10.0):
+    """The CUDA figures: images/s of the default network's training step (ResNet50 + mlp head) at `size` on random
+    tensors in each of GPU_SETTINGS, then train.py on real images (the AT&T training photos, each 16 times, P x K
+    batches of 32 x 8 = `batch`, AMP + channels_last) with each number of DataLoader `workers`, against the step on
+    random tensors with the same settings, and test.py's embedding pass of the last run's model. Prints tables."""
+    network = dict(backbone="resnet50", embedding_dim=128, head="mlp", hidden_dim=512)
+    print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}: ResNet50 + "
+          f"mlp head at {size[0]}x{size[1]}, batches of {batch}, train.py's step (ArcFace loss, fused Adam) on "
+          f"random tensors")
+    print("| setting | images/s |\n|---|---|")
+    synthetic = {}
+    for label, amp, channels_last, compile in GPU_SETTINGS:
+        synthetic[label] = bare_train_speed(network, size, batch, seconds, "cuda", amp, channels_last, compile,
+                                            step=True)
+        print(f"| {label} | {synthetic[label]:.0f} |", flush=True)
+    repeated = repeat_train_images(data_dir, os.path.join(work, "att_8_2_x16"), 16)
+    flags = [f"--image_size={size[0]},{size[1]}", f"--batch_size={batch}", "--images_per_identity=8",
+             "--channels_last=True", "--epochs=4", "--eval_every=4"]
+    rows = []
+    for count in workers:
+        out = os.path.join(work, f"gpu_workers{count}")
+        peak = run(["train.py", f"--data_dir={repeated}", f"--out_dir={out}", *flags, f"--num_workers={count}"],
+                   out + "_train.log")
+        with open(os.path.join(out, "history.json")) as f:
+            rows.append((count, steady_speed(json.load(f)), peak))
+    reference = synthetic["AMP + channels_last"]
+    print(f"\ntrain.py on real images (the training photos x16, {' '.join(flags)}), against the step on random "
+          f"tensors with AMP + channels_last ({reference:.0f} images/s)")
+    print("| num_workers | train.py images/s | ratio | peak MiB |\n|---|---|---|---|")
+    for count, speed, peak in rows:
+        print(f"| {count} | {speed:.0f} | {100 * speed / reference:.0f} % | {cell(peak)} |")
+    speeds = embedding_speeds(os.path.join(out, "tb_model.pth"), data_dir, device="cuda")
+    print(f"\ntest.py's embedding pass over {data_dir} (num_workers=0, batches of 64): {speeds['test_speed']:.0f} "
+          f"images/s; bare inference {speeds['bare_test_speed']:.0f} images/s "
+          f"({100 * speeds['test_speed'] / speeds['bare_test_speed']:.0f} %)", flush=True)
+
+
+def steady_speed(history):
+    """The median images/s of train.py's training epochs, the first left out: it warms up (allocations, thread
+    pools, cuDNN's kernel timing, DataLoader workers starting)."""
+    trained = [h for h in history if h["epoch"] > 0]
+    return statistics.median(h["images_per_second"] for h in trained[1:] or trained)
 
 
 def mean(values):
@@ -173,6 +265,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two epochs of ResNet18 on six people, one seed")
     parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
     parser.add_argument("--train_flags", default="", help="train.py flags added to every run (after the recipe's)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the CUDA figures instead: ResNet50 at 224x224 on random tensors and train.py on real images")
+    parser.add_argument("--gpu_workers", default="0,4,8", help="--gpu: train.py's num_workers to try, comma-separated")
     args = parser.parse_args()
     names = args.recipes.split(",")
     unknown = [n for n in names if n not in RECIPES]
@@ -180,6 +275,8 @@ def main():
         sys.exit(f"error: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
     if not os.path.isdir(os.path.join(args.att_dir, "s1")):
         sys.exit(f"error: {args.att_dir} is not the AT&T folder (s1..s40); pass --att_dir or set FACE_DATA")
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("error: --gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
     seeds = 1 if args.quick else args.seeds
     work = args.keep or tempfile.mkdtemp(prefix="bench_")
     raw = os.path.join(work, "raw")
@@ -191,6 +288,9 @@ def main():
     data_dir = os.path.join(work, "att_8_2")
     if not os.path.isdir(data_dir):
         run(["data_utils.py", "split", raw, data_dir, "--valid=0.2", "--seed=0"], os.path.join(work, "split.log"))
+    if args.gpu:
+        gpu_figures(data_dir, work, [int(w) for w in args.gpu_workers.split(",")])
+        return
     extra = (QUICK if args.quick else []) + shlex.split(args.train_flags)
     rows = []
     for name in names:

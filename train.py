@@ -500,10 +500,11 @@ def poisoned():
 def stop_at_nan(what, epoch, batch):
     """Exit without saving: a NaN or infinite loss or weight would spoil every checkpoint after it. All the
     processes call it together."""
+    message = (f"error: {what} in epoch {epoch} at step {batch} of {len(train_loader)}. Training stopped without "
+               f"saving: {out_dir}/last.pth and tb_model.pth keep the last good state. Try a lower --lr (now {lr:g}), "
+               f"--amp=False, or check the data for broken images")
     wind_up()
-    sys.exit(f"error: {what} in epoch {epoch} at step {batch} of {len(train_loader)}. Training stopped without saving: "
-             f"{out_dir}/last.pth and tb_model.pth keep the last good state. Try a lower --lr (now {lr:g}), "
-             f"--amp=False, or check the data for broken images")
+    sys.exit(message)
 
 
 stop_signal = 0  # the SIGINT or SIGTERM that asked training to stop (0: none yet)
