@@ -246,9 +246,10 @@ class FaceFolder(Dataset):
             return False
 
     def _split_transform(self):
-        """(deterministic leading steps of the transform: resizing and centre cropping, the rest)."""
+        """(the transform's leading resizes, the rest). Only resizes are kept in the cache, so that the training
+        images and a gallery of the same files, which differ from there on, can share it."""
         steps = self.transform.transforms if isinstance(self.transform, T.Compose) else []
-        n = next((i for i, step in enumerate(steps) if not isinstance(step, (T.Resize, T.CenterCrop))), len(steps))
+        n = next((i for i, step in enumerate(steps) if not isinstance(step, T.Resize)), len(steps))
         return T.Compose(steps[:n]), T.Compose(steps[n:])
 
     def cache_bytes(self):
@@ -259,11 +260,16 @@ class FaceFolder(Dataset):
             return None
         return len(self.samples) * 3 * sizes[-1][0] * sizes[-1][1]
 
-    def cache(self):
-        """Decode every image once and keep it in memory after the transform's deterministic steps (uint8, already
-        resized); items then apply only the rest (random augmentation, tensor conversion). Unreadable images are
-        skipped as when loading. DataLoader workers share the filled cache (they fork after it)."""
+    def cache(self, like=None):
+        """Decode every image once and keep it in memory resized (uint8); items then apply only the rest of the
+        transform (cropping, random augmentation, tensor conversion). Unreadable images are skipped as when loading.
+        DataLoader workers share the filled cache (they fork after it). `like`: a cached FaceFolder of the same files
+        whose transform resizes alike (train.py's training images for its gallery) lends its cache instead."""
         prepare, self.after_cache = self._split_transform()
+        if (like is not None and like.cached is not None and like.samples == self.samples
+                and repr(like._split_transform()[0]) == repr(prepare)):
+            self.cached = like.cached
+            return
         self.cached = {}
         for i, (path, _) in enumerate(self.samples):
             try:

@@ -192,11 +192,11 @@ if checkpoint and train_faces.classes != checkpoint["classes"]:
              f"run trained on ({len(checkpoint['classes'])}); resume on the same data")
 if cache_images not in ("auto", "true", "false"):
     sys.exit(f"error: --cache_images={cache_images!r}; choose auto, true or false")
-folders = (train_faces, gallery, probes)
-cache_size = sum(folder.cache_bytes() or float("inf") for folder in folders)
+cache_size = sum(folder.cache_bytes() or float("inf") for folder in (train_faces, probes))  # the gallery: shared
 if cache_images == "true" or (cache_images == "auto" and cache_size <= 2 ** 31):
-    for folder in folders:
-        folder.cache()
+    train_faces.cache()
+    gallery.cache(like=train_faces)  # the same files, decoded once
+    probes.cache()
     print(f"cached the decoded images: {cache_size / 2 ** 20:.0f} MiB")
 lonely = train_faces.single_image_identities()
 if lonely:

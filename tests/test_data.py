@@ -110,8 +110,7 @@ def test_cached_images_give_the_same_items_as_decoding_each_time(tmp_path, train
     items = []
     for cached in (False, True):
         faces = FaceFolder(str(tmp_path), transform=make_transform((20, 16), train=train))
-        # uint8 after the deterministic steps: resized with the 1.1 margin, and centre-cropped for evaluation
-        assert faces.cache_bytes() == 6 * 3 * (22 * 18 if train else 20 * 16)
+        assert faces.cache_bytes() == 6 * 3 * 22 * 18  # uint8, resized with the 1.1 margin (cropped per item)
         with pytest.warns(UserWarning, match="0.png"):
             if cached:
                 faces.cache()
@@ -121,6 +120,20 @@ def test_cached_images_give_the_same_items_as_decoding_each_time(tmp_path, train
     assert faces.cached is not None and len(faces.cached) == 5
     for (a, label_a), (b, label_b) in zip(*items):
         assert torch.equal(a, b) and label_a == label_b
+
+
+def test_a_gallery_of_the_training_images_shares_their_cache(tmp_path):
+    make_faces(tmp_path, identities=2, images=3)
+    training = FaceFolder(str(tmp_path), make_transform((20, 16), train=True, pixels=True))
+    training.cache()
+    gallery = FaceFolder(str(tmp_path), make_transform((20, 16), train=False))
+    gallery.cache(like=training)
+    assert gallery.cached is training.cached  # decoded once
+    decoded = FaceFolder(str(tmp_path), make_transform((20, 16), train=False))
+    assert all(torch.equal(gallery[i][0], decoded[i][0]) for i in range(len(gallery)))
+    other_size = FaceFolder(str(tmp_path), make_transform((24, 20), train=False))
+    other_size.cache(like=training)  # resized otherwise: decoded anew
+    assert other_size.cached is not training.cached and other_size[0][0].shape == (3, 24, 20)
 
 
 def test_symlink_cycle_is_followed_once(tmp_path):
