@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_utils import FaceFolder, as_hw, make_transform
+from evaluation import inference_input
 from losses import ArcFaceLoss
 from model import EmbeddingNet, load_checkpoint, model_from_checkpoint, select_device
 
@@ -155,7 +156,7 @@ def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu",
 @torch.inference_mode()
 def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True):
     """Images/s of test.py's embedding pass (its transform, FaceFolder and DataLoader: files read, decoded and
-    transformed, then inference in batches of 64, on `device` with test.py's autocast) over train/ and valid/, and
+    transformed, then inference in batches of 64 in channels_last, on `device` with test.py's autocast) over train/ and valid/, and
     of bare inference on random tensors of each batch's shape. Timed in pairs, a bare batch right after each real
     one, so that a change in the machine's load falls on both alike (unpaired runs on 2 cores move the ratio by
     15-20 points)."""
@@ -170,7 +171,7 @@ def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True):
 
     def infer(batch):
         with autocast:
-            model(batch.to(device, non_blocking=True))
+            model(inference_input(batch, device))
         synchronize()
     infer(noise[:2])  # warm-up: allocations, thread pool
     real = bare = 0.0

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.metrics import precision_recall_fscore_support
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -86,7 +85,7 @@ plot_x = "epoch"  # x axis of curves.png: epoch | step (iterations)
 device = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 amp = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
 seed = 0  # same seed and data on the CPU -> the same weights
-channels_last = False  # convolutional backbones in NHWC memory format (faster on CUDA tensor cores)
+channels_last = False  # train convolutional backbones in NHWC memory format (faster on CUDA tensor cores)
 compile = False  # torch.compile the network for training (PyTorch 2; the first steps wait for the compiler)
 sync_bn = False  # torchrun on GPUs: batch-norm statistics over the global batch rather than each GPU's share
 deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU already is
@@ -394,6 +393,7 @@ def evaluate():
         first, second = probe_emb[valid_pairs[:, 0]], probe_emb[valid_pairs[:, 1]]
         result["valid_loss"] = pair_loss(first, second, valid_pairs[:, 2], criterion)[0].item()
         if loss == "pair_bce":
+            from sklearn.metrics import precision_recall_fscore_support  # 1.5 s to import: only here
             predicted_same = (criterion(first, second) > 0).cpu().numpy()
             precision, recall, f1, _ = precision_recall_fscore_support(
                 valid_pairs[:, 2] == 0, predicted_same, average="binary", zero_division=0)

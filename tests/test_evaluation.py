@@ -240,6 +240,28 @@ def test_cosine_similarity_pairs():
 
 
 # -----------------------------------------------------------------------------
+# embedding passes
+
+@pytest.mark.parametrize("backbone", ["resnet18", "smallcnn", "alexnet"])
+def test_embed_feeds_channels_last_and_matches_a_plain_forward(backbone):
+    from model import EmbeddingNet
+    torch.manual_seed(0)
+    model = EmbeddingNet(backbone, embedding_dim=16, hidden_dim=32).train()
+    images, labels = torch.randn(6, 3, 64, 64), torch.tensor([0, 0, 1, 1, 2, 2])
+    formats = []
+    model.register_forward_pre_hook(lambda _, args: formats.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    loader = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    embeddings, embedded_labels = evaluation.embed(model, loader, "cpu", torch.autocast("cpu", enabled=False))
+    assert formats == [True, True] and not model.training
+    with torch.no_grad():
+        reference = model(images)  # (NCHW; in eval mode now)
+    assert embeddings.shape == (6, 16) and embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings, reference, atol=1e-5, rtol=1e-5)
+    assert embedded_labels.tolist() == labels.tolist()
+
+
+# -----------------------------------------------------------------------------
 # retrieval and identification
 
 def test_retrieval_metrics_hand_made_ranking():
