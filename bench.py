@@ -156,10 +156,10 @@ def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu",
 @torch.inference_mode()
 def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True):
     """Images/s of test.py's embedding pass (its transform, FaceFolder and DataLoader: files read, decoded and
-    transformed, then inference in batches of 64 in channels_last, on `device` with test.py's autocast) over train/ and valid/, and
-    of bare inference on random tensors of each batch's shape. Timed in pairs, a bare batch right after each real
-    one, so that a change in the machine's load falls on both alike (unpaired runs on 2 cores move the ratio by
-    15-20 points)."""
+    transformed, then inference in batches of 64 in channels_last, on `device` with test.py's autocast) over
+    train/ and valid/, and of bare inference on random tensors of each batch's shape. Timed in pairs, a bare batch
+    right after each real one, so that a change in the machine's load falls on both alike (unpaired runs on 2 cores
+    move the ratio by 15-20 points)."""
     device, autocast, _ = select_device(device, amp)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(device).eval()
