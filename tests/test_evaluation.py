@@ -12,6 +12,7 @@ from evaluation import (best_threshold, calibrate_threshold, cosine_similarity_p
                         identification_accuracy, kfold_accuracy, open_set_metrics, plot_embeddings_2d, plot_roc,
                         retrieval_metrics, sample_different_pairs, stratified_folds, verification_metrics,
                         verification_pairs)
+from model import EmbeddingNet
 
 
 def unit_vectors(degrees):
@@ -244,7 +245,6 @@ def test_cosine_similarity_pairs():
 
 @pytest.mark.parametrize("backbone", ["resnet18", "smallcnn", "alexnet"])
 def test_embed_feeds_channels_last_and_matches_a_plain_forward(backbone):
-    from model import EmbeddingNet
     torch.manual_seed(0)
     model = EmbeddingNet(backbone, embedding_dim=16, hidden_dim=32).train()
     images, labels = torch.randn(6, 3, 64, 64), torch.tensor([0, 0, 1, 1, 2, 2])
