@@ -52,11 +52,12 @@ RECIPES = {  # name: train.py arguments
 DEFAULT_RECIPES = ("default", "fast_cpu", "resnet50_triplet")
 THRESHOLDS = (0.90, 0.975, 0.985)
 QUICK = ["--epochs=2", "--backbone=resnet18", "--image_size=48,40"]
-GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile) of the training step on random tensors
-    ("float32", False, False, False),
-    ("AMP (bfloat16)", True, False, False),
-    ("AMP + channels_last", True, True, False),
-    ("AMP + channels_last + compile", True, True, True),
+GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile, read_loss) of the training step on random tensors
+    ("float32", False, False, False, False),
+    ("AMP (bfloat16)", True, False, False, False),
+    ("AMP + channels_last", True, True, False, False),
+    ("AMP + channels_last, the loss read every step (.item())", True, True, False, True),
+    ("AMP + channels_last + compile", True, True, True, False),
 )
 
 
@@ -118,11 +119,13 @@ def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
 
 
 def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu", amp=False, channels_last=False,
-                     compile=False, step=False):
+                     compile=False, step=False, read_loss=False):
     """Images/s of the network alone on random tensors of (batch, 3, *image_size): forward + backward, and with
     `step`, the whole of train.py's step around them (ArcFace loss in float32 on random labels of 40 identities,
-    fused Adam update). On `device` with train.py's autocast, memory format and compiler options. Two warm-up
-    batches (and the compilation), then batches until `seconds` have passed (at least three)."""
+    fused Adam update), and with `read_loss` the loss read on the CPU after each step, as train.py does (on a GPU
+    the CPU then waits for the step to finish before it queues the next). On `device` with train.py's autocast,
+    memory format and compiler options. Two warm-up batches (and the compilation), then batches until `seconds` have
+    passed (at least three)."""
     torch.manual_seed(0)
     device, autocast, _ = select_device(device, amp)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -139,9 +142,12 @@ def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu",
         opt.zero_grad(set_to_none=True)
         with autocast:
             embeddings = network(images).float()
-        (criterion(embeddings, labels)[0] if step else embeddings.sum()).backward()
+        loss = criterion(embeddings, labels)[0] if step else embeddings.sum()
+        loss.backward()
         if step:
             opt.step()
+        if read_loss:
+            loss.item()
     for _ in range(2):
         one_batch()
     synchronize()
@@ -154,17 +160,18 @@ def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu",
 
 
 @torch.inference_mode()
-def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True):
+def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True, num_workers=0):
     """Images/s of test.py's embedding pass (its transform, FaceFolder and DataLoader: files read, decoded and
-    transformed, then inference in batches of 64 in channels_last, on `device` with test.py's autocast) over
-    train/ and valid/, and of bare inference on random tensors of each batch's shape. Timed in pairs, a bare batch
+    transformed, then inference in batches of 64 in channels_last, on `device` with test.py's autocast; with
+    `num_workers` DataLoader workers) over train/ and valid/, and of bare inference on random tensors of each
+    batch's shape. Timed in pairs, a bare batch
     right after each real one, so that a change in the machine's load falls on both alike (unpaired runs on 2 cores
     move the ratio by 15-20 points)."""
     device, autocast, _ = select_device(device, amp)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(device).eval()
-    transform = make_transform(state["image_size"], train=False)
-    loaders = [DataLoader(FaceFolder(os.path.join(data_dir, part), transform), batch_size=64,
+    transform = make_transform(state["image_size"], train=False, pixels=True)
+    loaders = [DataLoader(FaceFolder(os.path.join(data_dir, part), transform), batch_size=64, num_workers=num_workers,
                           pin_memory=device.startswith("cuda")) for part in ("train", "valid")]
     noise = torch.randn(64, 3, *as_hw(state["image_size"]), device=device)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
@@ -175,18 +182,25 @@ def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True):
         synchronize()
     infer(noise[:2])  # warm-up: allocations, thread pool
     real = bare = 0.0
-    images = 0
+    sizes = []
     for _ in range(passes):
         for loader in loaders:
             started = time.perf_counter()  # each real batch's time includes reading it
             for batch, _labels in loader:
                 infer(batch)
+                sizes.append(len(batch))
                 middle = time.perf_counter()
-                infer(noise[:len(batch)])
-                ended = time.perf_counter()
-                real, bare, images = real + middle - started, bare + ended - middle, images + len(batch)
-                started = ended
-    return dict(test_speed=images / real, bare_test_speed=images / bare)
+                if not num_workers:
+                    infer(noise[:len(batch)])
+                    bare += time.perf_counter() - middle
+                real += middle - started
+                started = time.perf_counter()
+    if num_workers:  # workers load while the main process infers: a bare batch in between would lend them its time
+        started = time.perf_counter()
+        for size in sizes:
+            infer(noise[:size])
+        bare = time.perf_counter() - started
+    return dict(test_speed=sum(sizes) / real, bare_test_speed=sum(sizes) / bare)
 
 
 def repeat_train_images(data_dir, out, times):
@@ -216,30 +230,37 @@ def gpu_figures(data_dir, work, workers, batch=256, size=(224, 224), seconds=10.
           f"random tensors")
     print("| setting | images/s |\n|---|---|")
     synthetic = {}
-    for label, amp, channels_last, compile in GPU_SETTINGS:
+    for label, amp, channels_last, compile, read_loss in GPU_SETTINGS:
         synthetic[label] = bare_train_speed(network, size, batch, seconds, "cuda", amp, channels_last, compile,
-                                            step=True)
+                                            step=True, read_loss=read_loss)
         print(f"| {label} | {synthetic[label]:.0f} |", flush=True)
     repeated = repeat_train_images(data_dir, os.path.join(work, "att_8_2_x16"), 16)
     flags = [f"--image_size={size[0]},{size[1]}", f"--batch_size={batch}", "--images_per_identity=8",
              "--channels_last=True", "--epochs=4", "--eval_every=4"]
-    rows = []
+    reference = synthetic["AMP + channels_last"]
+    print(f"\ntrain.py on real images (the training photos x16, {' '.join(flags)}), against the step on random "
+          f"tensors with AMP + channels_last ({reference:.0f} images/s); run s: the whole process, from its start")
+    print("| num_workers | train.py images/s | ratio | training s | evaluating + saving s | run s | peak MiB |\n"
+          "|---|---|---|---|---|---|---|")
     for count in workers:
         out = os.path.join(work, f"gpu_workers{count}")
+        started = time.perf_counter()
         peak = run(["train.py", f"--data_dir={repeated}", f"--out_dir={out}", *flags, f"--num_workers={count}"],
                    out + "_train.log")
         with open(os.path.join(out, "history.json")) as f:
-            rows.append((count, steady_speed(json.load(f)), peak))
-    reference = synthetic["AMP + channels_last"]
-    print(f"\ntrain.py on real images (the training photos x16, {' '.join(flags)}), against the step on random "
-          f"tensors with AMP + channels_last ({reference:.0f} images/s)")
-    print("| num_workers | train.py images/s | ratio | peak MiB |\n|---|---|---|---|")
-    for count, speed, peak in rows:
-        print(f"| {count} | {speed:.0f} | {100 * speed / reference:.0f} % | {cell(peak)} |")
-    speeds = embedding_speeds(os.path.join(out, "tb_model.pth"), data_dir, device="cuda")
-    print(f"\ntest.py's embedding pass over {data_dir} (num_workers=0, batches of 64): {speeds['test_speed']:.0f} "
-          f"images/s; bare inference {speeds['bare_test_speed']:.0f} images/s "
-          f"({100 * speeds['test_speed'] / speeds['bare_test_speed']:.0f} %)", flush=True)
+            history = json.load(f)
+        speed = steady_speed(history)
+        print(f"| {count} | {speed:.0f} | {100 * speed / reference:.0f} % | {history[-1]['train_seconds']:.0f} | "
+              f"{sum(h['valid_seconds'] + h['save_seconds'] for h in history):.0f} | "
+              f"{time.perf_counter() - started:.0f} | {cell(peak)} |", flush=True)
+    print(f"\ntest.py's embedding pass over the photos x16 (5,200 files, batches of 64, the last run's model), against "
+          f"bare inference")
+    print("| num_workers | test.py images/s | bare inference images/s | ratio |\n|---|---|---|---|")
+    for count in (0, *workers):
+        speeds = embedding_speeds(os.path.join(out, "tb_model.pth"), repeated, passes=1, device="cuda",
+                                  num_workers=count)
+        print(f"| {count} | {speeds['test_speed']:.0f} | {speeds['bare_test_speed']:.0f} | "
+              f"{100 * speeds['test_speed'] / speeds['bare_test_speed']:.0f} % |", flush=True)
 
 
 def steady_speed(history):

@@ -200,6 +200,21 @@ def denormalize(images):
     return (images.float().cpu() * std + mean).clamp(0, 1)
 
 
+def loader_workers(num_workers, device, processes=1):
+    """A DataLoader's worker count: `num_workers`, or for -1 (auto) 0 on the CPU (on 2 cores, 1 or 2 workers
+    train no faster than the main process: the network needs the cores) and on CUDA up to 8, one core of this
+    process's share of the machine (`processes` per machine, as under torchrun) left to the main process."""
+    if num_workers < -1:
+        raise ValueError(f"--num_workers={num_workers}: choose -1 (auto), 0 (load in the main process) or a number "
+                         f"of worker processes")
+    if num_workers >= 0:
+        return num_workers
+    if not device.startswith("cuda"):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // processes - 1))
+
+
 # -----------------------------------------------------------------------------
 # datasets
 

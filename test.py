@@ -21,7 +21,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from torch.utils.data import DataLoader
 
 import configurator
-from data_utils import DatasetError, FaceFolder, make_transform, read_pairs_file, save_json
+from data_utils import DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file, save_json
 from evaluation import (calibrate_threshold, cosine_similarity_pairs, embed, embed_files, identification_accuracy,
                         identify, open_set_metrics, plot_confusion_matrix, plot_embeddings_2d,
                         plot_roc, relabel, retrieval_metrics, verification_metrics, verification_pairs)
@@ -42,7 +42,7 @@ target_far = 1e-2  # open set: false-accept rate the unknown-person threshold is
 max_same_pairs = 0  # verification: same-identity probe pairs to sample (0: all), plus as many different pairs
 seed = 0  # verification pair sampling, folds, t-SNE
 batch_size = 64  # images per embedding batch
-num_workers = 0  # DataLoader worker processes; 0 loads in the main process
+num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 on CUDA) | 0 (the main process) | N
 # system
 device = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 amp = True  # mixed precision on CUDA; ignored on the CPU
@@ -51,6 +51,7 @@ configurator.parse(globals(), description=__doc__.split("\n")[0])
 
 try:
     device, autocast, _ = select_device(device, amp)
+    num_workers = loader_workers(num_workers, device)
 except ValueError as err:
     sys.exit(f"error: {err}")
 try:
@@ -62,7 +63,7 @@ trained = state.get("config", {})
 data_dir = data_dir or trained.get("data_dir", "")
 identity_depth = trained.get("identity_depth", 1)
 out_dir = out_dir or os.path.dirname(os.path.abspath(checkpoint))
-transform = make_transform(state["image_size"], train=False)
+transform = make_transform(state["image_size"], train=False, pixels=True)  # uint8, normalised on the device
 try:
     gallery = FaceFolder(os.path.join(data_dir, "train"), transform, identity_depth, gallery_pattern)
     probes = FaceFolder(os.path.join(data_dir, "valid"), transform, identity_depth)

@@ -9,7 +9,7 @@ from PIL import Image
 import data_utils
 from conftest import make_faces, run_script, write_image
 from data_utils import (DatasetError, FaceFolder, PairDataset, TripletFaceDataset, atomic_write, draw_pairs, load_rgb,
-                        denormalize, make_transform, normalize, split_dataset)
+                        denormalize, loader_workers, make_transform, normalize, split_dataset)
 
 
 # -----------------------------------------------------------------------------
@@ -53,6 +53,18 @@ def test_uint8_pixels_normalised_later_equal_the_normalised_transform(tmp_path, 
     expected = make_transform((32, 28), train=False)(image)
     assert torch.equal(normalize(torch.stack([pixels, pixels])), torch.stack([expected, expected]))
     assert torch.allclose(denormalize(expected[None]) * 255, pixels.float(), atol=1e-3)
+
+
+def test_auto_worker_count_is_none_on_the_cpu_and_a_share_of_the_cores_on_cuda(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert loader_workers(-1, "cpu") == 0 and loader_workers(3, "cpu") == 3 and loader_workers(0, "cuda") == 0
+    assert loader_workers(-1, "cuda") == 8 and loader_workers(-1, "cuda:1") == 8
+    assert loader_workers(-1, "cuda", processes=4) == 3  # 4 cores each under torchrun: 3 workers beside each
+    assert loader_workers(-1, "cuda", processes=16) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers(-1, "cuda") == 1
+    with pytest.raises(ValueError, match="--num_workers=-2: choose -1 \\(auto\\), 0"):
+        loader_workers(-2, "cpu")
 
 
 def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import evaluation
+from data_utils import normalize
 from evaluation import (best_threshold, calibrate_threshold, cosine_similarity_pairs, different_identity_pairs,
                         identification_accuracy, kfold_accuracy, open_set_metrics, plot_embeddings_2d, plot_roc,
                         retrieval_metrics, sample_different_pairs, stratified_folds, verification_metrics,
@@ -259,6 +260,15 @@ def test_embed_feeds_channels_last_and_matches_a_plain_forward(backbone):
     assert embeddings.shape == (6, 16) and embeddings.dtype == torch.float32
     torch.testing.assert_close(embeddings, reference, atol=1e-5, rtol=1e-5)
     assert embedded_labels.tolist() == labels.tolist()
+
+
+def test_uint8_batches_are_normalised_on_arrival_and_float_ones_pass_as_they_are():
+    pixels = torch.randint(0, 256, (2, 3, 8, 6), dtype=torch.uint8)
+    arrived = evaluation.inference_input(pixels, "cpu")
+    assert arrived.dtype == torch.float32 and arrived.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(arrived, normalize(pixels))
+    floats = torch.randn(2, 3, 8, 6)
+    assert torch.equal(evaluation.inference_input(floats, "cpu"), floats)
 
 
 # -----------------------------------------------------------------------------

@@ -223,6 +223,7 @@ def test_unusable_datasets_stop_before_training(tmp_path, setup, message):
     ("--optimizer=rmsprop", "choose one of adam, adamw, sgd"),
     ("--anchor_pattern=script", "use it with --mining=none"),
     ("--loss=hinge", "choose one of triplet, contrastive, pair_bce, arcface"),
+    ("--num_workers=-2", "--num_workers=-2: choose -1 (auto), 0"),
 ])
 def test_bad_flags_stop_train_py_with_the_flag_named(tmp_path, flag, message):
     data = tmp_path / "data"
