@@ -164,9 +164,9 @@ def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True, num
     """Images/s of test.py's embedding pass (its transform, FaceFolder and DataLoader: files read, decoded and
     transformed, then inference in batches of 64 in channels_last, on `device` with test.py's autocast; with
     `num_workers` DataLoader workers) over train/ and valid/, and of bare inference on random tensors of each
-    batch's shape. Timed in pairs, a bare batch
-    right after each real one, so that a change in the machine's load falls on both alike (unpaired runs on 2 cores
-    move the ratio by 15-20 points)."""
+    batch's shape. Without workers, timed in pairs, a bare batch right after each real one, so that a change in the
+    machine's load falls on both alike (unpaired runs on 2 cores move the ratio by 15-20 points); with workers, the
+    bare batches after the real passes."""
     device, autocast, _ = select_device(device, amp)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(device).eval()
