@@ -85,7 +85,7 @@ plot_x = "epoch"  # x axis of curves.png: epoch | step (iterations)
 device = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 amp = True  # mixed precision on CUDA (bfloat16 where supported, else float16); ignored on the CPU
 seed = 0  # same seed and data on the CPU -> the same weights
-channels_last = False  # train convolutional backbones in NHWC memory format (faster on CUDA tensor cores)
+channels_last = "auto"  # train in NHWC memory format: auto (on CUDA, for its tensor cores; not on the CPU) | true | false
 compile = False  # torch.compile the network for training (PyTorch 2; the first steps wait for the compiler)
 sync_bn = False  # torchrun on GPUs: batch-norm statistics over the global batch rather than each GPU's share
 deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU already is
@@ -141,6 +141,12 @@ except ValueError as err:
     sys.exit(f"error: {err}")
 if sync_bn and distributed and not device.startswith("cuda"):
     sys.exit("error: --sync_bn=True needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+layout = str(channels_last).lower()  # (True from a config file or an older run's checkpoint reads as "true")
+if layout not in ("auto", "true", "false"):
+    sys.exit(f"error: --channels_last={channels_last!r}; choose auto, true or false")
+# measured: ResNet50 at 224x224 on an H100 trains 1.7 times faster in it; on the CPU, with the whole step (fused
+# Adam included), ResNet18 at 64x56 trains at 0.6-0.9 times the speed
+channels_last = layout == "true" or (layout == "auto" and device.startswith("cuda"))
 if distributed:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -322,8 +328,8 @@ if verbosity >= 3:
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    save_json(dict(config, device=device, image_size=list(image_size), world_size=world_size),
-              os.path.join(out_dir, "config.json"))
+    save_json(dict(config, device=device, image_size=list(image_size), world_size=world_size,
+                   channels_last=channels_last, num_workers=num_workers), os.path.join(out_dir, "config.json"))
     shown = [triplet_view[int(i)] for i in np.linspace(0, len(triplet_view) - 1, min(8, len(triplet_view)))]
     a, p, n, la, ln = (torch.stack([torch.as_tensor(item[k]) for item in shown]) for k in range(5))
     save_triplet_grid(normalize(a), normalize(p), normalize(n), la, ln, train_faces.classes,

@@ -224,6 +224,7 @@ def test_unusable_datasets_stop_before_training(tmp_path, setup, message):
     ("--anchor_pattern=script", "use it with --mining=none"),
     ("--loss=hinge", "choose one of triplet, contrastive, pair_bce, arcface"),
     ("--num_workers=-2", "--num_workers=-2: choose -1 (auto), 0"),
+    ("--channels_last=maybe", "--channels_last='maybe'; choose auto, true or false"),
 ])
 def test_bad_flags_stop_train_py_with_the_flag_named(tmp_path, flag, message):
     data = tmp_path / "data"
@@ -315,5 +316,7 @@ def test_system_flags_train_and_the_checkpoint_loads_in_test_py(tmp_path, flags)
     train = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", "--epochs=1", "--backbone=resnet18",
                        "--image_size=32", "--batch_size=6", "--images_per_identity=2", *flags)
     assert ("cached the decoded images" in train.stdout) == ("--cache_images=false" not in flags)
+    config = json.loads((out / "config.json").read_text())  # channels_last=auto: not on the CPU
+    assert config["channels_last"] is ("--channels_last=True" in flags) and config["num_workers"] == 0
     test = run_script("test.py", f"--checkpoint={out / 'last.pth'}")
     assert "identification top-1" in test.stdout
