@@ -71,11 +71,13 @@ def test_bench_times_the_embedding_pass_and_bare_inference_batch_by_batch(att_ru
     checkpoint = str(att_run[0] / "tb_model.pth")
     plain = bench.embedding_speeds(checkpoint, str(att_subset), passes=1)
     read = bench.FaceFolder.__getitem__
-    monkeypatch.setattr(bench.FaceFolder, "__getitem__", lambda self, i: (time.sleep(0.01), read(self, i))[1])
+    monkeypatch.setattr(bench.FaceFolder, "__getitem__", lambda self, i: (time.sleep(0.05), read(self, i))[1])
     slowed = bench.embedding_speeds(checkpoint, str(att_subset), passes=1)
     ratio = {name: speeds["test_speed"] / speeds["bare_test_speed"] for name, speeds in
              (("plain", plain), ("slowed", slowed))}
-    assert 0 < ratio["slowed"] < ratio["plain"] - 0.2, ratio  # 10 ms an image: 0.6 s more for 60 images
+    # 50 ms an image: 3 s more for 60 images, far more than the noise of a loaded machine (where the other test
+    # process's threads have slowed this network's 60 images to over a second)
+    assert 0 < ratio["slowed"] < ratio["plain"] - 0.2, ratio
 
 
 def test_evaluation_on_people_never_trained_on_with_pairs_file_and_strangers(att_run, att_faces, tmp_path):
