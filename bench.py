@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_utils import FaceFolder, as_hw, make_transform
-from evaluation import inference_input
+from evaluation import device_batch
 from losses import ArcFaceLoss
 from model import EmbeddingNet, load_checkpoint, model_from_checkpoint, select_device
 
@@ -178,7 +178,7 @@ def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True, num
 
     def infer(batch):
         with autocast:
-            model(inference_input(batch, device))
+            model(device_batch(batch, device))
         synchronize()
     infer(noise[:2])  # warm-up: allocations, thread pool
     real = bare = 0.0

@@ -264,11 +264,11 @@ def test_embed_feeds_channels_last_and_matches_a_plain_forward(backbone):
 
 def test_uint8_batches_are_normalised_on_arrival_and_float_ones_pass_as_they_are():
     pixels = torch.randint(0, 256, (2, 3, 8, 6), dtype=torch.uint8)
-    arrived = evaluation.inference_input(pixels, "cpu")
+    arrived = evaluation.device_batch(pixels, "cpu")
     assert arrived.dtype == torch.float32 and arrived.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(arrived, normalize(pixels))
     floats = torch.randn(2, 3, 8, 6)
-    assert torch.equal(evaluation.inference_input(floats, "cpu"), floats)
+    assert torch.equal(evaluation.device_batch(floats, "cpu"), floats)
 
 
 # -----------------------------------------------------------------------------
