@@ -5,37 +5,52 @@
     python bench.py --quick                 # a reduced run (two epochs on six people), under a minute
     python bench.py --recipes=default --seeds=1 --train_flags="--eval_every=2"   # flags for every train.py run
     python bench.py --gpu                   # CUDA: ResNet50 at 224x224 training steps, train.py on real images
+    python bench.py --docs=docs/results.md  # also write the tables into that file
 
 The raw AT&T folder (s1..s40) comes from --att_dir or the FACE_DATA environment variable; it is split 8/2 per
-person (`split --valid=0.2 --seed=0`) into a temporary folder. Each run is `train.py` in a subprocess; its
-history gives the training seconds (evaluation excluded) at which the valid top-1 first reached 90 %, 97.5 %
+person (prepare.split_dataset, valid 0.2, seed 0) into a temporary folder. Each run is `train.py` in a subprocess;
+its history gives the training seconds (evaluation excluded) at which the valid top-1 first reached 90 %, 97.5 %
 and 98.5 %, and `test.py` gives the top-1 of the saved best model. Peak memory is the resident set's high-water
 mark of the training process.
 
 Pipeline efficiency: the images/s of train.py's real training steps (loading, augmentation, forward, loss and
-mining, backward, optimiser; from its history, the first epoch left out as warm-up) against the bare network's
-forward + backward on random tensors of the same batch shape, timed here right after the run with the same
-thread count; test.py's embedding pass (reading and decoding the files included) against bare inference, the two
-timed batch by batch in alternation. And the share of each epoch spent on
-validation and on saving (checkpoints, history, curves).
+mining, backward, optimiser; from its history, the first epoch left out as warm-up) against the same whole step
+(engine.TrainingStep: forward, ArcFace loss, backward, Adam update) on random tensors of the same batch shape
+already on the device, timed here right after the run with the same thread count; so the bare figure includes
+the loss and the optimiser update. test.py's embedding pass (reading and decoding the files included) against the
+same inference.embed_batch on random tensors, the two timed batch by batch in alternation. And the share of each
+epoch spent on validation and on saving (checkpoints, history, curves).
+
+Each table is printed in markdown. With --docs=PATH it is also written into PATH between the lines
+`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (a pair missing from the file is appended under a `## NAME`
+heading), with the command, the date and the machine beneath it. Tables: att_recipes, att_pipeline, and with
+--gpu gpu_step, gpu_pipeline, gpu_embedding.
 """
 import argparse
+import datetime
 import json
 import os
+import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import namedtuple
 
 import torch
 from torch.utils.data import DataLoader
 
-from data_utils import FaceFolder, as_hw, make_transform
-from evaluation import device_batch
-from losses import ArcFaceLoss
-from model import EmbeddingNet, load_checkpoint, model_from_checkpoint, select_device
+from checkpoint import load_checkpoint
+from data_utils import DatasetError, FaceFolder, as_hw, make_transform
+from engine import TrainingStep, build_optimizer, build_schedule
+from files import atomic_write
+from inference import embed_batch
+from losses import build_objective
+from model import EmbeddingNet, model_from_checkpoint, select_device
+from prepare import split_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {  # name: train.py arguments
@@ -59,7 +74,13 @@ GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile, read_loss) of th
     ("AMP + channels_last, the loss read every step (.item())", True, True, False, True),
     ("AMP + channels_last + compile", True, True, True, False),
 )
+TABLES = ("att_recipes", "att_pipeline", "gpu_step", "gpu_pipeline", "gpu_embedding")
+# a table of the results: `name` (its markers in --docs), `title` (the line above it), column titles, rows of cells
+Table = namedtuple("Table", "name title header rows")
 
+
+# -----------------------------------------------------------------------------
+# running the scripts
 
 def peak_rss_mib(pid):
     """The process's resident-set high-water mark so far (Linux), in MiB; None where /proc is missing."""
@@ -85,123 +106,218 @@ def run(args, log_path):
     return peak
 
 
+def read_json(folder, name):
+    with open(os.path.join(folder, name)) as f:
+        return json.load(f)
+
+
+def read_text(path):
+    """The text of the file at `path`; "" when there is none."""
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
 def measure(name, extra, seed, data_dir, work, bare_seconds=4.0):
+    """One run of recipe `name` with `seed` (train.py, then test.py on its best model, in subprocesses) and the
+    figures of the tables: from their output files, and the bare step and embedding pass timed here."""
     out = os.path.join(work, f"{name}_seed{seed}")
+    checkpoint = os.path.join(out, "tb_model.pth")
     peak = run(["train.py", *RECIPES[name], f"--data_dir={data_dir}", f"--out_dir={out}", f"--seed={seed}", *extra],
                out + "_train.log")
-    run(["test.py", f"--checkpoint={os.path.join(out, 'tb_model.pth')}"], out + "_test.log")
-    with open(os.path.join(out, "history.json")) as f:
-        history = json.load(f)
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)
-    top1 = results["identification"]["accuracy"]
-    f1 = ((results.get("verification") or {}).get("pair_classifier") or {}).get("f1")
+    run(["test.py", f"--checkpoint={checkpoint}"], out + "_test.log")
+    history, results, config = (read_json(out, f) for f in ("history.json", "results.json", "config.json"))
     evaluated = [h for h in history if h.get("valid_identification") is not None]  # (train.py's eval_every)
     # (train.py's accuracies are float32 means: 72/80 reads 0.89999998)
     reached = {t: next((h["train_seconds"] for h in evaluated if h["valid_identification"] >= t - 1e-6), None)
                for t in THRESHOLDS}
     trained = [h for h in history if h["epoch"] > 0]
     epoch_time = [h["epoch_seconds"] + h["valid_seconds"] + h["save_seconds"] for h in trained]
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
     network = {k: config[k] for k in ("backbone", "embedding_dim", "head", "hidden_dim")}
     batch = round(sum(h["images"] for h in trained) / (trained[-1]["step"] - history[0]["step"]))
-    return dict(recipe=name, seed=seed, top1=top1, f1=f1, seconds=history[-1]["train_seconds"], peak_mib=peak,
+    return dict(recipe=name, seed=seed, top1=results["identification"]["accuracy"],
+                f1=((results.get("verification") or {}).get("pair_classifier") or {}).get("f1"),
+                seconds=history[-1]["train_seconds"], peak_mib=peak,
                 untrained=history[0]["valid_identification"], reached=reached,
                 best_epoch=max(evaluated, key=lambda h: h["valid_identification"])["epoch"],
                 train_speed=steady_speed(history),
                 bare_train_speed=None if config["freeze_backbone"] else bare_train_speed(
                     network, config["image_size"], batch, bare_seconds, config["device"], config["amp"],
                     config["channels_last"], config["compile"]),
-                **embedding_speeds(os.path.join(out, "tb_model.pth"), data_dir, device=config["device"]),
+                **embedding_speeds(checkpoint, data_dir, device=config["device"]),
                 valid_share=statistics.mean(h["valid_seconds"] / t for h, t in zip(trained, epoch_time)),
                 save_share=statistics.mean(h["save_seconds"] / t for h, t in zip(trained, epoch_time)))
 
 
+def steady_speed(history):
+    """The median images/s of train.py's training epochs, the first left out: it warms up (allocations, thread
+    pools, cuDNN's kernel timing, DataLoader workers starting)."""
+    trained = [h for h in history if h["epoch"] > 0]
+    return statistics.median(h["images_per_second"] for h in trained[1:] or trained)
+
+
+# -----------------------------------------------------------------------------
+# the bare figures: what train.py and test.py do, on random tensors
+
 def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu", amp=False, channels_last=False,
-                     compile=False, step=False, read_loss=False):
-    """Images/s of the network alone on random tensors of (batch, 3, *image_size): forward + backward, and with
-    `step`, the whole of train.py's step around them (ArcFace loss in float32 on random labels of 40 identities,
-    fused Adam update), and with `read_loss` the loss read on the CPU after each step, as train.py does (on a GPU
-    the CPU then waits for the step to finish before it queues the next). On `device` with train.py's autocast,
-    memory format and compiler options. Two warm-up batches (and the compilation), then batches until `seconds` have
-    passed (at least three)."""
+                     compile=False, read_loss=False):
+    """Images/s of train.py's whole training step (engine.TrainingStep: forward, ArcFace loss in float32 over 40
+    identities, backward, fused Adam update, schedule) of EmbeddingNet(**model_config) on random uint8 images
+    (batch, 3, *image_size) already on `device`, normalised by the step as in training, and random labels. With
+    train.py's autocast (`amp`), memory format and compiler options; with `read_loss` the loss read on the CPU after
+    each step, as train.py does (on a GPU the CPU then waits for the step to finish before it queues the next).
+    Two warm-up steps (and the compilation), then steps until `seconds` have passed (at least three)."""
     torch.manual_seed(0)
-    device, autocast, _ = select_device(device, amp)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    device, autocast, fp16_scaling = select_device(device, amp)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = EmbeddingNet(**model_config).to(device, memory_format=memory_format).train()
-    network = torch.compile(model) if compile else model
-    images = torch.randn(batch, 3, *image_size, device=device).contiguous(memory_format=memory_format)
+    objective = build_objective("arcface", embedding_dim=model_config["embedding_dim"], num_classes=40).to(device)
+    optimizer = build_optimizer("adam", [*model.parameters(), *objective.parameters()], lr=2e-3, weight_decay=0.0)
+    # train.py's default schedule (the learning rate does not change the cost of a step)
+    scheduler = build_schedule("onecycle", optimizer, steps_per_epoch=1000, epochs=1)
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16_scaling)
+    step = TrainingStep(torch.compile(model) if compile else model, objective, optimizer, scheduler, scaler, device,
+                        autocast, memory_format)
+    images = torch.randint(0, 256, (batch, 3, *as_hw(image_size)), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 40, (batch,), device=device)
-    criterion = ArcFaceLoss(model_config["embedding_dim"], 40).to(device)
-    opt = torch.optim.Adam(list(model.parameters()) + list(criterion.parameters()), fused=True)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     torch.backends.cudnn.benchmark = device.startswith("cuda")  # as train.py: time the kernels for fixed shapes
 
-    def one_batch():
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            embeddings = network(images).float()
-        loss = criterion(embeddings, labels)[0] if step else embeddings.sum()
-        loss.backward()
-        if step:
-            opt.step()
+    def one_step():
+        loss = step((images, labels))[0]
         if read_loss:
             loss.item()
     for _ in range(2):
-        one_batch()
+        one_step()
     synchronize()
     count, started = 0, time.perf_counter()
     while count < 3 or time.perf_counter() - started < seconds:
-        one_batch()
+        one_step()
         count += 1
-    synchronize()  # the GPU runs behind: the time counts until its last batch is done
+    synchronize()  # the GPU runs behind: the time counts until its last step is done
     return count * batch / (time.perf_counter() - started)
 
 
 @torch.inference_mode()
 def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True, num_workers=0):
-    """Images/s of test.py's embedding pass (its transform, FaceFolder and DataLoader: files read, decoded and
-    transformed, then inference in batches of 64 in channels_last, on `device` with test.py's autocast; with
-    `num_workers` DataLoader workers) over train/ and valid/, and of bare inference on random tensors of each
-    batch's shape. Without workers, timed in pairs, a bare batch right after each real one, so that a change in the
-    machine's load falls on both alike (unpaired runs on 2 cores move the ratio by 15-20 points); with workers, the
-    bare batches after the real passes."""
+    """Images/s of test.py's embedding pass over data_dir's train/ and valid/ (its transform, FaceFolder and
+    DataLoader: files read, decoded and transformed, then inference.embed_batch in batches of 64, on `device` with
+    test.py's autocast; with `num_workers` DataLoader workers), and of embed_batch on random uint8 tensors of each
+    batch's shape already on the device. Without workers, timed in pairs, a bare batch right after each real one,
+    so that a change in the machine's load falls on both alike (unpaired runs on 2 cores move the ratio by 15-20
+    points); with workers, the bare batches after the real passes. Returns test_speed, bare_test_speed, images."""
     device, autocast, _ = select_device(device, amp)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(device).eval()
     transform = make_transform(state["image_size"], train=False, pixels=True)
     loaders = [DataLoader(FaceFolder(os.path.join(data_dir, part), transform), batch_size=64, num_workers=num_workers,
                           pin_memory=device.startswith("cuda")) for part in ("train", "valid")]
-    noise = torch.randn(64, 3, *as_hw(state["image_size"]), device=device)
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-
-    def infer(batch):
-        with autocast:
-            model(device_batch(batch, device))
-        synchronize()
-    infer(noise[:2])  # warm-up: allocations, thread pool
+    noise = torch.randint(0, 256, (64, 3, *as_hw(state["image_size"])), dtype=torch.uint8, device=device)
+    embed_batch(model, noise[:2], device, autocast)  # warm-up: allocations, thread pool
     real = bare = 0.0
     sizes = []
     for _ in range(passes):
         for loader in loaders:
             started = time.perf_counter()  # each real batch's time includes reading it
             for batch, _labels in loader:
-                infer(batch)
+                embed_batch(model, batch, device, autocast)  # (.cpu(): it waits for the device)
                 sizes.append(len(batch))
                 middle = time.perf_counter()
                 if not num_workers:
-                    infer(noise[:len(batch)])
+                    embed_batch(model, noise[:len(batch)], device, autocast)
                     bare += time.perf_counter() - middle
                 real += middle - started
                 started = time.perf_counter()
     if num_workers:  # workers load while the main process infers: a bare batch in between would lend them its time
         started = time.perf_counter()
         for size in sizes:
-            infer(noise[:size])
+            embed_batch(model, noise[:size], device, autocast)
         bare = time.perf_counter() - started
-    return dict(test_speed=sum(sizes) / real, bare_test_speed=sum(sizes) / bare)
+    return dict(test_speed=sum(sizes) / real, bare_test_speed=sum(sizes) / bare, images=sum(sizes))
 
+
+# -----------------------------------------------------------------------------
+# the AT&T recipes
+
+def prepare_data(att_dir, work, quick=False):
+    """The AT&T identity folders of `att_dir` (with `quick`, the first six) linked into work/raw and split 8/2 per
+    person into work/att_8_2, once (a kept folder is reused). Returns the split folder."""
+    raw, data_dir = os.path.join(work, "raw"), os.path.join(work, "att_8_2")
+    if os.path.isdir(data_dir):
+        return data_dir
+    os.makedirs(raw, exist_ok=True)
+    people = sorted(os.listdir(att_dir))
+    for person in people[:6] if quick else people:
+        if os.path.isdir(os.path.join(att_dir, person)) and not os.path.exists(os.path.join(raw, person)):
+            os.symlink(os.path.abspath(os.path.join(att_dir, person)), os.path.join(raw, person))
+    partial = data_dir + ".partial"  # renamed when complete: an interrupted split is never reused
+    with open(os.path.join(work, "split.log"), "w") as log:
+        split_dataset(raw, partial, valid=0.2, seed=0, force=True, log=lambda line: print(line, file=log))
+    os.rename(partial, data_dir)
+    return data_dir
+
+
+def run_recipes(names, seeds, extra, data_dir, work, bare_seconds):
+    """measure's figures of every recipe of `names` with seeds 0..seeds-1, a line printed after each run."""
+    rows = []
+    for name in names:
+        for seed in range(seeds):
+            rows.append(measure(name, extra, seed, data_dir, work, bare_seconds))
+            print(f"{name} seed {seed}: top-1 {100 * rows[-1]['top1']:.2f}% in {rows[-1]['seconds']:.0f}s", flush=True)
+    return rows
+
+
+def mean(values):
+    """The mean, or None when a value is missing (e.g. a seed that never reached a threshold)."""
+    values = list(values)
+    return None if None in values else statistics.mean(values)
+
+
+def cell(value, unit="", digits=0, scale=1):
+    """A table cell: `value` times `scale` with `digits` decimals and `unit`, or - when it is missing."""
+    return "-" if value is None else f"{scale * value:.{digits}f}{unit}"
+
+
+def recipe_means(rows, name):
+    """The mean over the seeds of each figure of recipe `name`; `reached` per threshold."""
+    runs = [r for r in rows if r["recipe"] == name]
+    keys = [k for k in runs[0] if k not in ("recipe", "seed", "reached")]
+    return dict({k: mean(r[k] for r in runs) for k in keys}, reached={t: mean(r["reached"][t] for r in runs)
+                                                                       for t in THRESHOLDS})
+
+
+def recipe_tables(means, caption):
+    """The att_recipes and att_pipeline tables of the recipes' `means` ({name: recipe_means})."""
+    accuracy = [[name, cell(m["top1"], " %", 2, 100), cell(m["f1"], digits=3), cell(m["untrained"], " %", 2, 100),
+                 *(cell(m["reached"][t], " s") for t in THRESHOLDS), cell(m["seconds"]), cell(m["peak_mib"])]
+                for name, m in means.items()]
+    pipeline = [[name, cell(m["train_speed"], digits=1), cell(m["bare_train_speed"]),
+                 cell(m["bare_train_speed"] and m["train_speed"] / m["bare_train_speed"], " %", 0, 100),
+                 cell(m["test_speed"], digits=1), cell(m["bare_test_speed"], digits=1),
+                 cell(m["test_speed"] / m["bare_test_speed"], " %", 0, 100), cell(m["valid_share"], " %", 1, 100),
+                 cell(m["save_share"], " %", 1, 100)] for name, m in means.items()]
+    efficiency = ("Pipeline efficiency (images/s; bare: train.py's whole step, loss and optimiser update included, "
+                  "and test.py's inference, on random tensors of the same batch shape)")
+    return [Table("att_recipes", caption, ["recipe", "top-1 (test.py)", "pair F1", "untrained", "s to 90 %",
+                                           "s to 97.5 %", "s to 98.5 %", "train s", "peak MiB"], accuracy),
+            Table("att_pipeline", efficiency, ["recipe", "train.py steps", "bare training step", "ratio",
+                                               "test.py embedding", "bare inference", "ratio",
+                                               "validation share of an epoch", "saving share"], pipeline)]
+
+
+def speedups(means, reference="resnet50_triplet"):
+    """Lines comparing each recipe's time to 90 % with the `reference` recipe's (when both ran)."""
+    if reference not in means:
+        return []
+    ref = means[reference]["reached"][0.90]
+    return [f"time to 90 %: {name} is {ref / m['reached'][0.90]:.1f}x faster than {reference}" if ref else
+            f"time to 90 %: {reference} never reaches 90 %; {name} takes {m['reached'][0.90]:.0f} s"
+            for name, m in means.items() if name != reference and m["reached"][0.90]]
+
+
+# -----------------------------------------------------------------------------
+# --gpu
 
 def repeat_train_images(data_dir, out, times):
     """A view of the split `data_dir` (symbolic links) whose train/ holds each photo `times` times under other names,
@@ -219,68 +335,120 @@ def repeat_train_images(data_dir, out, times):
     return out
 
 
-def gpu_figures(data_dir, work, workers, batch=256, size=(224, 224), seconds=10.0):
-    """The CUDA figures: images/s of the default network's training step (ResNet50 + mlp head) at `size` on random
-    tensors in each of GPU_SETTINGS, then train.py on real images (the AT&T training photos, each 16 times, P x K
-    batches of 32 x 8 = `batch`, AMP + channels_last) with each number of DataLoader `workers`, against the step on
-    random tensors with the same settings, and test.py's embedding pass of the last run's model. Prints tables."""
+def gpu_tables(data_dir, work, workers, batch=256, size=(224, 224), seconds=10.0):
+    """The CUDA figures, a table at a time (a generator): images/s of the default network's training step (ResNet50
+    + mlp head) at `size` on random tensors in each of GPU_SETTINGS; train.py on real images (the AT&T training
+    photos, each 16 times, P x K batches of 32 x 8 = `batch`, AMP + channels_last) with each number of DataLoader
+    `workers`, against the step on random tensors with the same settings; test.py's embedding pass of the last
+    run's model."""
     network = dict(backbone="resnet50", embedding_dim=128, head="mlp", hidden_dim=512)
-    print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}: ResNet50 + "
-          f"mlp head at {size[0]}x{size[1]}, batches of {batch}, train.py's step (ArcFace loss, fused Adam) on "
-          f"random tensors")
-    print("| setting | images/s |\n|---|---|")
-    synthetic = {}
+    speeds = {}
     for label, amp, channels_last, compile, read_loss in GPU_SETTINGS:
-        synthetic[label] = bare_train_speed(network, size, batch, seconds, "cuda", amp, channels_last, compile,
-                                            step=True, read_loss=read_loss)
-        print(f"| {label} | {synthetic[label]:.0f} |", flush=True)
+        speeds[label] = bare_train_speed(network, size, batch, seconds, "cuda", amp, channels_last, compile, read_loss)
+        print(f"training step, {label}: {speeds[label]:.0f} images/s", flush=True)
+    yield Table("gpu_step", f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}: "
+                            f"ResNet50 + mlp head at {size[0]}x{size[1]}, batches of {batch}, train.py's step (ArcFace "
+                            f"loss, fused Adam) on random tensors",
+                ["setting", "images/s"], [[label, cell(speed)] for label, speed in speeds.items()])
     repeated = repeat_train_images(data_dir, os.path.join(work, "att_8_2_x16"), 16)
+    table, checkpoint = gpu_pipeline(repeated, work, workers, batch, size, speeds["AMP + channels_last"])
+    yield table
+    yield gpu_embedding(checkpoint, repeated, workers)
+
+
+def gpu_pipeline(data_dir, work, workers, batch, size, reference):
+    """(the gpu_pipeline table: train.py on `data_dir` with each number of `workers` against `reference` images/s,
+    the last run's best checkpoint)."""
     flags = [f"--image_size={size[0]},{size[1]}", f"--batch_size={batch}", "--images_per_identity=8",
              "--channels_last=True", "--epochs=4", "--eval_every=4"]
-    reference = synthetic["AMP + channels_last"]
-    print(f"\ntrain.py on real images (the training photos x16, {' '.join(flags)}), against the step on random "
-          f"tensors with AMP + channels_last ({reference:.0f} images/s); run s: the whole process, from its start")
-    print("| num_workers | train.py images/s | ratio | training s | evaluating + saving s | run s | peak MiB |\n"
-          "|---|---|---|---|---|---|---|")
+    rows = []
     for count in workers:
         out = os.path.join(work, f"gpu_workers{count}")
         started = time.perf_counter()
-        peak = run(["train.py", f"--data_dir={repeated}", f"--out_dir={out}", *flags, f"--num_workers={count}"],
+        peak = run(["train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *flags, f"--num_workers={count}"],
                    out + "_train.log")
-        with open(os.path.join(out, "history.json")) as f:
-            history = json.load(f)
+        history = read_json(out, "history.json")
         speed = steady_speed(history)
-        print(f"| {count} | {speed:.0f} | {100 * speed / reference:.0f} % | {history[-1]['train_seconds']:.0f} | "
-              f"{sum(h['valid_seconds'] + h['save_seconds'] for h in history):.0f} | "
-              f"{time.perf_counter() - started:.0f} | {cell(peak)} |", flush=True)
-    print(f"\ntest.py's embedding pass over the photos x16 (5,200 files, batches of 64, the last run's model), against "
-          f"bare inference")
-    print("| num_workers | test.py images/s | bare inference images/s | ratio |\n|---|---|---|---|")
+        print(f"train.py, num_workers={count}: {speed:.0f} images/s", flush=True)
+        rows.append([count, cell(speed), cell(speed / reference, " %", 0, 100), cell(history[-1]["train_seconds"]),
+                     cell(sum(h["valid_seconds"] + h["save_seconds"] for h in history)),
+                     cell(time.perf_counter() - started), cell(peak)])
+    title = (f"train.py on real images (the training photos x16, {' '.join(flags)}), against the step on random "
+             f"tensors with AMP + channels_last ({reference:.0f} images/s); run s: the whole process, from its start")
+    header = ["num_workers", "train.py images/s", "ratio", "training s", "evaluating + saving s", "run s", "peak MiB"]
+    return Table("gpu_pipeline", title, header, rows), os.path.join(out, "tb_model.pth")
+
+
+def gpu_embedding(checkpoint, data_dir, workers):
+    """The gpu_embedding table: test.py's embedding pass over `data_dir` without and with each number of
+    DataLoader `workers`, against bare inference."""
+    rows = []
     for count in (0, *workers):
-        speeds = embedding_speeds(os.path.join(out, "tb_model.pth"), repeated, passes=1, device="cuda",
-                                  num_workers=count)
-        print(f"| {count} | {speeds['test_speed']:.0f} | {speeds['bare_test_speed']:.0f} | "
-              f"{100 * speeds['test_speed'] / speeds['bare_test_speed']:.0f} % |", flush=True)
+        speeds = embedding_speeds(checkpoint, data_dir, passes=1, device="cuda", num_workers=count)
+        rows.append([count, cell(speeds["test_speed"]), cell(speeds["bare_test_speed"]),
+                     cell(speeds["test_speed"] / speeds["bare_test_speed"], " %", 0, 100)])
+    title = (f"test.py's embedding pass over the photos x16 ({speeds['images']:,} files, batches of 64, the last "
+             f"run's model), against bare inference")
+    return Table("gpu_embedding", title, ["num_workers", "test.py images/s", "bare inference images/s", "ratio"], rows)
 
 
-def steady_speed(history):
-    """The median images/s of train.py's training epochs, the first left out: it warms up (allocations, thread
-    pools, cuDNN's kernel timing, DataLoader workers starting)."""
-    trained = [h for h in history if h["epoch"] > 0]
-    return statistics.median(h["images_per_second"] for h in trained[1:] or trained)
+# -----------------------------------------------------------------------------
+# tables: printed, and written into the documentation
+
+def markdown_table(header, rows):
+    """A markdown table of the column titles `header` and `rows` (lists of cells as long as it); a | in a cell is
+    escaped."""
+    lines = [[str(c).replace("|", "\\|") for c in cells] for cells in (header, *rows)]
+    return "\n".join(["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(cells) + " |" for cells in lines[1:])])
 
 
-def mean(values):
-    """The mean, or None when a value is missing (e.g. a seed that never reached a threshold)."""
-    values = list(values)
-    return None if None in values else statistics.mean(values)
+def replace_section(text, name, body):
+    """`text` with what lies between the lines `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` replaced by
+    `body`; without those markers, `text` with a `## NAME` section holding them and `body` appended. Raises
+    ValueError for an opening marker without its closing one."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    before, found, after = text.partition(start)
+    if not found:
+        return (text.rstrip("\n") + "\n\n" if text.strip() else "") + f"## {name}\n\n{block}\n"
+    if end not in after:
+        raise ValueError(f"{start} has no closing {end}")
+    return before + block + after.split(end, 1)[1]
 
 
-def cell(value, unit=""):
-    return "-" if value is None else f"{value:.0f}{unit}"
+def provenance(argv, gpu=False):
+    """The line beneath a table in the documentation: the command, the date and the machine (the CPU model, cores,
+    torch version; with `gpu` the GPU)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass  # not Linux: platform's name stands
+    machine = [cpu, f"{os.cpu_count()} CPU cores", f"torch {torch.__version__}",
+               *([torch.cuda.get_device_name()] if gpu else [])]
+    return f"`{shlex.join(['python', 'bench.py', *argv])}` on {datetime.date.today()}: {', '.join(machine)}"
 
 
-def main():
+def publish(table, docs="", note=""):
+    """Print `table` (its title, then the markdown) and, with `docs`, write it with `note` beneath into that file
+    in place of its section (atomically; a missing file is created)."""
+    text = f"{table.title}\n\n{markdown_table(table.header, table.rows)}"
+    print(f"\n{text}", flush=True)
+    if docs:
+        new = replace_section(read_text(docs), table.name, f"{text}\n\n{note}")
+        atomic_write(docs, lambda f: f.write(new), mode="w")
+
+
+# -----------------------------------------------------------------------------
+
+def int_list(text):
+    return [int(n) for n in text.split(",")]
+
+
+def parse_args(argv):
+    """bench.py's flags, checked (an error exits naming the flag)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--att_dir", default=os.environ.get("FACE_DATA", "../shared/data/att_faces"))
     parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="comma-separated: " + ", ".join(RECIPES))
@@ -288,78 +456,58 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two epochs of ResNet18 on six people, one seed")
     parser.add_argument("--keep", help="keep the runs in this folder instead of a temporary one")
     parser.add_argument("--train_flags", default="", help="train.py flags added to every run (after the recipe's)")
-    parser.add_argument("--gpu", action="store_true",
-                        help="the CUDA figures instead: ResNet50 at 224x224 on random tensors and train.py on real images")
-    parser.add_argument("--gpu_workers", default="4,8,12", help="--gpu: train.py's num_workers to try, comma-separated")
-    args = parser.parse_args()
-    names = args.recipes.split(",")
-    unknown = [n for n in names if n not in RECIPES]
+    parser.add_argument("--gpu", action="store_true", help="the CUDA figures instead: ResNet50 at 224x224 on random "
+                                                           "tensors and train.py on real images")
+    parser.add_argument("--gpu_workers", default="4,8,12", type=int_list,
+                        help="--gpu: train.py's num_workers to try, comma-separated")
+    parser.add_argument("--docs", default="", help="also write the tables into this markdown file, between markers")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.recipes.split(",") if n not in RECIPES]
     if unknown:
-        sys.exit(f"error: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
+        sys.exit(f"error: --recipes: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
     if not os.path.isdir(os.path.join(args.att_dir, "s1")):
         sys.exit(f"error: {args.att_dir} is not the AT&T folder (s1..s40); pass --att_dir or set FACE_DATA")
     if args.gpu and not torch.cuda.is_available():
         sys.exit("error: --gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
-    seeds = 1 if args.quick else args.seeds
-    work = args.keep or tempfile.mkdtemp(prefix="bench_")
-    raw = os.path.join(work, "raw")
-    os.makedirs(raw, exist_ok=True)
-    people = sorted(os.listdir(args.att_dir))
-    for person in people[:6] if args.quick else people:
-        if os.path.isdir(os.path.join(args.att_dir, person)) and not os.path.exists(os.path.join(raw, person)):
-            os.symlink(os.path.abspath(os.path.join(args.att_dir, person)), os.path.join(raw, person))
-    data_dir = os.path.join(work, "att_8_2")
-    if not os.path.isdir(data_dir):
-        run(["data_utils.py", "split", raw, data_dir, "--valid=0.2", "--seed=0"], os.path.join(work, "split.log"))
-    if args.gpu:
-        gpu_figures(data_dir, work, [int(w) for w in args.gpu_workers.split(",")])
-        return
-    extra = (QUICK if args.quick else []) + shlex.split(args.train_flags)
-    rows = []
-    for name in names:
-        for seed in range(seeds):
-            rows.append(measure(name, extra, seed, data_dir, work, 1.0 if args.quick else 4.0))
-            r = rows[-1]
-            print(f"{name} seed {seed}: top-1 {100 * r['top1']:.2f}% in {r['seconds']:.0f}s", flush=True)
+    try:  # checked now rather than after an hour of runs
+        docs = read_text(args.docs) if args.docs else ""
+        for name in TABLES:
+            replace_section(docs, name, "")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        sys.exit(f"error: --docs={args.docs}: {err}; fix the file or choose another")
+    return args
 
-    print(f"\nAT&T faces, 8/2 split, random initialisation, {os.cpu_count()} CPU cores"
-          + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {seeds} seed(s)")
-          + (f", train.py {args.train_flags}" if args.train_flags else ""))
-    head = "| recipe | top-1 (test.py) | pair F1 | untrained | s to 90 % | s to 97.5 % | s to 98.5 % | train s | peak MiB |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    means = {}
-    for name in names:
-        runs = [r for r in rows if r["recipe"] == name]
-        reached = {t: mean(r["reached"][t] for r in runs) for t in THRESHOLDS}
-        means[name] = reached
-        f1 = mean(r["f1"] for r in runs)
-        print(f"| {name} | {100 * mean(r['top1'] for r in runs):.2f} % | {'-' if f1 is None else f'{f1:.3f}'} | "
-              f"{100 * mean(r['untrained'] for r in runs):.2f} % | "
-              + " | ".join(cell(reached[t], " s") for t in THRESHOLDS)
-              + f" | {mean(r['seconds'] for r in runs):.0f} | {cell(mean(r['peak_mib'] for r in runs))} |")
-    print("\nPipeline efficiency (images/s; bare: the network alone on random tensors, same batch shape)")
-    head = ("| recipe | train.py steps | bare forward+backward | ratio | test.py embedding | bare inference | ratio "
-            "| validation share of an epoch | saving share |")
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for name in names:
-        runs = [r for r in rows if r["recipe"] == name]
-        speed = {key: mean(r[key] for r in runs) for key in ("train_speed", "bare_train_speed", "test_speed",
-                                                              "bare_test_speed", "valid_share", "save_share")}
-        train_ratio = speed["bare_train_speed"] and speed["train_speed"] / speed["bare_train_speed"]
-        print(f"| {name} | {speed['train_speed']:.1f} | {cell(speed['bare_train_speed'])} | "
-              + ("-" if train_ratio is None else f"{100 * train_ratio:.0f} %")
-              + f" | {speed['test_speed']:.1f} | {speed['bare_test_speed']:.1f} | "
-              f"{100 * speed['test_speed'] / speed['bare_test_speed']:.0f} % | {100 * speed['valid_share']:.1f} % | "
-              f"{100 * speed['save_share']:.1f} % |")
-    reference = means.get("resnet50_triplet", {}).get(0.90)
-    for name in names:
-        if name != "resnet50_triplet" and reference and means[name][0.90]:
-            print(f"time to 90 %: {name} is {reference / means[name][0.90]:.1f}x faster than resnet50_triplet")
-        elif name != "resnet50_triplet" and "resnet50_triplet" in means and means[name][0.90]:
-            print(f"time to 90 %: resnet50_triplet never reaches 90 %; {name} takes {means[name][0.90]:.0f} s")
-    print(f"runs kept in {work}" if args.keep else "")
+
+def recipes_caption(args):
+    """The line above the att_recipes table: the conditions of the runs."""
+    return (f"AT&T faces, 8/2 split, random initialisation, {os.cpu_count()} CPU cores"
+            + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {args.seeds} seed(s)")
+            + (f", train.py {args.train_flags}" if args.train_flags else ""))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    note = provenance(argv, args.gpu)
+    work = args.keep or tempfile.mkdtemp(prefix="bench_")
+    try:
+        data_dir = prepare_data(args.att_dir, work, args.quick)
+    except DatasetError as err:
+        sys.exit(f"error: --att_dir: {err}")
+    lines = []
+    if args.gpu:
+        tables = gpu_tables(data_dir, work, args.gpu_workers)
+    else:
+        names = args.recipes.split(",")
+        rows = run_recipes(names, 1 if args.quick else args.seeds, (QUICK if args.quick else [])
+                           + shlex.split(args.train_flags), data_dir, work, 1.0 if args.quick else 4.0)
+        means = {name: recipe_means(rows, name) for name in names}
+        tables, lines = recipe_tables(means, recipes_caption(args)), speedups(means)
+    for table in tables:
+        publish(table, args.docs, note)
+    print("\n".join(lines + [f"runs kept in {work}" if args.keep else ""]))
+    if not args.keep:  # (a failed run exits before this: its logs stay for a look)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

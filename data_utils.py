@@ -1,31 +1,23 @@
-"""Face datasets in identity folders, triplet and pair sampling, transforms, dataset preparation and file helpers.
+"""Face datasets in identity folders: image files and decoding, transforms, triplet and pair sampling, P x K
+batches, and LFW-style pairs files.
 
 Layout: ROOT/<identity>/.../<image>. Every image anywhere below an identity folder (a `distortion/`
-sub-folder of extra copies too) belongs to that identity.
-
-    python data_utils.py split SRC DST [--valid=0.2] [--test=0.0] [--min_images=0] [--max_images=0] [--seed=0]
-    python data_utils.py fetch-att DST
+sub-folder of extra copies too) belongs to that identity. prepare.py makes such folders (train/valid splits).
 """
-import argparse
-import contextlib
-import json
 import os
 import re
-import shutil
-import sys
-import tempfile
 import warnings
-import zlib
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import transforms as T
+
+from files import atomic_write, reported
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held out by `split`
 # what Pillow raises for a file it cannot read; the bomb warning is raised as an error while loading
 UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
@@ -71,53 +63,6 @@ def identity_folders(root, depth=1):
     return {rel.replace(os.sep, "/"): os.path.join(root, rel) for rel in level}
 
 
-def _file_mode():
-    """The mode open() gives a new file under this process's umask (read once: setting it is the only way)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()
-
-
-def atomic_write(path, write, mode="wb"):
-    """Write `path` through `write(file)` into a temporary file beside it, fsync, then rename over it:
-    the target is either the complete new file or the old one, never half a file. A failure (an exception of
-    `write` too) removes the temporary file and is raised."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.chmod(tmp, FILE_MODE)  # mkstemp's file is private (0600)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # the folder's entry too, so that the rename outlives a power cut (POSIX; some file systems refuse: no matter)
-    with contextlib.suppress(OSError, AttributeError):
-        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder_fd)
-        finally:
-            os.close(folder_fd)
-
-
-def save_json(obj, path):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
-
-
-def save_figure(fig, path, dpi=120):
-    import matplotlib.pyplot as plt
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # images
 
@@ -161,23 +106,13 @@ class ToPixels:
         return pixels.expand(3, *pixels.shape) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
-class Normalize:
+def normalize(pixels):
     """(..., 3, H, W) uint8 pixels -> float32 normalised with ImageNet statistics, in one multiply-add on the
     pixels' device (ToTensor and then Normalize cost several times more per image, which shows in an embedding
     pass). Training batches travel as uint8, a quarter of the bytes, and are normalised here on the GPU."""
-
-    def __init__(self):
-        scale = 1 / (255 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
-        self.on_device = {torch.device("cpu"): (-255 * torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * scale, scale)}
-
-    def __call__(self, pixels):
-        if pixels.device not in self.on_device:  # copied once per device, not at every batch
-            self.on_device[pixels.device] = tuple(t.to(pixels.device) for t in self.on_device[torch.device("cpu")])
-        shift, scale = self.on_device[pixels.device]
-        return torch.addcmul(shift, pixels.float(), scale)
-
-
-normalize = Normalize()
+    scale = 1 / (255 * torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1))
+    shift = -255 * torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1) * scale
+    return torch.addcmul(shift, pixels.float(), scale)
 
 
 def make_transform(image_size, train, pixels=False):
@@ -351,12 +286,12 @@ def draw_triplets(targets, by_label, rng, anchors=None):
 
 
 def draw_pairs(targets, by_label, rng, anchors=None):
-    """(i, j, target) rows, balanced: every image whose identity has another image is paired once with another
-    image of its identity (target 0, same) and once with an image of another identity (target 1, different).
-    The pairs are those of draw_triplets' (anchor, positive) and (anchor, negative)."""
+    """(i, j, same) rows, balanced: every image whose identity has another image is paired once with another
+    image of its identity (same = 1) and once with an image of another identity (same = 0). The pairs are
+    those of draw_triplets' (anchor, positive) and (anchor, negative)."""
     anchor, positive, negative = draw_triplets(targets, by_label, rng, anchors).T
-    return np.concatenate([np.stack([anchor, positive, np.zeros_like(anchor)], axis=1),
-                           np.stack([anchor, negative, np.ones_like(anchor)], axis=1)])
+    return np.concatenate([np.stack([anchor, positive, np.ones_like(anchor)], axis=1),
+                           np.stack([anchor, negative, np.zeros_like(anchor)], axis=1)])
 
 
 def check_pairable(faces, what):
@@ -371,10 +306,10 @@ def check_pairable(faces, what):
 
 
 class TripletFaceDataset(Dataset):
-    """(anchor, positive, negative, anchor label, negative label) from a FaceFolder. The rows (`rows`) are
-    drawn afresh for every epoch (`set_epoch`), reproducibly from (seed, epoch). Identities with one image
-    serve only as negatives. With `anchor_pattern`, only images whose file name contains it are anchors
-    (an ID or passport photo of each person); positives and negatives come from all images."""
+    """((anchor, positive, negative), (their labels)) from a FaceFolder. The rows (`rows`) are drawn afresh for
+    every epoch (`set_epoch`), reproducibly from (seed, epoch). Identities with one image serve only as
+    negatives. With `anchor_pattern`, only images whose file name contains it are anchors (an ID or passport
+    photo of each person); positives and negatives come from all images. Batch the items with collate_rows."""
 
     what = "triplets"
 
@@ -397,26 +332,39 @@ class TripletFaceDataset(Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def images(self, index):
+        """The indices into `faces` of item `index`'s images."""
+        return [int(i) for i in self.rows[index]]
+
     def __getitem__(self, index):
-        a, p, n = (int(i) for i in self.rows[index])
-        targets = self.faces.targets
-        return self.faces.load(a), self.faces.load(p), self.faces.load(n), targets[a], targets[n]
+        indices = self.images(index)
+        return tuple(self.faces.load(i) for i in indices), tuple(self.faces.targets[i] for i in indices)
 
 
 class PairDataset(TripletFaceDataset):
-    """(image 1, image 2, target, label 1, label 2) from a FaceFolder, target 0 for a pair of one person and 1
-    for two (draw_pairs: as many of each), drawn like TripletFaceDataset's rows. Identities with one image
-    appear only in pairs of two people."""
+    """((first, second), (their labels)) from a FaceFolder; `rows` are draw_pairs' (i, j, same) rows, as many
+    pairs of one person as of two, drawn like TripletFaceDataset's. Identities with one image appear only in
+    pairs of two people. Batch the items with collate_rows."""
 
     what = "pairs"
 
     def draw(self, rng):
         return draw_pairs(self.faces.targets, self.faces.by_label, rng, self.anchors)
 
-    def __getitem__(self, index):
-        i, j, target = (int(x) for x in self.rows[index])
-        targets = self.faces.targets
-        return self.faces.load(i), self.faces.load(j), target, targets[i], targets[j]
+    def images(self, index):
+        return [int(i) for i in self.rows[index, :2]]
+
+
+def collate_rows(items):
+    """A DataLoader's collate_fn for TripletFaceDataset and PairDataset: B items of k image tensors and k labels
+    -> (images (k*B, ...), labels (k*B,) int64, rows (B, k) int64). Images and labels are position-major (all
+    first images, then all second ...), and rows[b] = [b, B+b, 2B+b] indexes item b's images in them."""
+    count, k = len(items), len(items[0][0])
+    # default_collate stacks as the DataLoader's default does (into shared memory inside a worker: no extra copy)
+    images = default_collate([item[0][position] for position in range(k) for item in items])
+    labels = default_collate([item[1][position] for position in range(k) for item in items])
+    rows = torch.arange(k * count, dtype=torch.int64).view(k, count).t().contiguous()
+    return images, labels, rows
 
 
 class PKBatchSampler(torch.utils.data.Sampler):
@@ -479,126 +427,6 @@ class PKBatchSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# figures
-
-def save_triplet_grid(anchor, positive, negative, anchor_labels, negative_labels, classes, path, rows=8):
-    """A PNG with one (anchor, positive, negative) row per triplet, un-normalised, for checking augmentation
-    and triplet construction by eye."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = min(rows, len(anchor))
-    columns = [("anchor", anchor, anchor_labels), ("positive", positive, anchor_labels),
-               ("negative", negative, negative_labels)]
-    h, w = anchor.shape[-2:]
-    fig, axes = plt.subplots(rows, 3, figsize=(3 * 1.6 * w / h + 0.4, rows * 1.75), squeeze=False)
-    for col, (title, images, labels) in enumerate(columns):
-        images = denormalize(images[:rows]).permute(0, 2, 3, 1).numpy()
-        for row in range(rows):
-            ax = axes[row, col]
-            ax.imshow(images[row])
-            ax.set_title(f"{title}: {classes[int(labels[row])]}", fontsize=8,
-                         color="tab:red" if col == 2 else "black")
-            ax.axis("off")
-    fig.suptitle("training triplets, as the network sees them", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-# -----------------------------------------------------------------------------
-# dataset preparation
-
-def split_dataset(src, dst, valid=0.2, test=0.0, min_images=0, max_images=0, seed=0, force=False,
-                  identity_depth=1, log=print):
-    """Copy an identity-folder dataset into DST/train, DST/valid (and DST/test when test > 0), per identity,
-    so that every identity with images enough appears in every split. Images below a `distortion/` folder
-    stay in train. Identities with fewer than `min_images` or more than `max_images` (when > 0) images are
-    left out. The same seed gives the same split; SRC is only read. Returns {split: image count}."""
-    if not os.path.isdir(src):
-        raise DatasetError(f"{src}: no such folder")
-    if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
-        raise DatasetError(f"valid ({valid}) and test ({test}) must be fractions in [0, 1) that sum below 1")
-    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
-    if real_dst == real_src or real_dst.startswith(real_src + os.sep):
-        raise DatasetError(f"{dst} lies inside {src}; the source must stay untouched")
-    if os.path.isdir(dst) and os.listdir(dst):
-        if not force:
-            raise DatasetError(f"{dst} is not empty; choose another folder or pass --force to replace "
-                               f"its train/valid/test folders")
-        for name in ("train", "valid", "test"):
-            shutil.rmtree(os.path.join(dst, name), ignore_errors=True)
-    splits = ["train", "valid"] + (["test"] if test > 0 else [])
-    counts, skipped, kept, short = dict.fromkeys(splits, 0), [], 0, []
-    for name, folder in identity_folders(src, identity_depth).items():
-        files = [os.path.relpath(p, folder) for p in find_images(folder)]
-        train_only = [f for f in files if TRAIN_ONLY_FOLDER in f.split(os.sep)[:-1]]
-        pool = [f for f in files if f not in train_only]
-        if not pool:
-            skipped.append(f"{name} (no images)")
-            continue
-        if len(pool) < min_images or (max_images and len(pool) > max_images):
-            skipped.append(f"{name} ({len(pool)} images, outside --min_images={min_images} "
-                           f"--max_images={max_images})")
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        pool = [pool[i] for i in rng.permutation(len(pool))]
-        held = {"valid": valid, "test": test}
-        n_held = {s: int(len(pool) * held[s] + 0.5) for s in splits[1:]}
-        if len(pool) >= len(splits):  # images enough for one in every split
-            n_held = {s: max(n, 1 if held[s] > 0 else 0) for s, n in n_held.items()}
-            while sum(n_held.values()) >= len(pool):  # keep at least one for training
-                largest = max(n_held, key=n_held.get)
-                n_held[largest] -= 1
-        else:
-            n_held = dict.fromkeys(n_held, 0)
-            short.append(name)
-        assignment, start = {}, 0
-        for s in splits[1:]:
-            assignment.update({f: s for f in pool[start:start + n_held[s]]})
-            start += n_held[s]
-        for f in files:
-            split = assignment.get(f, "train")
-            target = os.path.join(dst, split, name, f)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(os.path.join(folder, f), target)
-            counts[split] += 1
-        kept += 1
-    if not kept:
-        raise DatasetError(f"{src}: no identity folder with images passed the filters"
-                           + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
-    log(f"split {src} -> {dst} (seed {seed}, valid {valid}, test {test})")
-    log(f"  identities: {kept} kept, {len(skipped)} skipped")
-    log("  images: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
-    if short:
-        log(f"  {len(short)} identities too small to appear in every split (all in train): {', '.join(short)}")
-    for line in skipped:
-        log(f"  skipped {line}")
-    return counts
-
-
-def fetch_att(dst, seed=0, force=False, log=print):
-    """The AT&T (ORL) faces through scikit-learn's Olivetti copy (400 images, 64x64, cached by scikit-learn),
-    written as identity folders s1..s40 and split 8/2 into DST/train and DST/valid."""
-    from sklearn.datasets import fetch_olivetti_faces
-    try:
-        with warnings.catch_warnings():  # its retry warnings; the failure is reported below in one line
-            warnings.simplefilter("ignore")
-            faces = fetch_olivetti_faces(n_retries=1)
-    except OSError as err:
-        raise DatasetError(f"fetch-att: could not download the Olivetti faces ({err}); with a local copy of "
-                           f"att_faces run: python data_utils.py split /path/to/att_faces {dst}") from None
-    with tempfile.TemporaryDirectory() as raw:
-        count = {}
-        for image, target in zip(faces.images, faces.target):
-            person = f"s{int(target) + 1}"
-            count[person] = count.get(person, 0) + 1
-            os.makedirs(os.path.join(raw, person), exist_ok=True)
-            pixels = np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels, "L").save(os.path.join(raw, person, f"{count[person]}.pgm"))
-        return split_dataset(raw, dst, valid=0.2, seed=seed, force=force, log=log)
-
-
-# -----------------------------------------------------------------------------
 # pairs files
 
 def read_pairs_file(path, root, extensions=IMAGE_EXTENSIONS, name_format="{name}_{index:04d}"):
@@ -617,9 +445,29 @@ def read_pairs_file(path, root, extensions=IMAGE_EXTENSIONS, name_format="{name}
     that do not match the lines, and a name whose image would lie outside `root` once real paths are
     resolved (../, absolute paths, path separators, a symlink leading out).
     """
-    real_root = os.path.realpath(root)
-    if not os.path.isdir(real_root):
+    if not os.path.isdir(os.path.realpath(root)):
         raise DatasetError(f"{root}: no such folder")
+    lines = _pair_lines(path)
+    folds, per_set = _pairs_header(path, lines)
+    order = sorted(extensions) if isinstance(extensions, (set, frozenset)) else list(extensions)
+    pairs, fold_ids, missing = [], [], []
+    for position, (number, fields) in enumerate(lines):
+        where = f"{path}, line {number}"
+        *images, same = _pair_fields(where, fields)
+        if per_set and same != (position % (2 * per_set) < per_set):
+            raise DatasetError(f"{where}: expected a {'same-person' if not same else 'different-people'} pair here: "
+                               f"each set of the header's layout is {per_set} same-person lines, then {per_set} "
+                               f"different")
+        found = [_pair_image(where, name, index, root, order, name_format) for name, index in images]
+        missing += [(number, wanted) for image, wanted in found if image is None]
+        if all(image for image, _ in found):
+            pairs.append((found[0][0], found[1][0], same))
+            fold_ids.append(position // (2 * per_set) if per_set else 0)
+    return dict(pairs=pairs, fold_ids=fold_ids, folds=folds, missing=missing)
+
+
+def _pair_lines(path):
+    """The non-blank lines of a pairs file as (line number, fields)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [(number, line.split()) for number, line in enumerate(f, 1) if line.strip()]
@@ -629,82 +477,101 @@ def read_pairs_file(path, root, extensions=IMAGE_EXTENSIONS, name_format="{name}
         raise DatasetError(f"{path}: not a text pairs file (not UTF-8)") from None
     if not lines:
         raise DatasetError(f"{path}: no pairs in the file")
-    order = sorted(extensions) if isinstance(extensions, (set, frozenset)) else list(extensions)
-
-    def fail(number, message):
-        raise DatasetError(f"{path}, line {number}: {message}")
-
-    def image(number, name, index):
-        """The image's path, or None (and listed in `missing`) when no file with any of the extensions exists."""
-        if not re.fullmatch(r"[0-9]+", index):
-            fail(number, f"image index {index!r} is not a non-negative integer")
-        if name in (".", "..") or any(c in name for c in "/\\\0"):
-            fail(number, f"name {name!r} is not a folder name below {root} (no path separators, no ..)")
-        stem = os.path.join(root, name, name_format.format(name=name, index=int(index)))
-        found = next((stem + ext for ext in order if os.path.isfile(stem + ext)), None)
-        if not os.path.realpath(found or stem).startswith(real_root + os.sep):
-            fail(number, f"image {found or stem} lies outside {root}")
-        if not found:
-            missing.append((number, stem + (order[0] if len(order) == 1 else ".*")))
-        return found
-
-    folds, per_set = 1, None
-    if len(lines[0][1]) in (1, 2):
-        number, header = lines.pop(0)
-        if not all(re.fullmatch(r"[0-9]+", v) for v in header) or int(header[-1]) < 1 or int(header[0]) < 1:
-            fail(number, f"header {' '.join(header)!r} is not 'N' or 'S N' (positive integers)")
-        folds, per_set = (1, int(header[0])) if len(header) == 1 else map(int, header)
-        if len(lines) != folds * 2 * per_set:
-            where = lines[folds * 2 * per_set][0] if len(lines) > folds * 2 * per_set else number
-            fail(where, f"the header announces {folds} set(s) of {per_set} same + {per_set} different pairs "
-                        f"({folds * 2 * per_set} lines), the file has {len(lines)} pair lines")
-    pairs, fold_ids, missing = [], [], []
-    for position, (number, fields) in enumerate(lines):
-        if len(fields) == 3:
-            name_a, i, j = fields
-            name_b, same = name_a, True
-        elif len(fields) == 4:
-            name_a, i, name_b, j = fields
-            same = False
-        else:
-            fail(number, f"expected 'name i j' or 'name1 i name2 j', got {len(fields)} fields")
-        if per_set and same != (position % (2 * per_set) < per_set):
-            fail(number, f"expected a {'same-person' if not same else 'different-people'} pair here: each set "
-                         f"of the header's layout is {per_set} same-person lines, then {per_set} different")
-        path_a, path_b = image(number, name_a, i), image(number, name_b, j)
-        if path_a and path_b:
-            pairs.append((path_a, path_b, same))
-            fold_ids.append(position // (2 * per_set) if per_set else 0)
-    return dict(pairs=pairs, fold_ids=fold_ids, folds=folds, missing=missing)
+    return lines
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prepare face datasets.", allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True)
-    split = commands.add_parser("split", help="copy SRC into DST/train, DST/valid (and DST/test) per identity")
-    split.add_argument("src")
-    split.add_argument("dst")
-    split.add_argument("--valid", type=float, default=0.2, help="fraction of each identity's images")
-    split.add_argument("--test", type=float, default=0.0, help="fraction of each identity's images")
-    split.add_argument("--min_images", type=int, default=0, help="leave out identities with fewer images")
-    split.add_argument("--max_images", type=int, default=0, help="leave out identities with more (0: no limit)")
-    split.add_argument("--identity_depth", type=int, default=1, help="folder level of the identities")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
-    fetch = commands.add_parser("fetch-att", help="download AT&T faces (via scikit-learn) and split them 8/2")
-    fetch.add_argument("dst")
-    fetch.add_argument("--seed", type=int, default=0)
-    fetch.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
+def _pairs_header(path, lines):
+    """(sets S, same-person pairs per set N) from a header line "N" or "S N", which is taken off `lines` after
+    checking that the pair lines number S * 2N; (1, None) when the first line is a pair, not a header."""
+    if len(lines[0][1]) not in (1, 2):
+        return 1, None
+    number, header = lines.pop(0)
+    if not all(re.fullmatch(r"[0-9]+", v) for v in header) or int(header[-1]) < 1 or int(header[0]) < 1:
+        raise DatasetError(f"{path}, line {number}: header {' '.join(header)!r} is not 'N' or 'S N' "
+                           f"(positive integers)")
+    folds, per_set = (1, int(header[0])) if len(header) == 1 else map(int, header)
+    expected = folds * 2 * per_set
+    if len(lines) != expected:
+        where = lines[expected][0] if len(lines) > expected else number  # the first line too many, or the header
+        raise DatasetError(f"{path}, line {where}: the header announces {folds} set(s) of {per_set} same + "
+                           f"{per_set} different pairs ({expected} lines), the file has {len(lines)} pair lines")
+    return folds, per_set
+
+
+def _pair_fields(where, fields):
+    """((name, index), (name, index), same person) from a pair line's fields: "name i j" or "name1 i name2 j"."""
+    if len(fields) == 3:
+        return (fields[0], fields[1]), (fields[0], fields[2]), True
+    if len(fields) == 4:
+        return (fields[0], fields[1]), (fields[2], fields[3]), False
+    raise DatasetError(f"{where}: expected 'name i j' or 'name1 i name2 j', got {len(fields)} fields")
+
+
+def _pair_image(where, name, index, root, order, name_format):
+    """(path, None) for image `index` of `name`: ROOT/<name>/<name_format>.<ext> with the first extension of `order`
+    that exists; (None, what was looked for) when there is none. Raises DatasetError for an index that is not a
+    number and for a name whose image would lie outside `root` (real paths, so a symlink leading out counts)."""
+    if not re.fullmatch(r"[0-9]+", index):
+        raise DatasetError(f"{where}: image index {index!r} is not a non-negative integer")
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise DatasetError(f"{where}: name {name!r} is not a folder name below {root} (no path separators, no ..)")
+    stem = os.path.join(root, name, name_format.format(name=name, index=int(index)))
+    found = next((stem + ext for ext in order if os.path.isfile(stem + ext)), None)
+    if not os.path.realpath(found or stem).startswith(os.path.realpath(root) + os.sep):
+        raise DatasetError(f"{where}: image {found or stem} lies outside {root}")
+    return found, None if found else stem + (order[0] if len(order) == 1 else ".*")
+
+
+# -----------------------------------------------------------------------------
+# training batches
+
+def train_loader_for(faces, rows, batch_size, images_per_identity=4, seed=0, fill="repeat", anchor_pattern="",
+                     rank=0, world_size=1, distributed=False, log=print, **loader_args):
+    """(the training DataLoader over `faces`, the objects whose set_epoch must be called before each epoch).
+
+    rows None (objectives that mine or classify): P x K batches (PKBatchSampler) of P = batch_size // K identities
+    per process, fewer when the data has fewer (logged). rows "triplets" / "pairs": batch_size random triplets or
+    balanced pairs (collate_rows), redrawn each epoch; in a distributed run each process takes a different share
+    of them. Raises ValueError for a P x K batch the data cannot fill."""
+    if rows is None:
+        identities = batch_size // images_per_identity
+        if 2 * world_size <= len(faces.classes) < identities * world_size:
+            identities = len(faces.classes) // world_size
+            log(f"P x K batches: only {len(faces.classes)} identities, so P = {identities} (batches of "
+                f"{identities * images_per_identity} images{' per process' if distributed else ''})")
+        sampler = PKBatchSampler(faces.targets, identities, images_per_identity, seed, fill, rank, world_size)
+        if sampler.short:
+            log(f"P x K batches: {len(sampler.short)} identities have fewer than {images_per_identity} images "
+                f"({'their images repeat' if fill == 'repeat' else 'left out'})")
+        return DataLoader(faces, batch_sampler=sampler, **loader_args), [sampler]
+    dataset = (TripletFaceDataset if rows == "triplets" else PairDataset)(faces, seed, anchor_pattern)
+    loader_args.update(batch_size=batch_size, collate_fn=collate_rows)
+    if distributed:
+        shares = DistributedSampler(dataset, world_size, rank, seed=seed, drop_last=True)
+        return (DataLoader(dataset, sampler=shares, drop_last=len(dataset) > batch_size * world_size, **loader_args),
+                [dataset, shares])
+    return (DataLoader(dataset, shuffle=True, drop_last=len(dataset) > batch_size,
+                       generator=torch.Generator().manual_seed(seed), **loader_args), [dataset])
+
+
+def why_unreadable(path):
+    """What Pillow says about `path` now (FaceFolder keeps only the paths of the files it skipped)."""
     try:
-        if args.command == "split":
-            split_dataset(args.src, args.dst, args.valid, args.test, args.min_images, args.max_images,
-                          args.seed, args.force, args.identity_depth)
-        else:
-            fetch_att(args.dst, args.seed, args.force)
-    except DatasetError as err:
-        sys.exit(f"error: {err}")
+        load_rgb(path)
+    except Exception as err:  # any: it only describes the file
+        return f"{type(err).__name__}: {err}"
+    return "readable now"
 
 
-if __name__ == "__main__":
-    main()
+def write_skipped(folders, path, listed=None):
+    """Rewrite `path` (skipped_files.txt) if the unreadable files of the FaceFolders `folders` differ from those
+    `listed` before: one `path<TAB>reason` line per file skipped at the scan or found unreadable while loading
+    since (empty: none). With num_workers > 0 the loading happens in the workers: only their warnings name the
+    files they find. A failed write is reported, not raised. Returns the files the file lists."""
+    skipped = list(dict.fromkeys(p for folder in folders for p in folder.skipped))
+    if skipped == listed:
+        return listed
+
+    def write(f):
+        f.writelines(f"{p}\t{why_unreadable(p)}\n" for p in skipped)
+    return skipped if reported(path, lambda: atomic_write(path, write, mode="w")) else listed

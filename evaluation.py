@@ -1,54 +1,10 @@
-"""Embedding passes; identification by class centroids (closed and open set); verification of image pairs (ROC,
-EER, TAR@FAR, LFW-protocol 10-fold accuracy); retrieval (P@1, R-precision, MAP@R); the figures of training and
-evaluation."""
-import sys
-
+"""Metrics of embeddings: identification by class centroids (closed set, and open set with a threshold calibrated
+for a false-accept rate); verification of image pairs (ROC, EER, TAR@FAR, LFW-protocol 10-fold accuracy) and
+precision / recall / F1 of same-person decisions; retrieval (P@1, R-precision, MAP@R). Embedding passes are in
+inference.py, figures in figures.py."""
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from data_utils import UNREADABLE_IMAGE, load_image, normalize, save_figure
-
-
-def device_batch(images, device, memory_format=torch.channels_last):
-    """An image batch (N, 3, H, W) on `device`, copied without waiting (from pinned memory, where the DataLoader put
-    it), in `memory_format`: by default channels_last, in which every backbone here infers 1.2 to 1.7 times faster
-    on the CPU (the same numbers to float rounding), and which tensor cores want on GPUs. uint8 pixels
-    (make_transform's `pixels`) travel as such, a quarter of float32's bytes to collate, pin and copy, and are
-    normalised on arrival."""
-    images = images.to(device, non_blocking=True, memory_format=memory_format)
-    return normalize(images) if images.dtype == torch.uint8 else images
-
-
-@torch.inference_mode()
-def embed(model, loader, device, autocast):
-    """(embeddings (N, D) float32 on the CPU, labels (N,)) of every (image, label) batch of `loader`."""
-    model.eval()
-    embeddings, labels = [], []
-    for images, y in loader:
-        with autocast:
-            embeddings.append(model(device_batch(images, device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(embeddings), torch.cat(labels)
-
-
-def embed_files(model, paths, transform, device, autocast, batch_size=64):
-    """(embeddings (M, D) float32 on the CPU, or None when M = 0; the indices into `paths` of those M files) of
-    image files given by path. A file that cannot be read as an image gets a one-line error on stderr and is
-    left out; the others are embedded in batches."""
-    embeddings, kept = [], []
-    for start in range(0, len(paths), batch_size):
-        images, indices = [], []
-        for i, path in enumerate(paths[start:start + batch_size], start):
-            try:
-                images.append(transform(load_image(path)))
-                indices.append(i)
-            except UNREADABLE_IMAGE as err:
-                print(f"error: {path}: cannot be read as an image ({err})", file=sys.stderr)
-        if images:
-            embeddings.append(embed(model, [(torch.stack(images), torch.tensor(indices))], device, autocast)[0])
-            kept += indices
-    return (torch.cat(embeddings) if embeddings else None), kept
 
 
 def class_centroids(embeddings, labels, num_classes):
@@ -169,8 +125,7 @@ def verification_pairs(labels, rng, max_same=None):
     """(M, 3) int64 numpy rows (i, j, same), i < j indices into `labels` (N identity labels, numpy or torch):
     first every same-identity pair (same = 1), or a random `max_same` of them when there are more, then as many
     distinct different-identity pairs (same = 0) drawn at random, or all of them when there are no more than that.
-    `rng` is a numpy Generator: the same seed gives the same pairs. (0, 3) when no identity has two images.
-    Note: same = 1 here, unlike data_utils.draw_pairs' target (0 = same)."""
+    `rng` is a numpy Generator: the same seed gives the same pairs. (0, 3) when no identity has two images."""
     labels = np.asarray(labels)
     same = same_identity_pairs(labels)
     n_same = len(same)
@@ -263,7 +218,8 @@ def verification_metrics(scores, same, folds=10, seed=0, fold_ids=None, fars=(1e
     fold_accuracies, folds: LFW-protocol cross-validated accuracy (kfold_accuracy) over `fold_ids` (an int per
     pair, e.g. the ten sets of LFW's pairs.txt) or else stratified_folds(same, folds, seed), that is
     min(folds, M) folds when there are fewer pairs than folds; roc: dict(fpr, tpr) lists, the ROC points to plot
-    (pop it before printing). ValueError without both same and different pairs, or with fewer than two folds."""
+    (one per distinct score, after (0, 0); pop it before printing). ValueError without both same and different
+    pairs, or with fewer than two folds."""
     from sklearn.metrics import roc_auc_score, roc_curve
     scores = np.asarray(scores, dtype=np.float64)
     same = np.asarray(same)
@@ -275,7 +231,9 @@ def verification_metrics(scores, same, folds=10, seed=0, fold_ids=None, fars=(1e
     if same.all() or not same.any():
         raise ValueError(f"verification needs both same and different pairs, got {int(same.sum())} same and "
                          f"{int((~same).sum())} different")
-    fpr, tpr, thresholds = roc_curve(same, scores)
+    # every threshold: the default drops points on a straight stretch of the curve, and with tied scores such a
+    # point can be the highest TPR within a FAR
+    fpr, tpr, thresholds = roc_curve(same, scores, drop_intermediate=False)
     eer, eer_threshold = equal_error_rate(fpr, tpr, thresholds)
     if fold_ids is None:
         fold_ids = stratified_folds(same, folds, seed)
@@ -291,6 +249,23 @@ def verification_metrics(scores, same, folds=10, seed=0, fold_ids=None, fars=(1e
         accuracy_mean=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
         threshold_mean=float(np.mean(fold_thresholds)), fold_accuracies=accuracies, folds=len(accuracies),
         roc=dict(fpr=fpr.tolist(), tpr=tpr.tolist()))
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator as a float; 0.0 when the denominator is 0 (nothing to count)."""
+    return float(numerator / denominator) if denominator else 0.0
+
+
+def pair_decisions(same, decided_same):
+    """Precision, recall and F1 of yes/no decisions `decided_same` on pairs with truth `same` (both (M,), bools or
+    0/1; 1 = same identity, the positive class), as scikit-learn's precision_recall_fscore_support(average=
+    "binary", zero_division=0): a ratio with nothing to count is 0.0. Returns dict(precision, recall, f1)."""
+    same, decided = np.asarray(same).astype(bool), np.asarray(decided_same).astype(bool)
+    if same.shape != decided.shape:
+        raise ValueError(f"same {same.shape} and decided_same {decided.shape} must have one value per pair")
+    hits, accepted, positives = int((same & decided).sum()), int(decided.sum()), int(same.sum())
+    return dict(precision=_ratio(hits, accepted), recall=_ratio(hits, positives),
+                f1=_ratio(2 * hits, accepted + positives))  # 2 TP / (2 TP + FP + FN)
 
 
 def calibrate_threshold(impostor_scores, far):
@@ -327,6 +302,28 @@ def open_set_metrics(best_scores, predicted, truth, threshold):
     return dict(threshold=float(threshold), known_probes=int(known.sum()), unknown_probes=int((~known).sum()),
                 detection_identification_rate=_share((accepted & (predicted == truth))[known]),
                 false_accept_rate=_share(accepted[~known]), rejected_known=_share(~accepted[known]))
+
+
+def open_set_evaluation(found, target_far, stranger_scores=None):
+    """Open-set identification with a threshold calibrated for `target_far`. found: identification_accuracy's
+    dict (truth, predicted, scores, similarities). The known probes (truth >= 0) calibrate it, each as if it were
+    a stranger: its best similarity to any OTHER identity's centroid is the score an impostor would get. The
+    strangers check it: `stranger_scores` ((S,), each one's best similarity to the gallery's centroids: people
+    absent from the gallery), or else the scores of the probes of `found` whose identity is absent from it.
+    Returns dict(open_set_metrics(...) of the known probes and the strangers, target_far, strangers = S); None
+    when the gallery has fewer than two identities (no other identity to calibrate on) or there is no known probe."""
+    truth, predicted, scores = (np.asarray(found[k]) for k in ("truth", "predicted", "scores"))
+    similarities, known = np.asarray(found["similarities"]), truth >= 0
+    if similarities.shape[1] < 2 or not known.any():
+        return None
+    impostors = similarities[known]  # a copy (boolean indexing): the true identities' columns are set aside below
+    impostors[np.arange(len(impostors)), truth[known]] = -np.inf
+    threshold = calibrate_threshold(impostors.max(axis=1), target_far)
+    strangers = scores[~known] if stranger_scores is None else np.asarray(stranger_scores).ravel()
+    unknown = np.full(len(strangers), -1)  # truth -1: not in the gallery (their predictions do not count)
+    metrics = open_set_metrics(np.concatenate([scores[known], strangers]), np.concatenate([predicted[known], unknown]),
+                               np.concatenate([truth[known], unknown]), threshold)
+    return dict(metrics, target_far=target_far, strangers=len(strangers))
 
 
 # -----------------------------------------------------------------------------
@@ -371,148 +368,3 @@ def retrieval_metrics(queries, query_labels, references, reference_labels, exclu
     means = (totals / scored).tolist() if scored else [None] * 3
     return dict(precision_at_1=means[0], r_precision=means[1], map_at_r=means[2], queries=len(queries),
                 queries_without_references=len(queries) - scored)
-
-
-# -----------------------------------------------------------------------------
-# figures
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_history(history, path, x="epoch"):
-    """Loss and accuracy against epochs or optimiser steps (x='step'); the untrained network at 0, the best
-    epoch marked. Epochs without an evaluation (train.py's eval_every) have training figures only."""
-    plt = _pyplot()
-    evaluated = [h for h in history if h.get("valid_identification") is not None]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    trained = [h for h in history if h.get("train_loss") is not None]
-    if trained:
-        loss_ax.plot([h[x] for h in trained], [h["train_loss"] for h in trained], "o-", label="train")
-    loss_ax.plot([h[x] for h in evaluated], [h["valid_loss"] for h in evaluated], "s-", label="valid")
-    loss_ax.set(xlabel=x, ylabel="loss", title="training loss")
-    for key, label in (("valid_identification", "valid identification (top-1)"),
-                       ("valid_triplet_accuracy", "valid triplets d(a,p) < d(a,n)"),
-                       ("valid_pair_f1", "valid pair F1"), ("train_accuracy", "train batch accuracy")):
-        points = [(h[x], 100 * h[key]) for h in history if h.get(key) is not None]
-        if points:
-            acc_ax.plot(*zip(*points), "o-", label=label)
-    best = max(evaluated, key=lambda h: h["valid_identification"])
-    acc_ax.axvline(best[x], color="grey", linestyle=":", label=f"best: epoch {best['epoch']}")
-    acc_ax.set(xlabel=x, ylabel="%", title="accuracy", ylim=(0, 101))
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    save_figure(fig, path)
-
-
-def plot_confusion_matrix(matrix, classes, path, title="confusion matrix"):
-    """Row-normalised confusion matrix (rows: true identity, columns: predicted). The figure grows with the
-    number of identities; counts are printed in the cells while they stay legible."""
-    plt = _pyplot()
-    matrix = np.asarray(matrix)
-    n = len(classes)
-    rows = matrix.sum(axis=1, keepdims=True)
-    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
-    side = min(max(6.0, 0.28 * n + 2), 40.0)
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="share of the true identity's probes")
-    step = max(1, n // 100)  # label at most 100 ticks
-    ticks = np.arange(0, n, step)
-    fontsize = 8 if n <= 40 else 6
-    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=fontsize)
-    ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=fontsize)
-    if n <= 60:
-        for i, j in zip(*np.nonzero(matrix)):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=fontsize,
-                    color="white" if shares[i, j] > 0.5 else ("tab:red" if i != j else "black"))
-    correct = np.trace(matrix) / max(matrix.sum(), 1)
-    ax.set(xlabel="predicted identity", ylabel="true identity", title=f"{title} (top-1 {100 * correct:.1f} %)")
-    save_figure(fig, path)
-
-
-def plot_roc(curves, path, title="verification ROC"):
-    """ROC curves, one per (label, fpr, tpr, auc, eer) of `curves` (verification_metrics' roc, auc and eer):
-    true accept rate against false accept rate on a log axis (FAR 0 drawn at a floor below the smallest
-    resolved FAR), dotted lines at FAR 1e-3 and 1e-2, each curve's equal-error point ringed, AUC and EER in the
-    legend. Saved as a PNG at `path`."""
-    plt = _pyplot()
-    resolved = np.concatenate([np.asarray(fpr, dtype=float) for _, fpr, *_ in curves] + [np.ones(1)])
-    # a log axis cannot draw FAR 0: a decade below the smallest resolved FAR (at most 1e-4) stands in for it
-    floor = 10 ** np.floor(np.log10(min(1e-4, resolved[resolved > 0].min() / 2)))
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    chance = np.logspace(np.log10(floor), 0, 200)
-    ax.plot(chance, chance, "--", color="0.7", lw=1, label="chance (TAR = FAR)")
-    for label, fpr, tpr, auc, eer in curves:
-        (line,) = ax.plot(np.maximum(fpr, floor), tpr, lw=2, label=f"{label}: AUC {auc:.4f}, EER {100 * eer:.2f} %")
-        ax.plot(max(eer, floor), 1 - eer, "o", ms=8, mfc="white", mew=2, color=line.get_color())
-    ax.plot([], [], "o", ms=8, mfc="white", mew=2, color="0.3", label="equal error rate (FAR = 1 − TAR)")
-    for far in (1e-3, 1e-2):
-        ax.axvline(far, color="0.3", ls=":", lw=1.2)
-        ax.text(far, 0.03, f" FAR {far:g}", rotation=90, va="bottom", ha="right", fontsize=9, color="0.3")
-    ax.set(xscale="log", xlim=(floor, 1), ylim=(0, 1.01), title=title,
-           xlabel="false accept rate (FAR): different identities accepted, log scale",
-           ylabel="true accept rate (TAR): same identity accepted")
-    ax.grid(which="major", alpha=0.4)
-    ax.grid(which="minor", alpha=0.12)
-    ax.legend(loc="best", fontsize=9)
-    save_figure(fig, path)
-
-
-def embedding_map(embeddings, seed=0):
-    """((N, 2) numpy coordinates, method) of (N, D) embeddings, L2-normalised first as they are compared by
-    cosine: "t-SNE" (init="pca", perplexity min(30, (N - 1) / 3) as t-SNE needs fewer than N / 3 neighbours,
-    random_state=seed) from 30 points up, else "PCA"; zeros along what a single point or dimension cannot span."""
-    points = F.normalize(torch.as_tensor(np.asarray(embeddings)).float().reshape(len(embeddings), -1), dim=1).numpy()
-    n, d = points.shape
-    if n >= 30 and d >= 2:
-        from sklearn.manifold import TSNE
-        tsne = TSNE(n_components=2, init="pca", perplexity=min(30.0, (n - 1) / 3), random_state=seed)
-        return tsne.fit_transform(points), "t-SNE"
-    from sklearn.decomposition import PCA
-    coords = np.zeros((n, 2))
-    components = min(2, n - 1, d)  # n points span at most n - 1 directions
-    if components:
-        coords[:, :components] = PCA(n_components=components).fit_transform(points)
-    return coords, "PCA"
-
-
-def plot_embeddings_2d(embeddings, labels, classes, path, seed=0, max_points=3000):
-    """2-D map (embedding_map) of (N, D) embeddings, one colour per identity; `labels` (N,) index `classes`
-    (names). Up to 20 identities get a legend, more get their name written at the mean of their points. Beyond
-    `max_points`, a seeded random subset (t-SNE's time grows fast with N). Saved as a PNG at `path`; returns the
-    method, "t-SNE" or "PCA"."""
-    plt = _pyplot()
-    labels = np.asarray(labels)
-    if len(labels) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(labels), max_points, replace=False))
-        embeddings, labels = np.asarray(embeddings)[keep], labels[keep]
-    coords, method = embedding_map(embeddings, seed)
-    present = np.unique(labels)
-    few = len(present) <= 20
-    colours = (plt.get_cmap("tab10" if len(present) <= 10 else "tab20").colors if few
-               else plt.get_cmap("turbo")(np.linspace(0.05, 0.95, len(present))))
-    fig, ax = plt.subplots(figsize=(9, 7.5) if few else (11, 10))
-    for colour, label in zip(colours, present):
-        points = coords[labels == label]
-        ax.scatter(points[:, 0], points[:, 1], s=36, color=colour, alpha=0.9, edgecolors="black", linewidths=0.4,
-                   label=str(classes[label]), zorder=3)
-        if not few:  # the name just above the points, which stay visible on top
-            ax.annotate(str(classes[label]), (points[:, 0].mean(), points[:, 1].max()), xytext=(0, 5),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=7, zorder=2,
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec=colour, alpha=0.6))
-    if few:
-        ax.legend(title="identity", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=1.3)
-    axis = "PC" if method == "PCA" else method
-    ax.set(xticks=[], yticks=[], xlabel=f"{axis} 1", ylabel=f"{axis} 2",
-           title=f"{method} map of {len(labels)} embeddings, {len(present)} identities\n" + (
-               "(neighbours are similar embeddings; distances between clusters mean little)" if method == "t-SNE"
-               else "(the two directions in which the embeddings vary most)"))
-    ax.set_aspect("equal", adjustable="datalim")
-    save_figure(fig, path)
-    return method

@@ -1,10 +1,24 @@
-"""Triplet loss and its relatives: contrastive (siamese) loss and the ArcFace classification loss."""
+"""Training objectives behind one interface, and the distance math they share.
+
+Every objective is an nn.Module called as `loss, stats = objective(embeddings, labels, rows=None)`:
+  embeddings  (N, D), any float dtype (computed in float32);
+  labels      (N,) integer identities (int64);
+  rows        None, or an integer tensor of index rows into the batch: (B, 3) (anchor, positive, negative) for
+              triplets, (B, 2) (first, second) for pairs. Whether a pair is of one person is read from labels.
+It returns a scalar loss (an empty batch gives a zero that still backpropagates) and `stats`, a dict of plain
+floats. Its attribute `rows` says what batches it trains on: "triplets" or "pairs" (rows required), or None
+(labelled P x K batches; rows are ignored). `figure` is the stats key to show while training.
+build_objective makes one from the training options.
+"""
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+OBJECTIVES = ("triplet", "contrastive", "pair_bce", "arcface")
+MINING = ("none", "batch_all", "batch_hard", "semihard")
 
 
 def safe_sqrt(d2, eps=1e-12):
@@ -19,42 +33,6 @@ def pair_distance(x, y, squared=True, eps=1e-12):
     return d2 if squared else safe_sqrt(d2, eps)
 
 
-def check_margin(margin):
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-
-
-def check_labelled(embeddings, labels):
-    if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"expected (N, D) embeddings and (N,) labels, got {tuple(embeddings.shape)} and "
-                         f"{tuple(labels.shape)}")
-
-
-class TripletLoss(nn.Module):
-    """Mean over triplets of max(0, d(a, p) - d(a, n) + margin).
-
-    Input: anchor, positive, negative, each (N, D), row i of the three forming triplet i; any float dtype
-    (computed in float32, so autocast does not change it). d is the squared Euclidean distance
-    (squared=True, as in FaceNet) or the Euclidean distance (squared=False, matching
-    torch.nn.functional.triplet_margin_loss). Output: a scalar, or the (N,) losses with reduction='none'.
-    """
-
-    def __init__(self, margin=0.2, squared=True, reduction="mean"):
-        super().__init__()
-        check_margin(margin)
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        self.margin, self.squared, self.reduction = margin, squared, reduction
-
-    def forward(self, anchor, positive, negative):
-        if not anchor.shape == positive.shape == negative.shape or anchor.dim() != 2:
-            raise ValueError(f"anchor, positive and negative must be (N, D) tensors of one shape, got "
-                             f"{tuple(anchor.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}")
-        losses = torch.relu(pair_distance(anchor, positive, self.squared)
-                            - pair_distance(anchor, negative, self.squared) + self.margin)
-        return losses.mean() if self.reduction == "mean" else losses
-
-
 def pairwise_distances(embeddings, squared=True, eps=1e-12):
     """(N, N) Euclidean distances between the rows of an (N, D) tensor, in float32, through one matrix
     product. The square root's argument is clamped, so coinciding rows (the diagonal too) give finite
@@ -66,65 +44,294 @@ def pairwise_distances(embeddings, squared=True, eps=1e-12):
     return d2 if squared else safe_sqrt(d2, eps)
 
 
-class OnlineTripletLoss(nn.Module):
-    """Triplet loss over the triplets found inside a batch of labelled embeddings (FaceNet-style mining).
+def contrastive_losses(d2, different, margin):
+    """Per-pair contrastive loss from squared distances d2 and a boolean `different` (pair of two people):
+    d^2 for a pair of one person, taken as it is so that coinciding embeddings give exactly 0, and
+    max(0, margin - d)^2 for a pair of two."""
+    return torch.where(different, torch.relu(margin - safe_sqrt(d2)).pow(2), d2)
 
-    Input: embeddings (N, D), any float dtype (computed in float32); labels (N,) integer identities. A batch
-    from a P x K sampler (P identities, K images each) has triplets for every anchor.
+
+# -----------------------------------------------------------------------------
+# input checks and the reduction the objectives share
+
+def check_margin(margin):
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+
+
+def check_mining(mining):
+    if mining not in MINING:
+        raise ValueError(f"mining must be one of {', '.join(MINING)}, got {mining!r}")
+
+
+def check_batch(embeddings, labels):
+    """embeddings (N, D) floating point, labels (N,) integers."""
+    if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"expected (N, D) embeddings and (N,) labels, got {tuple(embeddings.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if not embeddings.is_floating_point() or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"expected float embeddings and integer labels, got {embeddings.dtype} and {labels.dtype}")
+
+
+def checked_rows(rows, width, n, device):
+    """`rows` as (width, B) index columns on `device`, after checking that it is a (B, width) integer tensor of
+    indices into a batch of n."""
+    kind = "(anchor, positive, negative)" if width == 3 else "(first, second)"
+    if rows is None:
+        raise ValueError(f"this objective trains on rows of {kind} indices into the batch; pass rows (B, {width}) "
+                         f"or use in-batch mining on a labelled batch")
+    if rows.dim() != 2 or rows.shape[1] != width or rows.is_floating_point() or rows.dtype == torch.bool:
+        raise ValueError(f"expected rows (B, {width}) of integer {kind} indices, got {rows.dtype} rows of shape "
+                         f"{tuple(rows.shape)}")
+    if ((rows < 0) | (rows >= n)).any():
+        raise ValueError(f"rows must index the batch of {n} embeddings, got indices from {rows.min().item()} to "
+                         f"{rows.max().item()}")
+    return rows.to(device).T
+
+
+def empty_batch(embeddings, figure):
+    """The result of a batch with nothing to learn from: a zero (float32) that still backpropagates, figure 0."""
+    return embeddings.float().sum() * 0.0, {figure: 0.0}
+
+
+def mean_and_active(losses, embeddings, active_above=0.0, over_active=False):
+    """(mean of the per-row `losses`, {"active": share of them above `active_above`}). over_active averages over
+    the active rows only, so that the easy ones do not dilute the hard ones' gradient (batch_all). No rows: see
+    empty_batch."""
+    if losses.numel() == 0:
+        return empty_batch(embeddings, "active")
+    active = losses > active_above
+    loss = losses.sum() / active.sum().clamp_min(1) if over_active else losses.mean()
+    return loss, {"active": active.float().mean().item()}
+
+
+# -----------------------------------------------------------------------------
+# triplet loss
+
+def mined_triplet_losses(d, labels, margin, mining):
+    """Per-triplet losses max(0, d(a, p) - d(a, n) + margin) of the triplets `mining` picks in a labelled batch,
+    from its (N, N) distances d and (N,) labels on d's device (see TripletLoss); empty when there is none."""
+    if len(labels) == 0:  # (the reductions over a row below fail on an empty one)
+        return d.new_zeros(0)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=d.device)
+    positive, negative = same & ~eye, ~same
+    hardest_negative = d.masked_fill(~negative, float("inf")).min(dim=1).values  # per anchor
+    if mining == "batch_hard":
+        hardest_positive = (d * positive).max(dim=1).values
+        valid = positive.any(dim=1) & negative.any(dim=1)
+        return torch.relu(hardest_positive - hardest_negative + margin)[valid]
+    d_ap, d_an = d[:, :, None], d[:, None, :]  # [a, p, n]
+    valid = positive[:, :, None] & negative[:, None, :]
+    if mining == "batch_all":
+        return torch.relu(d_ap - d_an + margin)[valid]
+    # semihard: the nearest negative farther than the positive but within the margin, else the hardest
+    semihard = valid & (d_an > d_ap) & (d_an < d_ap + margin)
+    chosen = d_an.expand_as(semihard).masked_fill(~semihard, float("inf")).min(dim=2).values  # per (a, p)
+    chosen = torch.where(torch.isfinite(chosen), chosen, hardest_negative[:, None].expand_as(chosen))
+    pairs = positive & negative.any(dim=1, keepdim=True)
+    return torch.relu(d - chosen + margin)[pairs]
+
+
+class TripletLoss(nn.Module):
+    """Mean over triplets of max(0, d(a, p) - d(a, n) + margin).
+
+    d is the squared Euclidean distance (squared=True, as in FaceNet) or the Euclidean distance (squared=False,
+    matching torch.nn.functional.triplet_margin_loss), computed in float32.
     mining:
+      'none'       rows (B, 3) give the triplets: indices of anchor, positive and negative (rows = "triplets");
+    and inside a labelled batch, e.g. from a P x K sampler (rows = None; the rows argument is ignored):
       'batch_all'  every valid (a, p, n); the loss is averaged over the active ones (loss > 0);
       'batch_hard' per anchor, its farthest positive and its nearest negative;
       'semihard'   per (anchor, positive) pair, the nearest negative farther than the positive but within
                    the margin (FaceNet); where there is none, the hardest negative.
-    Output: (loss, fraction of active triplets among the valid ones). A batch without a valid triplet gives
-    a zero loss that still backpropagates, and fraction 0.
+    stats: {"active": share of the triplets with loss > 0}. No triplet: a zero loss that still backpropagates.
     """
 
-    MINING = ("batch_all", "batch_hard", "semihard")
+    figure = "active"
 
-    def __init__(self, margin=0.2, mining="batch_hard", squared=True):
+    def __init__(self, margin=0.2, squared=True, mining="none"):
         super().__init__()
-        if mining not in self.MINING:
-            raise ValueError(f"mining must be one of {', '.join(self.MINING)}, got {mining!r}")
         check_margin(margin)
-        self.margin, self.mining, self.squared = margin, mining, squared
+        check_mining(mining)
+        self.margin, self.squared, self.mining = margin, squared, mining
+        self.rows = batch_rows("triplet", mining)
 
-    def forward(self, embeddings, labels):
-        check_labelled(embeddings, labels)
-        d = pairwise_distances(embeddings, self.squared)
-        labels = labels.to(d.device)
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=d.device)
-        positive, negative = same & ~eye, ~same
-        if self.mining == "batch_hard":
-            hardest_positive = (d * positive).max(dim=1).values
-            hardest_negative = d.masked_fill(~negative, float("inf")).min(dim=1).values
-            valid = positive.any(dim=1) & negative.any(dim=1)
-            losses = torch.relu(hardest_positive - hardest_negative + self.margin)[valid]
+    def forward(self, embeddings, labels, rows=None):
+        check_batch(embeddings, labels)
+        if self.rows:
+            anchor, positive, negative = embeddings[checked_rows(rows, 3, len(embeddings), embeddings.device)]
+            losses = torch.relu(pair_distance(anchor, positive, self.squared)
+                                - pair_distance(anchor, negative, self.squared) + self.margin)
         else:
-            d_ap, d_an = d[:, :, None], d[:, None, :]  # [a, p, n]
-            valid = positive[:, :, None] & negative[:, None, :]
-            if self.mining == "batch_all":
-                losses = torch.relu(d_ap - d_an + self.margin)[valid]
-            else:
-                semihard = valid & (d_an > d_ap) & (d_an < d_ap + self.margin)
-                hardest = d.masked_fill(~negative, float("inf")).min(dim=1).values  # per anchor
-                # nearest semi-hard negative per (a, p)
-                chosen = d_an.expand_as(semihard).masked_fill(~semihard, float("inf")).min(dim=2).values
-                chosen = torch.where(torch.isfinite(chosen), chosen, hardest[:, None].expand_as(chosen))
-                pairs = positive & negative.any(dim=1, keepdim=True)
-                losses = torch.relu(d - chosen + self.margin)[pairs]
-        if losses.numel() == 0:
-            return embeddings.sum() * 0.0, 0.0
-        active = losses > 1e-16
-        fraction = active.float().mean().item()
-        if self.mining == "batch_all":
-            return losses.sum() / active.sum().clamp_min(1), fraction
-        return losses.mean(), fraction
+            d = pairwise_distances(embeddings, self.squared)
+            losses = mined_triplet_losses(d, labels.to(d.device), self.margin, self.mining)
+        # above 1e-16, not 0: a difference of distances that is zero but for round-off is no active triplet
+        return mean_and_active(losses, embeddings, active_above=1e-16, over_active=self.mining == "batch_all")
 
 
 # -----------------------------------------------------------------------------
-# contrastive loss
+# pairs: contrastive loss and the pair classifier
+
+class ContrastiveLoss(nn.Module):
+    """Siamese contrastive loss (Hadsell, Chopra and LeCun 2006): mean over pairs of d^2 for a pair of one
+    person and max(0, margin - d)^2 for a pair of two, d the Euclidean distance (in float32).
+
+    mining 'none': rows (B, 2) give the pairs, indices of first and second embedding (rows = "pairs"). Any other
+    mining: every pair i < j of a labelled batch, e.g. from a P x K sampler (rows = None; rows are ignored).
+    A pair is of one person when its labels are equal. stats: {"active": share of the active pairs}: a pair of one
+    person is active unless its embeddings coincide, a pair of two while closer than the margin. No pair: a zero
+    loss that still backpropagates.
+    """
+
+    figure = "active"
+
+    def __init__(self, margin=1.0, mining="none"):
+        super().__init__()
+        check_margin(margin)
+        check_mining(mining)
+        self.margin, self.mining = margin, mining
+        self.rows = batch_rows("contrastive", mining)
+
+    def forward(self, embeddings, labels, rows=None):
+        check_batch(embeddings, labels)
+        labels = labels.to(embeddings.device)
+        if self.rows:
+            first, second = checked_rows(rows, 2, len(embeddings), embeddings.device)
+            d2 = pair_distance(embeddings[first], embeddings[second])
+        else:
+            first, second = torch.triu_indices(len(labels), len(labels), offset=1, device=embeddings.device)
+            d2 = pairwise_distances(embeddings)[first, second]
+        return mean_and_active(contrastive_losses(d2, labels[first] != labels[second], self.margin), embeddings)
+
+
+class PairClassifierLoss(nn.Module):
+    """The pair classifier and its binary cross-entropy: rows (B, 2) give the pairs, indices of first and second
+    embedding (rows = "pairs"); the target is 1 for a pair of one person (equal labels), 0 for two.
+
+    logits(e1, e2): features |e1 - e2| and e1 * e2 (2D values) -> Linear -> ReLU -> Linear -> 1, one logit per
+    pair, positive for 'same person'. Both features are exactly symmetric, so logits(e1, e2) == logits(e2, e1) bit
+    for bit: a pair has one score whatever its order. `config` rebuilds it: PairClassifierLoss(**config).
+    stats: {"accuracy": share of the pairs decided right (logit > 0 for same)}. No pair: a zero loss that still
+    backpropagates.
+    """
+
+    rows, figure = "pairs", "accuracy"
+
+    def __init__(self, embedding_dim, hidden_dim=64):
+        super().__init__()
+        if embedding_dim < 1 or hidden_dim < 1:
+            raise ValueError(f"embedding_dim and hidden_dim must be positive, got {embedding_dim}, {hidden_dim}")
+        self.config = dict(embedding_dim=embedding_dim, hidden_dim=hidden_dim)
+        self.classifier = nn.Sequential(nn.Linear(2 * embedding_dim, hidden_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden_dim, 1))
+
+    def logits(self, e1, e2):
+        """(N,) logits of the pairs (e1[i], e2[i]), e1 and e2 (N, embedding_dim) of any float dtype (in float32)."""
+        dim = self.config["embedding_dim"]
+        if e1.shape != e2.shape or e1.dim() != 2 or e1.shape[1] != dim:
+            raise ValueError(f"the pair classifier wants two (N, {dim}) embedding batches, got {tuple(e1.shape)} "
+                             f"and {tuple(e2.shape)}")
+        e1, e2 = e1.float(), e2.float()
+        return self.classifier(torch.cat([(e1 - e2).abs(), e1 * e2], dim=1)).squeeze(1)
+
+    def forward(self, embeddings, labels, rows=None):
+        check_batch(embeddings, labels)
+        first, second = checked_rows(rows, 2, len(embeddings), embeddings.device)
+        logits = self.logits(embeddings[first], embeddings[second])
+        if len(logits) == 0:
+            return empty_batch(embeddings, self.figure)
+        labels = labels.to(logits.device)
+        same = (labels[first] == labels[second]).float()
+        accuracy = ((logits > 0).float() == same).float().mean().item()
+        return F.binary_cross_entropy_with_logits(logits, same), {"accuracy": accuracy}
+
+
+# -----------------------------------------------------------------------------
+# classification over the training identities
+
+class ArcFaceLoss(nn.Module):
+    """Additive angular margin softmax (ArcFace, Deng et al. 2019) over the training identities.
+
+    Holds one learnable centre per identity, `weight` (num_classes, embedding_dim). Embeddings and centres are
+    L2-normalised, so the logits are the cosines of their angles theta; the label's logit becomes
+    cos(theta + margin), and the loss is the cross-entropy of scale * logits. Where theta + margin would pass
+    pi, past which cos(theta + margin) grows again with theta, the label's logit is
+    cos(theta) - margin * sin(pi - margin) instead (as in insightface), which keeps falling with theta.
+
+    Trains on labelled batches (rows = None; the rows argument is ignored): labels (N,) integers in
+    [0, num_classes). stats: {"accuracy": share of embeddings whose nearest centre by cosine (without the margin)
+    is their label's}. An empty batch gives a zero loss that still backpropagates, and accuracy 0.
+    """
+
+    rows, figure = None, "accuracy"
+
+    def __init__(self, embedding_dim, num_classes, scale=30.0, margin=0.5):
+        super().__init__()
+        if embedding_dim < 1 or num_classes < 1:
+            raise ValueError(f"embedding_dim and num_classes must be positive, got {embedding_dim}, {num_classes}")
+        if not 0 <= margin < math.pi:
+            raise ValueError(f"margin must be an angle in [0, pi) radians, got {margin}")
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.xavier_uniform_(self.weight)
+        self.scale, self.margin = scale, margin
+        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
+        self.threshold, self.fallback = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
+
+    def forward(self, embeddings, labels, rows=None):
+        check_batch(embeddings, labels)
+        num_classes, dim = self.weight.shape
+        if embeddings.shape[1] != dim:
+            raise ValueError(f"expected embeddings of dimension {dim}, got {embeddings.shape[1]}")
+        if len(labels) == 0:
+            return empty_batch(embeddings, self.figure)
+        low, high = labels.min().item(), labels.max().item()
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got {low} to {high}")
+        cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
+        labels = labels.to(cos.device)
+        cos_t = cos.gather(1, labels[:, None])
+        # clamped away from 0, where the square root's gradient is infinite (an embedding on its centre)
+        sin_t = (1 - cos_t.pow(2)).clamp_min(1e-7).sqrt()
+        phi = cos_t * self.cos_m - sin_t * self.sin_m  # cos(theta + margin)
+        phi = torch.where(cos_t > self.threshold, phi, cos_t - self.fallback)
+        logits = cos.scatter(1, labels[:, None], phi)
+        accuracy = (cos.argmax(dim=1) == labels).float().mean().item()
+        return F.cross_entropy(self.scale * logits, labels), {"accuracy": accuracy}
+
+
+def batch_rows(loss, mining="none"):
+    """What batches the objective `loss` with `mining` trains on (its `rows`), known before anything is built:
+    "triplets" or "pairs" of given rows, or None for labelled P x K batches."""
+    if loss == "pair_bce" or (loss == "contrastive" and mining == "none"):
+        return "pairs"
+    return "triplets" if loss == "triplet" and mining == "none" else None
+
+
+def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim=128, num_classes=0,
+                    arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64):
+    """The training objective `loss` (one of OBJECTIVES) with `mining` (one of MINING): "none" trains the triplet
+    and contrastive losses on given rows, the others mine labelled batches. pair_bce trains on given pairs only;
+    arcface classifies labelled batches whatever the mining, over `num_classes` training identities."""
+    if loss not in OBJECTIVES:
+        raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
+    check_mining(mining)
+    if loss == "pair_bce" and mining != "none":
+        raise ValueError(f"loss='pair_bce' trains on given pairs, not on mined ones: use mining='none', not "
+                         f"{mining!r}")
+    if loss == "triplet":
+        return TripletLoss(margin, squared, mining)
+    if loss == "contrastive":
+        return ContrastiveLoss(margin, mining)
+    if loss == "pair_bce":
+        return PairClassifierLoss(embedding_dim, pair_hidden_dim)
+    return ArcFaceLoss(embedding_dim, num_classes, arcface_scale, arcface_margin)
+
+
+# -----------------------------------------------------------------------------
+# distributed runs
 
 class _GatherWithGradients(torch.autograd.Function):
     """all_gather whose backward sends each process the gradient of its own rows, summed over the processes."""
@@ -153,110 +360,6 @@ def gather_batch(embeddings, labels):
     parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, labels.contiguous())
     return _GatherWithGradients.apply(embeddings), torch.cat(parts)
-
-
-def contrastive_losses(d2, different, margin):
-    """Per-pair contrastive loss from squared distances d2 and a boolean `different` (pair of two people):
-    d^2 for a pair of one person, taken as it is so that coinciding embeddings give exactly 0, and
-    max(0, margin - d)^2 for a pair of two."""
-    return torch.where(different, torch.relu(margin - safe_sqrt(d2)).pow(2), d2)
-
-
-class ContrastiveLoss(nn.Module):
-    """Siamese contrastive loss (Hadsell, Chopra and LeCun 2006): mean over pairs of d^2 for a pair of one
-    person and max(0, margin - d)^2 for a pair of two, d the Euclidean distance.
-
-    Input: e1, e2 (N, D), row i of both forming pair i, any float dtype (computed in float32); target (N,) with
-    0 = same person, 1 = different people. Output: a scalar.
-    """
-
-    def __init__(self, margin=1.0):
-        super().__init__()
-        check_margin(margin)
-        self.margin = margin
-
-    def forward(self, e1, e2, target):
-        if e1.shape != e2.shape or e1.dim() != 2 or target.shape != e1.shape[:1]:
-            raise ValueError(f"expected e1 and e2 (N, D) of one shape and target (N,), got {tuple(e1.shape)}, "
-                             f"{tuple(e2.shape)} and {tuple(target.shape)}")
-        d2 = pair_distance(e1, e2)
-        return contrastive_losses(d2, target.to(d2.device) != 0, self.margin).mean()
-
-
-class OnlineContrastiveLoss(nn.Module):
-    """Contrastive loss over every pair (i < j) of a batch of labelled embeddings, e.g. from a P x K sampler.
-
-    Input: embeddings (N, D), any float dtype (computed in float32); labels (N,) integer identities.
-    Output: (loss, fraction of active pairs). The loss is the mean over all pairs; a pair of one person is
-    active unless its embeddings coincide, a pair of two while closer than the margin. A batch without a pair
-    (N < 2) gives a zero loss that still backpropagates, and fraction 0.
-    """
-
-    def __init__(self, margin=1.0):
-        super().__init__()
-        check_margin(margin)
-        self.margin = margin
-
-    def forward(self, embeddings, labels):
-        check_labelled(embeddings, labels)
-        if len(labels) < 2:
-            return embeddings.sum() * 0.0, 0.0
-        d2 = pairwise_distances(embeddings)
-        labels = labels.to(d2.device)
-        i, j = torch.triu_indices(len(labels), len(labels), offset=1, device=d2.device)
-        losses = contrastive_losses(d2[i, j], labels[i] != labels[j], self.margin)
-        return losses.mean(), (losses > 0).float().mean().item()
-
-
-# -----------------------------------------------------------------------------
-# classification over the training identities
-
-class ArcFaceLoss(nn.Module):
-    """Additive angular margin softmax (ArcFace, Deng et al. 2019) over the training identities.
-
-    Holds one learnable centre per identity, `weight` (num_classes, embedding_dim). Embeddings and centres are
-    L2-normalised, so the logits are the cosines of their angles theta; the label's logit becomes
-    cos(theta + margin), and the loss is the cross-entropy of scale * logits. Where theta + margin would pass
-    pi, past which cos(theta + margin) grows again with theta, the label's logit is
-    cos(theta) - margin * sin(pi - margin) instead (as in insightface), which keeps falling with theta.
-
-    Input: embeddings (N, D), any float dtype (computed in float32); labels (N,) integers in [0, num_classes).
-    Output: (loss, accuracy): accuracy is the share of embeddings whose nearest centre by cosine (without the
-    margin) is their label's, a float. An empty batch gives a zero loss that still backpropagates, and 0.
-    """
-
-    def __init__(self, embedding_dim, num_classes, scale=30.0, margin=0.5):
-        super().__init__()
-        if not 0 <= margin < math.pi:
-            raise ValueError(f"margin must be an angle in [0, pi) radians, got {margin}")
-        if scale <= 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        nn.init.xavier_uniform_(self.weight)
-        self.scale, self.margin = scale, margin
-        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
-        self.threshold, self.fallback = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
-
-    def forward(self, embeddings, labels):
-        check_labelled(embeddings, labels)
-        num_classes, dim = self.weight.shape
-        if embeddings.shape[1] != dim:
-            raise ValueError(f"expected embeddings of dimension {dim}, got {embeddings.shape[1]}")
-        if len(labels) == 0:
-            return embeddings.sum() * 0.0, 0.0
-        low, high = labels.min().item(), labels.max().item()
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}), got {low} to {high}")
-        cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
-        labels = labels.to(cos.device)
-        cos_t = cos.gather(1, labels[:, None])
-        # clamped away from 0, where the square root's gradient is infinite (an embedding on its centre)
-        sin_t = (1 - cos_t.pow(2)).clamp_min(1e-7).sqrt()
-        phi = cos_t * self.cos_m - sin_t * self.sin_m  # cos(theta + margin)
-        phi = torch.where(cos_t > self.threshold, phi, cos_t - self.fallback)
-        logits = cos.scatter(1, labels[:, None], phi)
-        accuracy = (cos.argmax(dim=1) == labels).float().mean().item()
-        return F.cross_entropy(self.scale * logits, labels), accuracy
 
 
 # -----------------------------------------------------------------------------

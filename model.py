@@ -1,6 +1,6 @@
-"""The embedding network (a backbone + an embedding head), the pair classifier head and checkpoint loading."""
+"""The embedding network (a backbone + an embedding head), the choice of device, and rebuilding a network from a
+checkpoint."""
 import os
-import pickle
 from contextlib import nullcontext
 
 import torch
@@ -8,16 +8,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from checkpoint import CheckpointError
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "alexnet", "smallcnn")
 HEADS = ("mlp", "linear")
 
 
 class PretrainedUnavailable(RuntimeError):
     """ImageNet weights were asked for but cannot be had (no network and nothing in the torch cache)."""
-
-
-class CheckpointError(ValueError):
-    """A file that is missing, not a checkpoint of this repository, or does not fit its model."""
 
 
 def select_device(name="auto", amp=True, local_rank=None):
@@ -138,51 +136,6 @@ class EmbeddingNet(nn.Module):
 
     def forward(self, images):
         return F.normalize(self.head(self.backbone(images)), dim=1)
-
-
-class PairHead(nn.Module):
-    """The pair classifier: embeddings e1, e2 of shape (N, D), row i of both being one pair -> (N,) logits, positive
-    for 'same person' (train with BCEWithLogitsLoss, target 1 for same, 0 for different).
-
-    Features |e1 - e2| and e1 * e2 (2D values) -> Linear -> ReLU -> Linear -> 1. Both features are exactly
-    symmetric, so forward(e1, e2) == forward(e2, e1) bit for bit: a pair has one score whatever its order.
-    `config` rebuilds it: PairHead(**config).
-    """
-
-    def __init__(self, embedding_dim, hidden_dim=64):
-        super().__init__()
-        if embedding_dim < 1 or hidden_dim < 1:
-            raise ValueError(f"embedding_dim and hidden_dim must be positive, got {embedding_dim}, {hidden_dim}")
-        self.config = dict(embedding_dim=embedding_dim, hidden_dim=hidden_dim)
-        self.classifier = nn.Sequential(nn.Linear(2 * embedding_dim, hidden_dim), nn.ReLU(inplace=True),
-                                        nn.Linear(hidden_dim, 1))
-
-    def forward(self, e1, e2):
-        dim = self.config["embedding_dim"]
-        if e1.shape != e2.shape or e1.dim() != 2 or e1.shape[1] != dim:
-            raise ValueError(f"PairHead wants two (N, {dim}) embedding batches, got {tuple(e1.shape)} and "
-                             f"{tuple(e2.shape)}")
-        return self.classifier(torch.cat([(e1 - e2).abs(), e1 * e2], dim=1)).squeeze(1)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint written by train.py, read with weights_only=True: plain values and tensors only, so
-    loading it can never run code. Raises CheckpointError with the reason."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file (train one with: python train.py)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):  # a pickled object that unpickling would construct or call
-            raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain "
-                                  f"values, which could run code when loaded") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({str(err).splitlines()[0]})") from None
-    except Exception as err:  # torch.load's errors on arbitrary bytes vary (KeyError, EOFError, RuntimeError...)
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                              f"{(str(err).splitlines() or [''])[0]})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
-        raise CheckpointError(f"{path}: not a checkpoint written by train.py (no 'model' and 'model_config')")
-    return checkpoint
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):

@@ -17,15 +17,19 @@ import time
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.data import DataLoader
 
 import configurator
-from data_utils import DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file, save_json
-from evaluation import (calibrate_threshold, cosine_similarity_pairs, embed, embed_files, identification_accuracy,
-                        identify, open_set_metrics, plot_confusion_matrix, plot_embeddings_2d,
-                        plot_roc, relabel, retrieval_metrics, verification_metrics, verification_pairs)
-from model import CheckpointError, PairHead, load_checkpoint, model_from_checkpoint, select_device
+from checkpoint import load_checkpoint
+from data_utils import DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file
+from evaluation import (cosine_similarity_pairs, identification_accuracy, identify, open_set_evaluation,
+                        pair_decisions, relabel, retrieval_metrics, verification_metrics, verification_pairs)
+from figures import plot_confusion_matrix, plot_embeddings_2d, plot_roc
+from files import save_json
+from inference import embed, embed_files
+from losses import build_objective
+from model import model_from_checkpoint, select_device
 
 # -----------------------------------------------------------------------------
 # data
@@ -50,14 +54,13 @@ amp = True  # mixed precision on CUDA; ignored on the CPU
 configurator.parse(globals(), description=__doc__.split("\n")[0])
 
 try:
+    if not 0 < target_far < 1:
+        raise configurator.ConfigError("target_far", "must be a rate in (0, 1)")
     device, autocast, _ = select_device(device, amp)
     num_workers = loader_workers(num_workers, device)
-except ValueError as err:
-    sys.exit(f"error: {err}")
-try:
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state, checkpoint).to(device)
-except CheckpointError as err:
+except ValueError as err:  # CheckpointError and ConfigError are ValueErrors too
     sys.exit(f"error: {err}")
 trained = state.get("config", {})
 data_dir = data_dir or trained.get("data_dir", "")
@@ -101,8 +104,7 @@ for name, guess in zip(np.array(probes.classes)[probe_labels.numpy()[~known]], p
 if missing:
     print(f"warning: {int((~known).sum())} probes of {len(missing)} identities absent from the gallery are "
           f"left out of the accuracy" + ("" if unknowns else " (they are the strangers of the open-set figures)")
-          + ": "
-          + ", ".join(f"{k} ({len(v)})" for k, v in sorted(missing.items())))
+          + ": " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(missing.items())))
 labels = list(range(len(gallery.classes)))
 report_args = dict(labels=labels, target_names=gallery.classes, zero_division=0)
 report = classification_report(truth[known], predicted[known], output_dict=True, **report_args)
@@ -139,28 +141,34 @@ def verify(name, same, similarity, fold_ids=None):
     roc = figures.pop("roc")
     roc_curves.append((name, roc["fpr"], roc["tpr"], figures["auc"], figures["eer"]))
     unresolved = f" (FAR below 1/{figures['different_pairs']} different pairs: unresolved)"
-    rows.extend([(f"{name}: ROC AUC", f"{figures['auc']:.4f}"), (f"{name}: EER", percent(figures["eer"])),
-                 *((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < figures["far_floor"]
-                                                                 else "")) for far, tar in figures["tar_at_far"].items()),
-                 (f"{name}: {figures['folds']}-fold accuracy", f"{percent(figures['accuracy_mean'])} ± "
-                                                                f"{100 * figures['accuracy_std']:.2f}")])
+    rows.extend([(f"{name}: ROC AUC", f"{figures['auc']:.4f}"), (f"{name}: EER", percent(figures["eer"]))])
+    rows.extend((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < figures["far_floor"] else ""))
+                for far, tar in figures["tar_at_far"].items())
+    rows.append((f"{name}: {figures['folds']}-fold accuracy",
+                 f"{percent(figures['accuracy_mean'])} ± {100 * figures['accuracy_std']:.2f}"))
     return figures
+
+
+def pair_classifier_decisions(probe_pairs):
+    """The pair classifier recipe's own decisions on the probe pairs: precision, recall and F1."""
+    head = build_objective("pair_bce", embedding_dim=model.config["embedding_dim"],
+                           pair_hidden_dim=trained.get("pair_hidden_dim", 64))
+    head.load_state_dict(state["loss_state"])
+    with torch.inference_mode():
+        decided = (head.eval().logits(probe_emb[probe_pairs[:, 0]], probe_emb[probe_pairs[:, 1]]) > 0).numpy()
+    return pair_decisions(probe_pairs[:, 2] == 1, decided)
 
 
 probe_pairs = verification_pairs(probe_labels.numpy(), np.random.default_rng(seed), max_same_pairs or None)
 results["verification"] = verify("probe pairs", probe_pairs[:, 2], cosine_similarity_pairs(probe_emb, probe_pairs))
-if results["verification"] and "pair_head_config" in state:  # the pair classifier recipe: its own decisions
-    head = PairHead(**state["pair_head_config"])
-    head.load_state_dict(state["loss_state"])
-    with torch.inference_mode():
-        decided_same = (head.eval()(probe_emb[probe_pairs[:, 0]], probe_emb[probe_pairs[:, 1]]) > 0).numpy()
-    precision, recall, f1, _ = precision_recall_fscore_support(probe_pairs[:, 2] == 1, decided_same,
-                                                               average="binary", zero_division=0)
-    results["verification"]["pair_classifier"] = dict(precision=precision, recall=recall, f1=f1)
-    rows.append(("pair classifier: precision / recall / F1", f"{precision:.3f} / {recall:.3f} / {f1:.3f}"))
+if results["verification"] and trained.get("loss") == "pair_bce":
+    decisions = results["verification"]["pair_classifier"] = pair_classifier_decisions(probe_pairs)
+    rows.append(("pair classifier: precision / recall / F1", " / ".join(f"{decisions[k]:.3f}" for k in
+                                                                        ("precision", "recall", "f1"))))
 
-results["pairs"] = None
-if pair_list:
+
+def score_pairs_file(pair_list):
+    """results["pairs"] for an LFW-style pairs file: its images embedded, its pairs scored with its own folds."""
     for line, path in pair_list["missing"]:
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
@@ -169,36 +177,30 @@ if pair_list:
     scored = [i for i, (a, b, _) in enumerate(pair_list["pairs"]) if a in row_of and b in row_of]
     index_rows = np.array([(row_of[a], row_of[b], same) for a, b, same in (pair_list["pairs"][i] for i in scored)],
                           dtype=np.int64).reshape(-1, 3)
-    results["pairs"] = dict(file=os.path.abspath(pairs), missing_images=[
-        dict(line=line, path=path) for line, path in pair_list["missing"]], unreadable_images=sorted(
-        set(files) - set(row_of)), pairs_scored=len(index_rows))
-    results["pairs"].update(verify(os.path.basename(pairs), index_rows[:, 2], cosine_similarity_pairs(
-        pair_emb, index_rows), np.asarray(pair_list["fold_ids"])[scored]) or {})
     rows.append((f"{os.path.basename(pairs)}: pairs scored",
                  f"{len(index_rows)} (missing images: {len(pair_list['missing'])})"))
+    figures = verify(os.path.basename(pairs), index_rows[:, 2], cosine_similarity_pairs(pair_emb, index_rows),
+                     np.asarray(pair_list["fold_ids"])[scored]) if len(index_rows) else None
+    return dict(file=os.path.abspath(pairs), pairs_scored=len(index_rows), **(figures or {}),
+                missing_images=[dict(line=line, path=path) for line, path in pair_list["missing"]],
+                unreadable_images=sorted(set(files) - set(row_of)))
+
+
+results["pairs"] = score_pairs_file(pair_list) if pair_list else None
 if roc_curves:
     plot_roc(roc_curves, os.path.join(out_dir, "roc.png"))
 
-# open set -----------------------------------------------------------------------
-# Calibrate on the known probes as if each were a stranger: its best similarity to any *other* identity's
-# centroid is the score an impostor would get. Then check on people who are really absent from the gallery.
-# (A single gallery identity has no other: no threshold.)
-results["open_set"] = None
-if len(gallery.classes) >= 2 and known.any():
-    mask = torch.from_numpy(known)
-    impostor = found["similarities"][mask].scatter(1, found["truth"][mask].unsqueeze(1), -2.0).max(dim=1).values
-    threshold = calibrate_threshold(impostor.numpy(), target_far)
-    stranger_scores = identify(unknown_emb, found["centroids"])[1].numpy() if unknowns else scores[~known]
-    strangers = np.full(len(stranger_scores), -1)  # truth -1: not in the gallery (their predictions do not count)
-    results["open_set"] = dict(open_set_metrics(
-        np.concatenate([scores[known], stranger_scores]), np.concatenate([predicted[known], strangers]),
-        np.concatenate([truth[known], strangers]), threshold),
-        target_far=target_far, unknown_source=unknown_dir or "valid/ identities absent from train/")
-    rows += [(f"open set: threshold (FAR {target_far:g} on known probes)", f"{threshold:.4f}"),
+# open set: a threshold calibrated on the known probes as if each were a stranger, checked on people really absent
+# from the gallery ------------------------------------------------------------------------------------------------
+stranger_scores = identify(unknown_emb, found["centroids"])[1].numpy() if unknowns else None
+results["open_set"] = open_set_evaluation(found, target_far, stranger_scores)
+if results["open_set"]:
+    results["open_set"]["unknown_source"] = unknown_dir or "valid/ identities absent from train/"
+    rows += [(f"open set: threshold (FAR {target_far:g} on known probes)", f"{results['open_set']['threshold']:.4f}"),
              ("open set: detection and identification rate",
               percent(results["open_set"]["detection_identification_rate"])),
              ("open set: false-accept rate on unknown people",
-              percent(results["open_set"]["false_accept_rate"]) + f" ({len(stranger_scores)} probes)")]
+              percent(results["open_set"]["false_accept_rate"]) + f" ({results['open_set']['unknown_probes']} probes)")]
 
 # retrieval ----------------------------------------------------------------------
 results["retrieval"] = retrieval_metrics(probe_emb, relabel(probe_labels, probes.classes, gallery.classes),

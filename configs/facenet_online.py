@@ -1,6 +1,6 @@
 # FaceNet-style online triplet mining: semi-hard negatives inside P x K batches, ResNet18, 128-d embeddings,
 # curves against iterations. For LFW-style data, keep people with 20-30 images and split 0.8/0.1/0.1:
-#   python data_utils.py split lfw data/lfw_20_30 --min_images=20 --max_images=30 --valid=0.1 --test=0.1
+#   python prepare.py split lfw data/lfw_20_30 --min_images=20 --max_images=30 --valid=0.1 --test=0.1
 #   python train.py configs/facenet_online.py --data_dir=data/lfw_20_30
 # Variants: --backbone=alexnet or --backbone=resnet152, --embedding_dim=64, --batch_size=32.
 image_size = 112

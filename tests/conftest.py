@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,5 +54,16 @@ def att_subset(att_faces, tmp_path_factory):
     for name in ("s1", "s2", "s3", "s4", "s5", "s6"):
         os.symlink(os.path.abspath(os.path.join(att_faces, name)), raw / name)
     prepared = tmp_path_factory.mktemp("att_subset")
-    run_script("data_utils.py", "split", str(raw), str(prepared), "--valid=0.2", "--seed=0")
+    from prepare import split_dataset  # below the sys.path line above, as the tests' imports are
+    split_dataset(str(raw), str(prepared), valid=0.2, seed=0, log=lambda *_: None)
     return prepared
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread a test: the suite runs in two processes on small machines, and for tiny tensors a pool
+    of threads costs more than it brings (many times more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,15 +1,18 @@
+"""data_utils: scanning and decoding images, transforms, triplet and pair datasets and their batches, P x K
+sampling; on small image trees written into tmp_path."""
 import os
-from urllib.error import URLError
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import data_utils
-from conftest import make_faces, run_script, write_image
-from data_utils import (DatasetError, FaceFolder, PairDataset, TripletFaceDataset, atomic_write, draw_pairs, load_rgb,
-                        denormalize, loader_workers, make_transform, normalize, split_dataset)
+from conftest import make_faces, write_image
+from data_utils import (IMAGENET_MEAN, IMAGENET_STD, DatasetError, FaceFolder, PairDataset, TripletFaceDataset,
+                        collate_rows, denormalize, draw_pairs, load_rgb, loader_workers, make_transform, normalize)
 
 
 # -----------------------------------------------------------------------------
@@ -55,6 +58,18 @@ def test_uint8_pixels_normalised_later_equal_the_normalised_transform(tmp_path, 
     assert torch.allclose(denormalize(expected[None]) * 255, pixels.float(), atol=1e-3)
 
 
+def test_normalize_is_the_imagenet_multiply_add_bit_for_bit():
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 4, 1)  # every value, batched: (2, 3, 4, 256)
+    scale = 1 / (255 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
+    shift = -255 * torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * scale
+    out = normalize(pixels)
+    assert out.dtype == torch.float32 and out.shape == pixels.shape
+    assert torch.equal(out, torch.addcmul(shift, pixels.float(), scale))
+    assert torch.equal(normalize(pixels[0]), out[0])  # one image as a batch of one
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(out, (pixels.float() / 255 - mean) / std, atol=1e-5)  # ToTensor, then Normalize
+
+
 def test_auto_worker_count_is_none_on_the_cpu_and_a_share_of_the_cores_on_cuda(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert loader_workers(-1, "cpu") == 0 and loader_workers(3, "cpu") == 3 and loader_workers(0, "cuda") == 0
@@ -63,7 +78,7 @@ def test_auto_worker_count_is_none_on_the_cpu_and_a_share_of_the_cores_on_cuda(m
     assert loader_workers(-1, "cuda", processes=16) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert loader_workers(-1, "cuda") == 1
-    with pytest.raises(ValueError, match="--num_workers=-2: choose -1 \\(auto\\), 0"):
+    with pytest.raises(ValueError, match="--num_workers=-2"):
         loader_workers(-2, "cpu")
 
 
@@ -85,10 +100,10 @@ def test_rgba_transparent_pixels_become_black(tmp_path):
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
-    with pytest.raises(DatasetError, match="no such folder"):
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "nope"))):
         FaceFolder(str(tmp_path / "nope"))
     (tmp_path / "empty" / "person").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="no images found"):
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "empty"))):
         FaceFolder(str(tmp_path / "empty"))
 
 
@@ -96,10 +111,10 @@ def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
     make_faces(tmp_path, identities=2, images=3)
     (tmp_path / "p0" / "empty.jpg").write_bytes(b"")
     (tmp_path / "p0" / "text.jpg").write_text("this is not a jpeg")
-    with pytest.warns(UserWarning, match="skipped 2 unreadable") as record:
+    with pytest.warns(UserWarning) as record:
         faces = FaceFolder(str(tmp_path))
-    assert "empty.jpg" in str(record[0].message) and "text.jpg" in str(record[0].message)
-    assert len(faces) == 6
+    assert len(record) == 1 and "empty.jpg" in str(record[0].message) and "text.jpg" in str(record[0].message)
+    assert len(faces) == 6 and sorted(map(os.path.basename, faces.skipped)) == ["empty.jpg", "text.jpg"]
 
 
 def test_truncated_image_is_replaced_by_another_of_its_identity(tmp_path):
@@ -158,12 +173,17 @@ def test_symlink_cycle_is_followed_once(tmp_path):
 # -----------------------------------------------------------------------------
 # triplets
 
-def test_triplet_item_gives_images_and_labels(tmp_path):
+def test_triplet_item_gives_the_images_and_labels_of_its_row(tmp_path):
     make_faces(tmp_path, identities=2, images=2)
-    data = TripletFaceDataset(FaceFolder(str(tmp_path), make_transform((20, 16), train=True)))
-    anchor, positive, negative, anchor_label, negative_label = data[0]
-    assert anchor.shape == positive.shape == negative.shape == (3, 20, 16)
-    assert anchor_label != negative_label
+    data = TripletFaceDataset(FaceFolder(str(tmp_path), make_transform((20, 16), train=False)))
+    for index in range(len(data)):
+        images, labels = data[index]
+        assert len(images) == len(labels) == 3
+        for image, label, i in zip(images, labels, data.rows[index]):
+            assert image.shape == (3, 20, 16) and torch.equal(image, data.faces.load(int(i)))
+            assert label == data.faces.targets[i]
+        anchor_label, positive_label, negative_label = labels
+        assert anchor_label == positive_label != negative_label
 
 
 def test_single_image_identity_is_only_a_negative(tmp_path):
@@ -184,27 +204,19 @@ def test_single_image_identity_is_only_a_negative(tmp_path):
 
 def test_one_identity_is_an_error(tmp_path):
     make_faces(tmp_path, identities=1, images=4)
-    with pytest.raises(DatasetError, match="at least two identities"):
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path))):
         TripletFaceDataset(FaceFolder(str(tmp_path)))
-
-
-def test_triplet_grid_is_written(tmp_path):
-    make_faces(tmp_path / "d", identities=2, images=2)
-    faces = FaceFolder(str(tmp_path / "d"), make_transform(24, train=True))
-    items = [TripletFaceDataset(faces)[i] for i in range(3)]
-    a, p, n, la, ln = (torch.stack([torch.as_tensor(x[k]) for x in items]) for k in range(5))
-    data_utils.save_triplet_grid(a, p, n, la, ln, faces.classes, str(tmp_path / "triplets.png"))
-    assert Image.open(tmp_path / "triplets.png").size[1] > 100
 
 
 # -----------------------------------------------------------------------------
 # pairs
 
 def check_pairs(pairs, targets):
-    """Balanced pairs of the right kind: every i with a second image of its identity, once with each target."""
-    i, j, target = pairs.T
-    assert pairs.dtype == np.int64 and (target == 0).sum() == (target == 1).sum() > 0
-    same, different = target == 0, target == 1
+    """Balanced pairs of the right kind: every i with a second image of its identity, once with each kind
+    (same = 1: one person, 0: two)."""
+    i, j, kind = pairs.T
+    assert pairs.dtype == np.int64 and (kind == 1).sum() == (kind == 0).sum() > 0
+    same, different = kind == 1, kind == 0
     assert (same | different).all()
     assert (targets[i[same]] == targets[j[same]]).all() and (i[same] != j[same]).all()
     assert (targets[i[different]] != targets[j[different]]).all()
@@ -216,7 +228,7 @@ def test_draw_pairs_by_hand():
     by_label = [[0, 1], [2], [3, 4, 5]]
     pairs = draw_pairs(targets, by_label, np.random.default_rng(0))
     check_pairs(pairs, np.array(targets))
-    same = pairs[pairs[:, 2] == 0, :2].tolist()
+    same = pairs[pairs[:, 2] == 1, :2].tolist()
     assert sorted(i for i, _ in same) == [0, 1, 3, 4, 5]  # not 2: its identity has one image
     assert {i: j for i, j in same if i < 2} == {0: 1, 1: 0}  # identity 0 has one other image each
     assert 2 not in {k for pair in same for k in pair}
@@ -238,7 +250,7 @@ def test_rows_are_valid_fresh_each_epoch_and_reproducible(tmp_path, dataset, che
     for epoch in range(3):
         data.set_epoch(epoch)
         check(data.rows, np.array(faces.targets))
-        assert len(data) == rows_per_image * len(faces)  # every image an anchor once (pairs: once per target)
+        assert len(data) == rows_per_image * len(faces)  # every image an anchor once (pairs: once per kind)
     data.set_epoch(1)
     first = data.rows.copy()
     data.set_epoch(2)
@@ -251,19 +263,43 @@ def test_rows_are_valid_fresh_each_epoch_and_reproducible(tmp_path, dataset, che
     assert not np.array_equal(first, other_seed.rows)
 
 
-def test_pair_item_gives_images_target_and_labels(tmp_path):
+def test_pair_item_gives_the_images_and_labels_of_its_row(tmp_path):
     make_faces(tmp_path, identities=2, images=2)
     data = PairDataset(FaceFolder(str(tmp_path), make_transform((20, 16), train=False)))
     seen = set()
     for index in range(len(data)):
-        image1, image2, target, label1, label2 = data[index]
-        i, j, expected_target = data.rows[index]
+        (image1, image2), (label1, label2) = data[index]
+        i, j, same = data.rows[index]
         assert image1.shape == image2.shape == (3, 20, 16)
         assert torch.equal(image1, data.faces.load(int(i))) and torch.equal(image2, data.faces.load(int(j)))
-        assert target == expected_target and (label1, label2) == (data.faces.targets[i], data.faces.targets[j])
-        assert (label1 != label2) == (target == 1)
-        seen.add(target)
+        assert (label1, label2) == (data.faces.targets[i], data.faces.targets[j])
+        assert (label1 == label2) == (same == 1)
+        seen.add(int(same))
     assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("dataset,k", [(TripletFaceDataset, 3), (PairDataset, 2)])
+def test_collate_rows_index_each_items_images_and_labels(tmp_path, dataset, k):
+    make_faces(tmp_path, identities=3, images=3)
+    data = dataset(FaceFolder(str(tmp_path), make_transform((20, 16), train=False, pixels=True)), seed=1)
+    items = [data[index] for index in range(5)]
+    images, labels, rows = collate_rows(items)
+    assert images.shape == (k * 5, 3, 20, 16) and images.dtype == torch.uint8
+    assert labels.shape == (k * 5,) and labels.dtype == torch.int64
+    assert rows.shape == (5, k) and rows.dtype == torch.int64
+    assert rows.tolist() == [[b + position * 5 for position in range(k)] for b in range(5)]
+    for b, (item_images, item_labels) in enumerate(items):
+        for position in range(k):
+            assert torch.equal(images[rows[b, position]], item_images[position])
+            assert labels[rows[b, position]] == item_labels[position]
+    loader = DataLoader(data, batch_size=4, collate_fn=collate_rows)
+    images, labels, rows = next(iter(loader))
+    assert images.shape[0] == labels.shape[0] == 4 * k and rows.shape == (4, k)
+    if dataset is PairDataset:  # whether a pair is of one person is read from the labels
+        assert (labels[rows[:, 0]] == labels[rows[:, 1]]).tolist() == (data.rows[:4, 2] == 1).tolist()
+    else:
+        anchor, positive, negative = labels[rows].T
+        assert (anchor == positive).all() and (anchor != negative).all()
 
 
 def test_single_image_identity_is_never_in_a_same_pair(tmp_path):
@@ -277,132 +313,21 @@ def test_single_image_identity_is_never_in_a_same_pair(tmp_path):
     for epoch in range(20):
         data.set_epoch(epoch)
         check_pairs(data.rows, targets)
-        i, j, target = data.rows.T
+        i, j, same = data.rows.T
         assert (targets[i] != lonely).all()
-        assert (targets[j[target == 0]] != lonely).all()
-        in_different |= bool((targets[j[target == 1]] == lonely).any())
+        assert (targets[j[same == 1]] != lonely).all()
+        in_different |= bool((targets[j[same == 0]] == lonely).any())
     assert in_different
 
 
 def test_pairs_need_two_identities_and_a_second_image(tmp_path):
     make_faces(tmp_path / "one", identities=1, images=4)
-    with pytest.raises(DatasetError, match="pairs need at least two identities"):
+    with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "one"))):
         PairDataset(FaceFolder(str(tmp_path / "one")))
     make_faces(tmp_path / "singles", identities=3, images=1)
-    with pytest.raises(DatasetError, match="every identity has a single image; pairs need"):
-        PairDataset(FaceFolder(str(tmp_path / "singles")))
-    with pytest.raises(DatasetError, match="every identity has a single image; triplets need"):
-        TripletFaceDataset(FaceFolder(str(tmp_path / "singles")))
-
-
-# -----------------------------------------------------------------------------
-# split and fetch-att
-
-def listing(root):
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
-
-
-def test_split_is_per_identity_deterministic_and_leaves_source_alone(tmp_path):
-    src = make_faces(tmp_path / "src", identities=3, images=10)
-    write_image(tmp_path / "src" / "p0" / "distortion" / "0_blur.png")
-    before = listing(src)
-    counts = split_dataset(str(src), str(tmp_path / "a"), valid=0.2, seed=1, log=lambda *_: None)
-    split_dataset(str(src), str(tmp_path / "b"), valid=0.2, seed=1, log=lambda *_: None)
-    split_dataset(str(src), str(tmp_path / "c"), valid=0.2, seed=2, log=lambda *_: None)
-    assert listing(src) == before
-    assert counts == {"train": 25, "valid": 6}
-    assert listing(tmp_path / "a") == listing(tmp_path / "b")
-    assert listing(tmp_path / "a") != listing(tmp_path / "c")
-    for person in ("p0", "p1", "p2"):
-        assert len(os.listdir(tmp_path / "a" / "valid" / person)) == 2
-    assert os.path.isfile(tmp_path / "a" / "train" / "p0" / "distortion" / "0_blur.png")
-    train = set(os.listdir(tmp_path / "a" / "train" / "p1"))
-    assert not train & set(os.listdir(tmp_path / "a" / "valid" / "p1"))
-
-
-def test_split_with_test_fraction_and_image_count_filters(tmp_path):
-    src = tmp_path / "src"
-    for person, count in (("few", 3), ("mid", 20), ("many", 40)):
-        for j in range(count):
-            write_image(src / person / f"{j}.png", seed=j)
-    lines = []
-    counts = split_dataset(str(src), str(tmp_path / "out"), valid=0.1, test=0.1, min_images=5, max_images=30,
-                           log=lines.append)
-    assert counts == {"train": 16, "valid": 2, "test": 2}
-    assert sorted(os.listdir(tmp_path / "out" / "train")) == ["mid"]
-    text = "\n".join(lines)
-    assert "few (3 images" in text and "many (40 images" in text
-
-
-def test_small_identity_goes_to_every_split_it_can(tmp_path):
-    src = make_faces(tmp_path / "src", identities=2, images=2)
-    split_dataset(str(src), str(tmp_path / "out"), valid=0.1, log=lambda *_: None)
-    for person in ("p0", "p1"):  # 10% of 2 rounds to 0, yet each identity keeps one valid image
-        assert len(os.listdir(tmp_path / "out" / "valid" / person)) == 1
-        assert len(os.listdir(tmp_path / "out" / "train" / person)) == 1
-
-
-def test_split_refuses_non_empty_destination_unless_forced(tmp_path):
-    src = make_faces(tmp_path / "src", identities=2, images=5)
-    (tmp_path / "dst").mkdir()
-    (tmp_path / "dst" / "keep.txt").write_text("mine")
-    proc = run_script("data_utils.py", "split", str(src), str(tmp_path / "dst"), check=False)
-    assert proc.returncode != 0 and "not empty" in proc.stderr and "--force" in proc.stderr
-    run_script("data_utils.py", "split", str(src), str(tmp_path / "dst"), "--force")
-    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
-    assert len(listing(tmp_path / "dst" / "train")) == 8
-
-
-def test_split_rejects_bad_arguments(tmp_path):
-    src = make_faces(tmp_path / "src", identities=2, images=5)
-    with pytest.raises(DatasetError, match="no such folder"):
-        split_dataset(str(tmp_path / "missing"), str(tmp_path / "x"))
-    with pytest.raises(DatasetError, match="fractions"):
-        split_dataset(str(src), str(tmp_path / "x"), valid=0.6, test=0.5)
-    with pytest.raises(DatasetError, match="inside"):
-        split_dataset(str(src), str(src / "out"))
-    with pytest.raises(DatasetError, match="passed the filters"):
-        split_dataset(str(src), str(tmp_path / "x"), min_images=50)
-
-
-def test_fetch_att_writes_identity_folders_from_the_olivetti_array(tmp_path, monkeypatch):
-    import sklearn.datasets
-    from sklearn.utils import Bunch
-    rng = np.random.default_rng(0)
-    fake = Bunch(images=rng.random((40, 64, 64)).astype(np.float32), target=np.repeat(np.arange(4), 10))
-    monkeypatch.setattr(sklearn.datasets, "fetch_olivetti_faces", lambda *a, **k: fake)
-    counts = data_utils.fetch_att(str(tmp_path / "att"), log=lambda *_: None)
-    assert counts == {"train": 32, "valid": 8}
-    assert sorted(os.listdir(tmp_path / "att" / "valid")) == ["s1", "s2", "s3", "s4"]
-    image = Image.open(next((tmp_path / "att" / "train" / "s2").iterdir()))
-    assert image.size == (64, 64) and image.mode == "L"
-
-
-def test_fetch_att_offline_fails_in_one_line(tmp_path, monkeypatch):
-    import sklearn.datasets
-
-    def offline(*args, **kwargs):
-        raise URLError("Name or service not known")
-    monkeypatch.setattr(sklearn.datasets, "fetch_olivetti_faces", offline)
-    with pytest.raises(DatasetError, match="could not download") as info:
-        data_utils.fetch_att(str(tmp_path / "att"))
-    assert "\n" not in str(info.value) and "split" in str(info.value)
-
-
-# -----------------------------------------------------------------------------
-# atomic writes
-
-def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
-    target = tmp_path / "state.bin"
-    atomic_write(target, lambda f: f.write(b"good"))
-
-    def broken(f):
-        f.write(b"half")
-        raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, broken)
-    assert target.read_bytes() == b"good"
-    assert os.listdir(tmp_path) == ["state.bin"]
+    for dataset in (PairDataset, TripletFaceDataset):
+        with pytest.raises(DatasetError, match=re.escape(str(tmp_path / "singles"))):
+            dataset(FaceFolder(str(tmp_path / "singles")))
 
 
 # -----------------------------------------------------------------------------
@@ -445,11 +370,11 @@ def test_pk_small_identities_repeat_or_are_dropped():
 
 def test_pk_sampler_rejects_impossible_batches():
     labels = np.repeat(np.arange(3), 4)
-    with pytest.raises(ValueError, match="only 3"):
+    with pytest.raises(ValueError, match="P=4"):
         data_utils.PKBatchSampler(labels, 4, 2)
-    with pytest.raises(ValueError, match="P >= 2"):
+    with pytest.raises(ValueError, match="P=1"):
         data_utils.PKBatchSampler(labels, 1, 4)
-    with pytest.raises(ValueError, match="can fill a group of K=5"):
+    with pytest.raises(ValueError, match="K=5"):
         data_utils.PKBatchSampler(labels, 2, 5, fill="drop")
 
 
@@ -465,7 +390,7 @@ def test_pk_ranks_split_the_global_batch_into_disjoint_identity_blocks():
             assert first + second == together  # the ranks' batches make up the single-process batch, in order
             assert not set(labels[first]) & set(labels[second])  # disjoint identities, hence disjoint images
             assert len(set(labels[first])) == 3 and len(first) == 9
-    with pytest.raises(ValueError, match=r"P=14 identities per batch \(7 in each of 2 processes\)"):
+    with pytest.raises(ValueError, match="P=14"):  # the global batch's identities
         data_utils.PKBatchSampler(labels, 7, 3, rank=1, world_size=2)
 
 
@@ -480,7 +405,7 @@ def test_anchor_pattern_restricts_anchors_not_positives(tmp_path):
     assert len(data) == 3
     assert all("passport" in names[a] for a in data.rows[:, 0])
     assert all("photo" in names[p] for p in data.rows[:, 1])  # the other images of the same person
-    with pytest.raises(DatasetError, match="anchor pattern 'script'"):
+    with pytest.raises(DatasetError, match="'script'"):
         TripletFaceDataset(faces, anchor_pattern="script")
     gallery = FaceFolder(str(tmp_path), name_pattern="passport")
     assert len(gallery) == 3 and gallery.classes == ["ann", "bob", "cid"]

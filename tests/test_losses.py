@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from losses import (ArcFaceLoss, ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss,
-                    gather_batch, pair_distance, pairwise_distances)
+from losses import (MINING, OBJECTIVES, ArcFaceLoss, CollapseDetector, ContrastiveLoss, PairClassifierLoss,
+                    TripletLoss, build_objective, embedding_spread, gather_batch, pair_distance, pairwise_distances)
 
 
 def embeddings(n=16, d=8, seed=0):
@@ -16,33 +16,66 @@ def embeddings(n=16, d=8, seed=0):
     return (torch.randn(n, d, generator=g) for _ in range(3))
 
 
+def stacked(*parts):
+    """The batch that collate_rows makes of row-aligned parts (N, D) each: the parts concatenated, and rows (N, k)
+    with rows[b] = [b, N + b, 2N + b, ...]."""
+    n = len(parts[0])
+    return torch.cat(parts), torch.arange(n)[:, None] + n * torch.arange(len(parts))[None, :]
+
+
+def triplet_batch(a, p, n):
+    """(embeddings, labels, rows) of the triplets (a[i], p[i], n[i]): anchor and positive of identity i, the
+    negative of identity N + i."""
+    batch, rows = stacked(a, p, n)
+    identity = torch.arange(len(a))
+    return batch, torch.cat([identity, identity, identity + len(a)]), rows
+
+
+def pair_batch(e1, e2, same):
+    """(embeddings, labels, rows) of the pairs (e1[i], e2[i]), of one person where same[i] is true."""
+    batch, rows = stacked(e1, e2)
+    identity = torch.arange(len(e1))
+    return batch, torch.cat([identity, torch.where(torch.as_tensor(same).bool(), identity, identity + len(e1))]), rows
+
+
+def triplet_loss(margin, a, p, n, squared=True):
+    return TripletLoss(margin, squared)(*triplet_batch(a, p, n))
+
+
+# -----------------------------------------------------------------------------
+# triplet loss on given rows
+
 @pytest.mark.parametrize("margin", [0.05, 0.2, 1.0])
 def test_plain_distance_matches_torch_triplet_margin_loss(margin):
     a, p, n = embeddings()
-    ours = TripletLoss(margin, squared=False)(a, p, n)
+    ours, _ = triplet_loss(margin, a, p, n, squared=False)
     reference = F.triplet_margin_loss(a, p, n, margin=margin, p=2, eps=0)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_squared_distance_matches_a_brute_force_loop():
     a, p, n = embeddings(seed=1)
-    margin, total = 0.5, 0.0
+    margin, losses = 0.5, []
     for i in range(len(a)):
         d_ap = sum((a[i, k] - p[i, k]) ** 2 for k in range(a.shape[1]))
         d_an = sum((a[i, k] - n[i, k]) ** 2 for k in range(a.shape[1]))
-        total += max(0.0, float(d_ap - d_an) + margin)
-    assert TripletLoss(margin, squared=True)(a, p, n).item() == pytest.approx(total / len(a), rel=1e-5)
+        losses.append(max(0.0, float(d_ap - d_an) + margin))
+    loss, stats = triplet_loss(margin, a, p, n)
+    assert loss.item() == pytest.approx(sum(losses) / len(a), rel=1e-5)
+    assert stats["active"] == pytest.approx(sum(x > 0 for x in losses) / len(a))
 
 
-def test_hand_computed_case():
-    a = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    p = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # d(a,p) = 1 (squared 1)
-    n = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # d(a,n) = 2 (squared 4), and 1 (squared 1)
-    # squared: max(0, 1 - 4 + 0.5) = 0 and max(0, 1 - 1 + 0.5) = 0.5 -> mean 0.25
-    assert TripletLoss(0.5)(a, p, n).item() == pytest.approx(0.25)
-    # plain: max(0, 1 - 2 + 0.5) = 0 and 0.5 -> mean 0.25; with margin 1.5: 0.5 and 1.5 -> 1.0
-    assert TripletLoss(1.5, squared=False)(a, p, n).item() == pytest.approx(1.0)
-    assert TripletLoss(0.5, reduction="none")(a, p, n).tolist() == pytest.approx([0.0, 0.5])
+def test_hand_computed_case_with_rows_sharing_embeddings():
+    # one anchor [0, 0] and one positive [1, 0] (d = 1) in both rows; negatives [2, 0] (d = 2) and [0, 1] (d = 1)
+    batch = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([1, 0, 2, 0])
+    rows = torch.tensor([[1, 3, 0], [1, 3, 2]])
+    # squared: max(0, 1 - 4 + 0.5) = 0 and max(0, 1 - 1 + 0.5) = 0.5 -> mean 0.25, one row of two active
+    loss, stats = TripletLoss(0.5)(batch, labels, rows)
+    assert loss.item() == pytest.approx(0.25) and stats == {"active": 0.5}
+    # plain, margin 1.5: max(0, 1 - 2 + 1.5) = 0.5 and 1.5 -> 1.0
+    loss, stats = TripletLoss(1.5, squared=False)(batch, labels, rows)
+    assert loss.item() == pytest.approx(1.0) and stats == {"active": 1.0}
 
 
 @pytest.mark.parametrize("squared", [True, False])
@@ -50,9 +83,9 @@ def test_coinciding_embeddings_give_finite_gradients(squared):
     a = torch.ones(4, 8, requires_grad=True)
     p = torch.ones(4, 8, requires_grad=True)  # identical to the anchor: d(a, p) = 0
     n = torch.ones(4, 8, requires_grad=True)
-    loss = TripletLoss(0.2, squared=squared)(a, p, n)
+    loss, stats = triplet_loss(0.2, a, p, n, squared=squared)
     loss.backward()
-    assert loss.item() == pytest.approx(0.2)
+    assert loss.item() == pytest.approx(0.2) and stats["active"] == 1.0
     for t in (a, p, n):
         assert torch.isfinite(t.grad).all()
 
@@ -61,26 +94,37 @@ def test_gradient_pulls_positive_in_and_pushes_negative_out():
     a = torch.zeros(1, 2)
     p = torch.tensor([[1.0, 0.0]], requires_grad=True)
     n = torch.tensor([[0.5, 0.0]], requires_grad=True)
-    TripletLoss(0.2)(a, p, n).backward()
+    triplet_loss(0.2, a, p, n)[0].backward()
     assert p.grad[0, 0] > 0  # descending moves p towards the anchor
     assert n.grad[0, 0] < 0  # and n away from it
 
 
 def test_half_precision_input_is_computed_in_float32():
     a, p, n = embeddings(seed=2)
-    loss = TripletLoss(0.2)(a.half(), p.half(), n.half())
+    loss, _ = triplet_loss(0.2, a.half(), p.half(), n.half())
     assert loss.dtype == torch.float32
     assert pair_distance(a.half(), p.half()).dtype == torch.float32
 
 
+def assert_rejected(loss, batch, labels, rows, bad_rows):
+    """Each of `bad_rows`, labels of another length or dtype, and a single embedding vector are ValueErrors."""
+    for bad in bad_rows:
+        with pytest.raises(ValueError):
+            loss(batch, labels, bad)
+    for bad_batch, bad_labels, some_rows in ((batch, labels[:-1], rows), (batch[0], labels[:1], rows[:1]),
+                                             (batch, labels.float(), rows)):
+        with pytest.raises(ValueError):
+            loss(bad_batch, bad_labels, some_rows)
+
+
 def test_bad_inputs_are_rejected():
-    a, p, n = embeddings()
-    with pytest.raises(ValueError, match="one shape"):
-        TripletLoss()(a, p[:3], n)
-    with pytest.raises(ValueError, match="one shape"):
-        TripletLoss()(a[0], p[0], n[0])
-    with pytest.raises(ValueError, match="margin"):
+    batch, labels, rows = triplet_batch(*embeddings())
+    assert_rejected(TripletLoss(), batch, labels, rows,
+                    (None, rows[:, :2], rows[:, 0], rows.float(), rows.clamp_max(len(batch) - 1) + 1, rows - 1))
+    with pytest.raises(ValueError):
         TripletLoss(margin=-1)
+    with pytest.raises(ValueError):
+        TripletLoss(mining="hardest")
 
 
 # -----------------------------------------------------------------------------
@@ -121,24 +165,27 @@ def brute_force(embeddings, labels, margin, mining, squared=True):
     return sum(losses) / len(losses), fraction
 
 
-@pytest.mark.parametrize("mining", OnlineTripletLoss.MINING)
+MINED = MINING[1:]
+
+
+@pytest.mark.parametrize("mining", MINED)
 @pytest.mark.parametrize("squared", [True, False])
 def test_mining_matches_brute_force(mining, squared):
     embeddings, labels = labelled_batch(seed=3)
-    embeddings = torch.nn.functional.normalize(embeddings, dim=1)
+    embeddings = F.normalize(embeddings, dim=1)
     margin = 0.5 if squared else 0.3
-    loss, fraction = OnlineTripletLoss(margin, mining, squared)(embeddings, labels)
+    loss, stats = TripletLoss(margin, squared, mining)(embeddings, labels)
     expected, expected_fraction = brute_force(embeddings, labels, margin, mining, squared)
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    assert fraction == pytest.approx(expected_fraction)
-    assert 0 < fraction <= 1
+    assert stats["active"] == pytest.approx(expected_fraction)
+    assert 0 < stats["active"] <= 1
 
 
 def test_semihard_prefers_the_nearest_negative_beyond_the_positive():
     # 1-D: anchor 0, positive at 1 (d=1); negatives at 0.5 (hard), 1.2 and 1.4 (semi-hard, margin 0.5)
     embeddings = torch.tensor([[0.0], [1.0], [0.5], [1.2], [1.4]])
     labels = torch.tensor([0, 0, 1, 2, 3])
-    mine = OnlineTripletLoss(0.5, "semihard", squared=False)
+    mine = TripletLoss(0.5, squared=False, mining="semihard")
     loss, _ = mine(embeddings[:2], labels[:2])  # only one identity: no triplet
     assert loss.item() == 0
     # anchor 0 with positive 1: semi-hard negative 1.2 -> 1 - 1.2 + 0.5 = 0.3; anchor 1 with positive 0:
@@ -148,34 +195,34 @@ def test_semihard_prefers_the_nearest_negative_beyond_the_positive():
     assert mine(embeddings, labels)[0].item() == pytest.approx(per_pair)
 
 
-@pytest.mark.parametrize("mining", OnlineTripletLoss.MINING)
+@pytest.mark.parametrize("mining", MINED)
 @pytest.mark.parametrize("squared", [True, False])
 def test_mining_with_identical_embeddings_has_finite_gradients(mining, squared):
     embeddings = torch.ones(8, 4, requires_grad=True)  # duplicates everywhere: all distances 0
     labels = torch.arange(2).repeat_interleave(4)
-    loss, fraction = OnlineTripletLoss(0.2, mining, squared)(embeddings, labels)
+    loss, stats = TripletLoss(0.2, squared, mining)(embeddings, labels)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == pytest.approx(0.2, abs=1e-3)
-    assert fraction == 1.0 and torch.isfinite(embeddings.grad).all()
+    assert stats["active"] == 1.0 and torch.isfinite(embeddings.grad).all()
 
 
-@pytest.mark.parametrize("mining", OnlineTripletLoss.MINING)
+@pytest.mark.parametrize("mining", MINED)
 def test_batch_without_valid_triplet_gives_zero_not_nan(mining):
     embeddings = torch.randn(4, 3, requires_grad=True)
     for labels in (torch.zeros(4, dtype=torch.long), torch.arange(4)):  # one identity; all different
-        loss, fraction = OnlineTripletLoss(0.2, mining)(embeddings, labels)
+        loss, stats = TripletLoss(0.2, mining=mining)(embeddings, labels)
         loss.backward()
-        assert loss.item() == 0 and fraction == 0 and torch.isfinite(embeddings.grad).all()
+        assert loss.item() == 0 and stats["active"] == 0 and torch.isfinite(embeddings.grad).all()
 
 
-def test_mining_is_computed_in_float32_and_checks_its_inputs():
+def test_mining_is_computed_in_float32_ignores_rows_and_checks_its_inputs():
     embeddings, labels = labelled_batch()
-    loss, _ = OnlineTripletLoss(0.2, "batch_all")(embeddings.half(), labels)
+    mine = TripletLoss(0.2, mining="batch_all")
+    loss, _ = mine(embeddings.half(), labels)
     assert loss.dtype == torch.float32
-    with pytest.raises(ValueError, match="mining must be one of"):
-        OnlineTripletLoss(mining="hardest")
-    with pytest.raises(ValueError, match=r"\(N, D\) embeddings and \(N,\) labels"):
-        OnlineTripletLoss()(embeddings, labels[:-1])
+    torch.testing.assert_close(mine(embeddings, labels, torch.tensor([[0, 1, 3]]))[0], mine(embeddings, labels)[0])
+    with pytest.raises(ValueError):
+        mine(embeddings, labels[:-1])
 
 
 def test_pairwise_distances_match_cdist():
@@ -190,37 +237,38 @@ def test_pairwise_distances_match_cdist():
 # -----------------------------------------------------------------------------
 # contrastive loss
 
-def contrastive_by_loop(e1, e2, target, margin):
-    """The contrastive loss of pairs (e1[i], e2[i]) by an explicit loop in Python floats."""
+def contrastive_by_loop(e1, e2, same, margin):
+    """The contrastive loss of pairs (e1[i], e2[i]) by an explicit loop in Python floats (same: 1 = one person)."""
     total = 0.0
-    for x, y, t in zip(e1.tolist(), e2.tolist(), target.tolist()):
+    for x, y, s in zip(e1.tolist(), e2.tolist(), same.tolist()):
         d = sum((a - b) ** 2 for a, b in zip(x, y)) ** 0.5
-        total += d ** 2 if t == 0 else max(0.0, margin - d) ** 2
-    return total / len(target)
+        total += d ** 2 if s else max(0.0, margin - d) ** 2
+    return total / len(same)
 
 
 def test_contrastive_hand_computed_case():
     e1 = torch.zeros(3, 2)
     e2 = torch.tensor([[3.0, 4.0], [0.6, 0.8], [3.0, 4.0]])  # distances 5, 1, 5
-    target = torch.tensor([0, 1, 1])
+    batch = pair_batch(e1, e2, [1, 0, 0])
     # same at d=5: 25; different at d=1 within margin 2: (2 - 1)^2 = 1; different at d=5: 0 -> mean 26 / 3
-    assert ContrastiveLoss(2.0)(e1, e2, target).item() == pytest.approx(26 / 3)
-    assert ContrastiveLoss(0.0)(e1, e2, target).item() == pytest.approx(25 / 3)
+    loss, stats = ContrastiveLoss(2.0)(*batch)
+    assert loss.item() == pytest.approx(26 / 3) and stats["active"] == pytest.approx(2 / 3)
+    assert ContrastiveLoss(0.0)(*batch)[0].item() == pytest.approx(25 / 3)
 
 
 @pytest.mark.parametrize("margin", [0.5, 1.0, 4.0])
 def test_contrastive_matches_a_brute_force_loop(margin):
     e1, e2, _ = embeddings(seed=4)
-    target = torch.arange(len(e1)) % 3 == 0  # bool targets: True = different
-    expected = contrastive_by_loop(e1, e2, target.long(), margin)
-    assert ContrastiveLoss(margin)(e1, e2, target).item() == pytest.approx(expected, rel=1e-5)
-    assert ContrastiveLoss(margin)(e1.half(), e2.half(), target.long()).dtype == torch.float32
+    same = torch.arange(len(e1)) % 3 != 0
+    expected = contrastive_by_loop(e1, e2, same, margin)
+    assert ContrastiveLoss(margin)(*pair_batch(e1, e2, same))[0].item() == pytest.approx(expected, rel=1e-5)
+    assert ContrastiveLoss(margin)(*pair_batch(e1.half(), e2.half(), same))[0].dtype == torch.float32
 
 
 def test_contrastive_gradient_pulls_same_and_pushes_different_apart():
     e1 = torch.zeros(2, 2)
     e2 = torch.tensor([[1.0, 0.0], [0.5, 0.0]], requires_grad=True)
-    ContrastiveLoss(1.0)(e1, e2, torch.tensor([0, 1])).backward()
+    ContrastiveLoss(1.0)(*pair_batch(e1, e2, [1, 0]))[0].backward()
     # d/dx of x^2 / 2 = x, and of (1 - x)^2 / 2 = x - 1, at x = 1 and x = 0.5 (the mean halves both)
     torch.testing.assert_close(e2.grad, torch.tensor([[1.0, 0.0], [-0.5, 0.0]]))
     assert e2.grad[0, 0] > 0  # descending moves the same person's embedding towards e1
@@ -230,65 +278,141 @@ def test_contrastive_gradient_pulls_same_and_pushes_different_apart():
 def test_contrastive_coinciding_embeddings_give_finite_gradients():
     e1 = torch.ones(4, 3, requires_grad=True)
     e2 = torch.ones(4, 3, requires_grad=True)
-    loss = ContrastiveLoss(0.5)(e1, e2, torch.tensor([0, 0, 1, 1]))
+    loss, stats = ContrastiveLoss(0.5)(*pair_batch(e1, e2, [1, 1, 0, 0]))
     loss.backward()
     assert loss.item() == pytest.approx(0.5 ** 2 / 2, abs=1e-5)  # the two different pairs, at distance 0
+    assert stats["active"] == 0.5
     assert torch.isfinite(e1.grad).all() and torch.isfinite(e2.grad).all()
 
 
 def test_contrastive_rejects_bad_inputs():
-    e1, e2, _ = embeddings()
-    target = torch.zeros(len(e1))
-    with pytest.raises(ValueError, match=r"e1 and e2 \(N, D\) of one shape.*\(16, 8\), \(3, 8\)"):
-        ContrastiveLoss()(e1, e2[:3], target)
-    with pytest.raises(ValueError, match=r"target \(N,\)"):
-        ContrastiveLoss()(e1, e2, target[:-1])
-    with pytest.raises(ValueError, match="one shape"):
-        ContrastiveLoss()(e1[0], e2[0], target[:1])
-    with pytest.raises(ValueError, match="margin"):
+    batch, labels, rows = pair_batch(*list(embeddings())[:2], torch.ones(16))
+    assert_rejected(ContrastiveLoss(), batch, labels, rows,
+                    (None, torch.cat([rows, rows[:, :1]], dim=1), rows + 1, rows.float()))
+    with pytest.raises(ValueError):
         ContrastiveLoss(margin=-0.1)
+    with pytest.raises(ValueError):
+        ContrastiveLoss(mining="hardest")
 
 
+def every_pair(n):
+    """Rows (n (n - 1) / 2, 2) of the pairs i < j."""
+    return torch.triu_indices(n, n, offset=1).T
+
+
+@pytest.mark.parametrize("mining", MINED)
 @pytest.mark.parametrize("margin", [0.5, 1.5])
-def test_online_contrastive_equals_the_loss_over_every_pair(margin):
+def test_mined_contrastive_equals_the_loss_over_every_pair(mining, margin):
     embeddings_, labels = labelled_batch(seed=6)
     embeddings_ = F.normalize(embeddings_, dim=1)
-    i, j = map(list, zip(*[(a, b) for a in range(len(labels)) for b in range(a + 1, len(labels))]))
-    target = (labels[i] != labels[j]).long()
-    expected = ContrastiveLoss(margin)(embeddings_[i], embeddings_[j], target)
-    loss, fraction = OnlineContrastiveLoss(margin)(embeddings_, labels)
+    rows = every_pair(len(labels))
+    expected, expected_stats = ContrastiveLoss(margin)(embeddings_, labels, rows)
+    loss, stats = ContrastiveLoss(margin, mining)(embeddings_, labels)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
-    d = (embeddings_[i] - embeddings_[j]).norm(dim=1)
-    expected_fraction = ((target == 0) & (d > 0) | (target == 1) & (d < margin)).float().mean().item()
-    assert fraction == pytest.approx(expected_fraction) and 0 < fraction < 1
-    assert loss.item() == pytest.approx(contrastive_by_loop(embeddings_[i], embeddings_[j], target, margin),
-                                        rel=1e-4)
+    i, j = rows.T
+    same, d = labels[i] == labels[j], (embeddings_[i] - embeddings_[j]).norm(dim=1)
+    expected_fraction = (same & (d > 0) | ~same & (d < margin)).float().mean().item()
+    assert stats["active"] == pytest.approx(expected_fraction) == expected_stats["active"]
+    assert 0 < stats["active"] < 1
+    assert loss.item() == pytest.approx(contrastive_by_loop(embeddings_[i], embeddings_[j], same, margin), rel=1e-4)
 
 
-def test_online_contrastive_hand_computed_fraction():
+def test_mined_contrastive_hand_computed_fraction():
     # 1-D, margin 1: same pair (0, 3) at distance 0 is inactive; different pairs at 0.5 active, at 2 and 1.5 not
     embeddings_ = torch.tensor([[0.0], [0.5], [2.0], [0.0]])
     labels = torch.tensor([0, 1, 2, 0])
-    loss, fraction = OnlineContrastiveLoss(1.0)(embeddings_, labels)
+    loss, stats = ContrastiveLoss(1.0, "batch_all")(embeddings_, labels)
     # pairs: (0,1) d=.5 diff -> .25; (0,2) d=2 diff -> 0; (0,3) same d=0 -> 0; (1,2) d=1.5 diff -> 0;
     # (1,3) d=.5 diff -> .25; (2,3) d=2 diff -> 0
     assert loss.item() == pytest.approx(0.5 / 6)
-    assert fraction == pytest.approx(2 / 6)
+    assert stats["active"] == pytest.approx(2 / 6)
 
 
-def test_online_contrastive_without_pairs_gives_zero_and_finite_gradients():
+def test_mined_contrastive_without_pairs_gives_zero_and_finite_gradients():
+    mine = ContrastiveLoss(1.0, "batch_all")
     for n in (0, 1):
         embeddings_ = torch.randn(n, 3, requires_grad=True)
-        loss, fraction = OnlineContrastiveLoss()(embeddings_, torch.zeros(n, dtype=torch.long))
+        loss, stats = mine(embeddings_, torch.zeros(n, dtype=torch.long))
         loss.backward()
-        assert loss.item() == 0 and fraction == 0 and torch.isfinite(embeddings_.grad).all()
+        assert loss.item() == 0 and stats["active"] == 0 and torch.isfinite(embeddings_.grad).all()
     coinciding = torch.ones(6, 4, requires_grad=True)
-    loss, fraction = OnlineContrastiveLoss(1.0)(coinciding, torch.arange(3).repeat_interleave(2))
+    loss, stats = mine(coinciding, torch.arange(3).repeat_interleave(2))
     loss.backward()
     assert loss.item() == pytest.approx(12 / 15, abs=1e-5)  # 12 of the 15 pairs: different people at distance 0
-    assert fraction == pytest.approx(12 / 15) and torch.isfinite(coinciding.grad).all()
-    with pytest.raises(ValueError, match=r"\(N, D\) embeddings and \(N,\) labels"):
-        OnlineContrastiveLoss()(coinciding, torch.arange(5))
+    assert stats["active"] == pytest.approx(12 / 15) and torch.isfinite(coinciding.grad).all()
+    with pytest.raises(ValueError):
+        mine(coinciding, torch.arange(5))
+
+
+# -----------------------------------------------------------------------------
+# the pair classifier
+
+def test_pair_classifier_gives_one_symmetric_logit_per_pair_with_gradients():
+    torch.manual_seed(0)
+    head = PairClassifierLoss(8, hidden_dim=16)
+    e1, e2 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    logits = head.logits(e1, e2)
+    assert logits.shape == (5,)
+    assert torch.equal(logits, head.logits(e2, e1))
+    assert logits.unique().numel() == 5  # a score per pair, not a constant
+    assert head.logits(e1[:1], e2[:1]).shape == (1,)
+    logits.sum().backward()
+    for tensor in (e1, e2, *head.parameters()):
+        assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+def test_pair_classifier_rebuilds_from_its_config_with_the_same_state_dict_keys():
+    torch.manual_seed(0)
+    head = PairClassifierLoss(8, hidden_dim=16)
+    assert head.config == dict(embedding_dim=8, hidden_dim=16)
+    assert list(head.state_dict()) == ["classifier.0.weight", "classifier.0.bias", "classifier.2.weight",
+                                       "classifier.2.bias"]
+    rebuilt = PairClassifierLoss(**head.config)
+    rebuilt.load_state_dict(head.state_dict())
+    e1, e2 = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(rebuilt.logits(e1, e2), head.logits(e1, e2), rtol=0, atol=0)
+
+
+def test_pair_classifier_refuses_embeddings_that_do_not_fit():
+    head = PairClassifierLoss(8)
+    for e1, e2 in ((torch.randn(3, 8), torch.randn(2, 8)), (torch.randn(3, 4), torch.randn(3, 4)),
+                   (torch.randn(8), torch.randn(8))):
+        with pytest.raises(ValueError):
+            head.logits(e1, e2)
+    batch, labels, rows = pair_batch(torch.randn(3, 4), torch.randn(3, 4), [1, 0, 1])
+    with pytest.raises(ValueError):
+        head(batch, labels, rows)
+    for bad_rows in (None, rows[:, :1], rows + 1):
+        with pytest.raises(ValueError):
+            PairClassifierLoss(4)(batch, labels, bad_rows)
+
+
+def test_pair_classifier_loss_is_bce_against_same_person_as_1():
+    torch.manual_seed(0)
+    head = PairClassifierLoss(8, hidden_dim=16)
+    e1, e2 = torch.randn(6, 8), torch.randn(6, 8)
+    same = torch.tensor([1, 0, 1, 1, 0, 0])
+    loss, stats = head(*pair_batch(e1.half(), e2.half(), same))
+    logits = head.logits(e1.half(), e2.half())
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, same.float()))
+    assert loss.dtype == torch.float32
+    assert stats == {"accuracy": pytest.approx(((logits > 0).long() == same).float().mean().item())}
+
+
+def test_pair_classifier_learns_same_from_different_pairs_with_bce():
+    torch.manual_seed(0)
+    head = PairClassifierLoss(8, hidden_dim=16)
+    anchors = F.normalize(torch.randn(64, 8), dim=1)
+    same = F.normalize(anchors + 0.1 * torch.randn(64, 8), dim=1)
+    other = F.normalize(torch.randn(64, 8), dim=1)
+    batch = pair_batch(torch.cat([anchors, anchors]), torch.cat([same, other]), torch.arange(128) < 64)
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.03)
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss, _ = head(*batch)
+        loss.backward()
+        optimizer.step()
+    assert head(*batch)[1]["accuracy"] > 0.95
 
 
 # -----------------------------------------------------------------------------
@@ -298,10 +422,10 @@ def test_online_contrastive_without_pairs_gives_zero_and_finite_gradients():
 def test_arcface_without_margin_is_the_scaled_cosine_softmax(scale):
     embeddings_, labels = labelled_batch(p=5, k=2, d=6, seed=7)
     arcface = ArcFaceLoss(6, 5, scale=scale, margin=0.0)
-    loss, accuracy = arcface(embeddings_, labels)
+    loss, stats = arcface(embeddings_, labels)
     cos = F.normalize(embeddings_, dim=1) @ F.normalize(arcface.weight.detach(), dim=1).T
     torch.testing.assert_close(loss, F.cross_entropy(scale * cos, labels))
-    assert accuracy == pytest.approx((cos.argmax(dim=1) == labels).float().mean().item())
+    assert stats["accuracy"] == pytest.approx((cos.argmax(dim=1) == labels).float().mean().item())
 
 
 def test_arcface_margin_matches_the_angle_formula_and_raises_the_loss():
@@ -327,13 +451,13 @@ def test_arcface_fallback_past_pi():
         arcface.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     theta = math.pi - 0.1
     embedding = torch.tensor([[math.cos(theta), math.sin(theta)]])
-    loss, accuracy = arcface(embedding, torch.tensor([0]))
+    loss, stats = arcface(embedding, torch.tensor([0]))
     target = math.cos(theta) - 0.5 * math.sin(math.pi - 0.5)
     other = math.sin(theta)  # cosine to the centre of class 1
     expected = -math.log(math.exp(target) / (math.exp(target) + math.exp(other)))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert target < math.cos(theta + 0.5)  # where the plain formula would have rewarded the larger angle
-    assert accuracy == 0.0
+    assert stats["accuracy"] == 0.0
 
 
 @pytest.mark.parametrize("centres", ["random", "basis"])
@@ -344,12 +468,11 @@ def test_arcface_accuracy_and_finite_gradients_on_the_class_centres(centres):
             arcface.weight.copy_(torch.eye(4, 8))
     labels = torch.tensor([0, 1, 2, 3, 2])
     on_centres = (3 * arcface.weight.detach()[labels]).requires_grad_()  # theta = 0: any length
-    loss, accuracy = arcface(on_centres, labels)
+    loss, stats = arcface(on_centres, labels)
     loss.backward()
-    assert accuracy == 1.0
+    assert stats["accuracy"] == 1.0
     assert torch.isfinite(on_centres.grad).all() and torch.isfinite(arcface.weight.grad).all()
-    _, accuracy = arcface(on_centres, torch.tensor([1, 2, 3, 0, 0]))
-    assert accuracy == 0.0
+    assert arcface(on_centres, torch.tensor([1, 2, 3, 0, 0]))[1]["accuracy"] == 0.0
 
 
 def test_arcface_accuracy_ignores_the_margin():
@@ -357,8 +480,8 @@ def test_arcface_accuracy_ignores_the_margin():
     with torch.no_grad():
         arcface.weight.copy_(torch.eye(2))
     angle = math.radians(40)  # 40 degrees from centre 0, 50 from centre 1; with the margin 40 + 28.6 > 50
-    loss, accuracy = arcface(torch.tensor([[math.cos(angle), math.sin(angle)]]), torch.tensor([0]))
-    assert accuracy == 1.0
+    loss, stats = arcface(torch.tensor([[math.cos(angle), math.sin(angle)]]), torch.tensor([0]))
+    assert stats["accuracy"] == 1.0
     assert loss.item() > math.log(2)  # yet the margin logit loses to the other class
 
 
@@ -370,38 +493,116 @@ def test_arcface_training_reduces_the_loss_and_separates_the_classes():
     opt = torch.optim.SGD(arcface.parameters(), lr=0.5)
     first, _ = arcface(embeddings_, labels)
     for _ in range(50):
-        loss, accuracy = arcface(embeddings_, labels)
+        loss, stats = arcface(embeddings_, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first.item()
-    assert accuracy == 1.0
+    assert stats["accuracy"] == 1.0
 
 
-def test_arcface_is_computed_in_float32_and_checks_its_inputs():
+def test_arcface_is_computed_in_float32_ignores_rows_and_checks_its_inputs():
     embeddings_, labels = labelled_batch(p=3, k=2, d=4)
     arcface = ArcFaceLoss(4, 3)
     assert arcface(embeddings_.half(), labels)[0].dtype == torch.float32
+    torch.testing.assert_close(arcface(embeddings_, labels, torch.tensor([[0, 1]]))[0], arcface(embeddings_, labels)[0])
     empty = torch.zeros(0, 4, requires_grad=True)
-    loss, accuracy = arcface(empty, labels[:0])
+    loss, stats = arcface(empty, labels[:0])
     loss.backward()
-    assert loss.item() == 0 and accuracy == 0.0
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got 0 to 3"):
-        arcface(embeddings_, torch.tensor([0, 1, 2, 3, 0, 1]))
-    with pytest.raises(ValueError, match="dimension 4, got 5"):
+    assert loss.item() == 0 and stats["accuracy"] == 0.0
+    for bad_labels in (torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([0, 1, 2, -1, 0, 1]), labels[:-1]):
+        with pytest.raises(ValueError):
+            arcface(embeddings_, bad_labels)
+    with pytest.raises(ValueError):
         arcface(torch.randn(6, 5), labels)
-    with pytest.raises(ValueError, match=r"\(N, D\) embeddings and \(N,\) labels"):
-        arcface(embeddings_, labels[:-1])
-    with pytest.raises(ValueError, match="margin"):
-        ArcFaceLoss(4, 3, margin=-0.1)
-    with pytest.raises(ValueError, match="scale"):
-        ArcFaceLoss(4, 3, scale=0)
+    for options in (dict(margin=-0.1), dict(margin=math.pi), dict(scale=0)):
+        with pytest.raises(ValueError):
+            ArcFaceLoss(4, 3, **options)
+    with pytest.raises(ValueError):
+        ArcFaceLoss(4, 0)
 
+
+# -----------------------------------------------------------------------------
+# one interface: build_objective
+
+COMBINATIONS = [(loss, mining) for loss in OBJECTIVES for mining in MINING
+                if not (loss == "pair_bce" and mining != "none")]
+
+
+def interface_batch(rows_kind, n=0):
+    """A labelled batch of 4 identities x 3 images (8-d) or of n = 0, with index rows of `rows_kind`."""
+    batch, labels = labelled_batch(p=4, k=3, d=8, seed=9)
+    if n == 0:
+        batch, labels = batch[:0], labels[:0]
+    batch.requires_grad_()
+    if rows_kind is None:
+        return batch, labels, None
+    # each image as anchor, the next of its identity as positive, the first of the next identity as negative
+    i = torch.arange(len(labels))
+    anchor, positive, negative = i, labels * 3 + (i + 1) % 3, (labels + 1) % 4 * 3
+    if rows_kind == "triplets":
+        return batch, labels, torch.stack([anchor, positive, negative], dim=1)
+    return batch, labels, torch.stack([anchor, torch.where(i % 2 == 0, positive, negative)], dim=1)
+
+
+@pytest.mark.parametrize("loss,mining", COMBINATIONS)
+def test_every_objective_obeys_the_one_interface(loss, mining):
+    objective = build_objective(loss, mining, embedding_dim=8, num_classes=4)
+    expected_rows = {"triplet": "triplets", "contrastive": "pairs", "pair_bce": "pairs", "arcface": None}[loss]
+    assert objective.rows == (expected_rows if mining == "none" else None)
+    assert objective.figure == ("active" if loss in ("triplet", "contrastive") else "accuracy")
+    for n in (12, 0):  # an empty batch too: a zero that still backpropagates
+        batch, labels, rows = interface_batch(objective.rows, n)
+        value, stats = objective(batch, labels, rows)
+        assert value.shape == () and value.dtype == torch.float32 and torch.isfinite(value)
+        value.backward()
+        assert batch.grad is not None and torch.isfinite(batch.grad).all()
+        assert objective.figure in stats and all(type(v) is float for v in stats.values())
+        assert 0 <= stats[objective.figure] <= 1
+        assert n or (value.item() == 0 and stats[objective.figure] == 0)
+
+
+def test_build_objective_passes_its_options():
+    triplet = build_objective("triplet", "semihard", margin=0.3, squared=False)
+    assert (triplet.margin, triplet.squared, triplet.mining) == (0.3, False, "semihard")
+    assert build_objective("contrastive", margin=1.5).margin == 1.5
+    assert build_objective("pair_bce", embedding_dim=16, pair_hidden_dim=32).config == dict(embedding_dim=16,
+                                                                                          hidden_dim=32)
+    arcface = build_objective("arcface", "batch_hard", embedding_dim=16, num_classes=7, arcface_scale=10.0,
+                              arcface_margin=0.3)
+    assert arcface.weight.shape == (7, 16) and (arcface.scale, arcface.margin) == (10.0, 0.3)
+
+
+def test_build_objective_rejects_bad_combinations_and_unknown_names():
+    for mining in MINED:
+        with pytest.raises(ValueError):
+            build_objective("pair_bce", mining)
+    with pytest.raises(ValueError):
+        build_objective("siamese")
+    with pytest.raises(ValueError):
+        build_objective("triplet", "hardest")
+
+
+def test_a_pair_of_one_person_is_same_1():
+    anchor = torch.randn(1, 8)
+    for loss in ("contrastive", "pair_bce"):
+        objective = build_objective(loss, embedding_dim=8)
+        same, _ = objective(*pair_batch(anchor, anchor, [1]))
+        different, _ = objective(*pair_batch(anchor, anchor, [0]))
+        if loss == "contrastive":  # coinciding embeddings: nothing to learn for one person, all for two
+            assert same.item() == 0 and different.item() > 0
+        else:
+            logit = objective.logits(anchor, anchor)
+            torch.testing.assert_close(same, F.binary_cross_entropy_with_logits(logit, torch.ones(1)))
+            torch.testing.assert_close(different, F.binary_cross_entropy_with_logits(logit, torch.zeros(1)))
+
+
+# -----------------------------------------------------------------------------
+# training health
 
 def test_collapse_is_detected_after_patience_steps_and_only_then():
-    from losses import CollapseDetector, embedding_spread
     alike = torch.ones(16, 8) + 1e-4 * torch.randn(16, 8)
-    spread_out = torch.nn.functional.normalize(torch.randn(256, 8), dim=1)
+    spread_out = F.normalize(torch.randn(256, 8), dim=1)
     assert embedding_spread(alike) < 1e-3 and embedding_spread(spread_out) > 0.9
     detector = CollapseDetector(margin=0.2, patience=3)
     assert [detector.update(0.2, alike) for _ in range(5)] == [False, False, True, False, False]
@@ -414,10 +615,10 @@ def test_collapse_is_detected_after_patience_steps_and_only_then():
 # -----------------------------------------------------------------------------
 # mining across the processes of a distributed run
 
-GATHERED_LOSSES = {"batch_all": lambda: OnlineTripletLoss(0.5, "batch_all"),
-                   "batch_hard": lambda: OnlineTripletLoss(0.5, "batch_hard", squared=False),
-                   "semihard": lambda: OnlineTripletLoss(0.5, "semihard"),
-                   "contrastive": lambda: OnlineContrastiveLoss(1.0)}
+GATHERED_LOSSES = {"batch_all": lambda: TripletLoss(0.5, mining="batch_all"),
+                   "batch_hard": lambda: TripletLoss(0.5, squared=False, mining="batch_hard"),
+                   "semihard": lambda: TripletLoss(0.5, mining="semihard"),
+                   "contrastive": lambda: ContrastiveLoss(1.0, mining="batch_all")}
 
 
 def global_batch():

@@ -61,27 +61,29 @@ def test_first_existing_extension_in_the_order_given(tmp_path, lfw):
     assert several["missing"] == [(1, os.path.join(lfw, "Ann_Lee", "Ann_Lee_0007.*"))]
 
 
-@pytest.mark.parametrize("text,line,message", [
-    ("Ann_Lee 1\n", 1, "is not 'N' or 'S N'"),  # a first line of one or two fields is the header
-    ("Ann_Lee 1 2\nAnn_Lee 1 2 Bob_Ray 3\n", 2, "got 5 fields"),
-    ("Ann_Lee 1 two\n", 1, "image index 'two' is not a non-negative integer"),
-    ("Ann_Lee 1 2\nAnn_Lee -1 Bob_Ray 2\n", 2, "image index '-1'"),
-    ("1 x\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\n", 1, "is not 'N' or 'S N'"),
-    ("2 1\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\n", 1, "the file has 2 pair lines"),
-    ("1\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\nBob_Ray 1 2\n", 4, "the file has 3 pair lines"),
-    ("1\nAnn_Lee 1 Bob_Ray 2\nAnn_Lee 1 2\n", 2, "expected a same-person pair here"),
-    ("1 2\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\nBob_Ray 1 2\nBob_Ray 1 Ann_Lee 2\n", 3, "expected a same-person"),
+@pytest.mark.parametrize("text,line", [
+    ("Ann_Lee 1\n", 1),  # a first line of one or two fields is the header, and this one is not a valid header
+    ("Ann_Lee 1 2\nAnn_Lee 1 2 Bob_Ray 3\n", 2),  # five fields
+    ("Ann_Lee 1 two\n", 1),  # an index that is not a number
+    ("Ann_Lee 1 2\nAnn_Lee -1 Bob_Ray 2\n", 2),  # a negative index
+    ("1 x\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\n", 1),  # a header that is not numbers
+    ("0\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\n", 1),  # a header of no pairs
+    ("2 1\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\n", 1),  # a header that announces more lines than there are
+    ("1\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\nBob_Ray 1 2\n", 4),  # ... or fewer: the first line too many
+    ("1\nAnn_Lee 1 Bob_Ray 2\nAnn_Lee 1 2\n", 2),  # the header's layout: same-person pairs first
+    ("1 2\nAnn_Lee 1 2\nAnn_Lee 1 Bob_Ray 2\nBob_Ray 1 2\nBob_Ray 1 Ann_Lee 2\n", 3),  # N of each kind
 ])
-def test_malformed_files_name_the_line(tmp_path, lfw, text, line, message):
+def test_malformed_files_name_the_line(tmp_path, lfw, text, line):
     with pytest.raises(DatasetError) as info:
         read_pairs_file(write(tmp_path, text), lfw)
-    assert f"pairs.txt, line {line}: " in str(info.value) and message in str(info.value)
+    assert str(info.value).startswith(f"{tmp_path / 'pairs.txt'}, line {line}: ")
 
 
 @pytest.mark.parametrize("name", ["..", "../lfw_outside", "/etc", "Ann_Lee/../../x", "a\\b"])
 def test_names_that_leave_the_root_are_refused(tmp_path, lfw, name):
-    with pytest.raises(DatasetError, match=r"line 2: .*(not a folder name|outside)"):
+    with pytest.raises(DatasetError) as info:
         read_pairs_file(write(tmp_path, f"Ann_Lee 1 2\n{name} 1 Ann_Lee 2\n"), lfw)
+    assert str(info.value).startswith(f"{tmp_path / 'pairs.txt'}, line 2: ")
 
 
 def test_a_symlink_out_of_the_root_is_refused(tmp_path, lfw):
@@ -89,17 +91,21 @@ def test_a_symlink_out_of_the_root_is_refused(tmp_path, lfw):
     write_image(outside / "Eve_0001.jpg", seed=3)
     write_image(outside / "Eve_0002.jpg", seed=4)
     os.symlink(outside, lfw / "Eve")
-    with pytest.raises(DatasetError, match="line 1: image .*Eve_0001.jpg lies outside"):
+    with pytest.raises(DatasetError) as info:
         read_pairs_file(write(tmp_path, "Eve 1 2\n"), lfw)
+    assert str(info.value).startswith(f"{tmp_path / 'pairs.txt'}, line 1: ")
+    assert os.path.join(lfw, "Eve", "Eve_0001.jpg") in str(info.value)  # the image that leads out
 
 
-def test_unreadable_or_empty_files(tmp_path, lfw):
-    with pytest.raises(DatasetError, match="cannot read the pairs file"):
-        read_pairs_file(tmp_path / "none.txt", lfw)
-    with pytest.raises(DatasetError, match="no pairs"):
-        read_pairs_file(write(tmp_path, "\n\n"), lfw)
-    with pytest.raises(DatasetError, match="no such folder"):
+def test_unreadable_or_empty_files_and_a_missing_root_name_the_path(tmp_path, lfw):
+    (tmp_path / "latin1.txt").write_bytes("Ren\xe9 1 2\n".encode("latin-1"))
+    for path in (tmp_path / "none.txt", tmp_path / "latin1.txt", write(tmp_path, "\n\n")):
+        with pytest.raises(DatasetError) as info:
+            read_pairs_file(path, lfw)
+        assert str(info.value).startswith(f"{path}: ")
+    with pytest.raises(DatasetError) as info:
         read_pairs_file(write(tmp_path, "Ann_Lee 1 2\n"), tmp_path / "nowhere")
+    assert str(info.value).startswith(f"{tmp_path / 'nowhere'}: ")
 
 
 def test_att_pairs_file_finds_every_image(att_faces):

@@ -1,0 +1,343 @@
+"""The training engine: the run's settings checked, the optimiser and schedule built, one optimiser step, one epoch,
+the evaluation of an epoch, and how a run stops (a stop signal, a non-finite loss), each with explicit arguments so
+that it can be called and tested on its own. train.py puts them together."""
+import gc
+import math
+import os
+import re
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from configurator import ConfigError
+from data_utils import as_hw
+from evaluation import identification_accuracy, pair_decisions, relabel, triplet_accuracy
+from inference import device_batch, embed
+from losses import gather_batch
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine", "onecycle")
+
+
+# -----------------------------------------------------------------------------
+# settings
+
+def check_config(config):
+    """Raise ConfigError for the first setting train.py cannot run with, before anything is scanned, started or
+    built. The choices of each constant are checked by configurator.parse; these are the rules between them."""
+    c = config
+    rules = [
+        ("mining", c["loss"] == "pair_bce" and c["mining"] != "none",
+         "--loss=pair_bce trains on balanced pairs: use it with --mining=none"),
+        ("anchor_pattern", c["anchor_pattern"] and (c["mining"] != "none" or c["loss"] == "arcface"),
+         "chooses the anchors of random triplets and pairs: use it with --mining=none and a triplet, contrastive "
+         "or pair_bce loss"),
+        ("device", not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c["device"]), "choose auto, cpu, cuda or cuda:N"),
+        ("num_workers", c["num_workers"] < -1, "choose -1 (auto), 0 (the main process) or a number of workers"),
+        ("images_per_identity", c["images_per_identity"] < 2, "a P x K batch needs K >= 2 images of an identity"),
+        ("batch_size", c["batch_size"] < 1, "must be at least 1"),
+        ("epochs", c["epochs"] < 0, "must be 0 (evaluate the untrained network) or more"),
+        ("eval_every", c["eval_every"] < 1, "must be at least 1"),
+        ("save_every", c["save_every"] < 0, "must be 0 (never) or more"),
+        ("lr", not c["lr"] > 0, "must be positive"),
+        ("embedding_dim", c["embedding_dim"] < 1, "must be positive"),
+    ]
+    for flag, broken, message in rules:
+        if broken:
+            raise ConfigError(flag, message)
+    try:
+        as_hw(c["image_size"])
+    except ValueError as err:
+        raise ConfigError("image_size", str(err)) from None
+
+
+def build_optimizer(name, params, lr, weight_decay):
+    """Adam, AdamW or SGD (momentum 0.9) over `params`, fused: one kernel for the whole update (on the CPU the
+    per-tensor loop costs ~10 % of a ResNet18 step)."""
+    kinds = dict(adam=torch.optim.Adam, adamw=torch.optim.AdamW, sgd=torch.optim.SGD)
+    extra = dict(momentum=0.9) if name == "sgd" else {}
+    return kinds[name](params, lr=lr, weight_decay=weight_decay, fused=True, **extra)
+
+
+def warmup_cosine(step, total, warmup=0.25):
+    """Learning-rate factor of the one-cycle schedule: linear warm-up over the first quarter of the steps, then
+    cosine decay to 0. (torch's OneCycleLR fails on runs of a few steps.)"""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def build_schedule(name, optimizer, steps_per_epoch, epochs, step_size=5, gamma=0.1):
+    """The learning-rate schedule, advanced once per optimiser step: StepLR every `step_size` epochs, cosine decay
+    to 0, or one-cycle. cosine and onecycle are functions of (step, total steps), so a resumed run with more epochs
+    spreads them over the new total (the learning rate rises again from where the decay had taken it)."""
+    steps = max(epochs, 1) * steps_per_epoch
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(step_size, 1) * steps_per_epoch, gamma=gamma)
+    factor = ((lambda s: (1 + math.cos(math.pi * min(1, s / steps))) / 2) if name == "cosine"
+              else (lambda s: warmup_cosine(s, steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def describe(model, objective, optimizer, schedule, verbosity=0):
+    """Print the run's parts as --verbosity asks: 1 the architecture, 2 the optimiser and schedule too, 3 the
+    parameter counts of each top-level module too."""
+    if verbosity >= 1:
+        print(model, objective, sep="\n")
+    if verbosity >= 2:
+        print(optimizer, f"schedule: {schedule}", sep="\n")
+    if verbosity >= 3:
+        for name, module in list(model.named_children()) + [("loss", objective)]:
+            print(f"  {name}: {sum(p.numel() for p in module.parameters()):,} parameters, "
+                  f"{sum(p.numel() for p in module.parameters() if p.requires_grad):,} trainable")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+class TrainingStep:
+    """One optimiser step on a batch: embed its images in one forward pass, the objective's loss (over the global
+    batch of a distributed run for labelled batches, so that mining sees every process's images; rows of random
+    triplets and pairs index this process's batch and need no gathering), backward, step, schedule.
+
+    `network` and `objective` are what trains (wrapped in DistributedDataParallel or compiled as the run wants);
+    a batch is (images, labels) or (images, labels, rows), images uint8 or float (N, 3, H, W) as the DataLoader
+    gives them. Calling it returns (the loss, detached; the objective's stats; this process's embeddings).""" 
+
+    def __init__(self, network, objective, optimizer, scheduler, scaler, device, autocast,
+                 memory_format=torch.preserve_format, gather=False, figure=""):
+        self.network, self.objective, self.optimizer, self.scheduler = network, objective, optimizer, scheduler
+        self.scaler, self.device, self.autocast, self.memory_format = scaler, device, autocast, memory_format
+        self.gather, self.figure = gather, figure  # figure: the objective's stat shown and averaged per epoch
+
+    def embed(self, images):
+        """Float32 embeddings of a batch. It goes to the device as the DataLoader pinned it (copied without
+        waiting) and is normalised there when it travels as uint8."""
+        with self.autocast:
+            return self.network(device_batch(images, self.device, self.memory_format)).float()
+
+    def __call__(self, batch):
+        images, labels, *rows = batch
+        rows = rows[0].to(self.device) if rows else None
+        embeddings = self.embed(images)
+        labels = torch.as_tensor(labels).to(self.device)
+        scored, scored_labels = (gather_batch(embeddings, labels) if self.gather and rows is None
+                                 else (embeddings, labels))
+        loss, stats = self.objective(scored, scored_labels, rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # float16 scaling skips a step whose gradients overflowed: not an error
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach(), stats, embeddings
+
+    def release(self):
+        """Drop the wrappers that hold the process group, so that it can be destroyed."""
+        self.network = self.objective = None
+
+
+class StopRequested(Exception):
+    """A stop signal arrived mid-epoch; `position` is where in the epoch the run stopped (RunState.position)."""
+
+    def __init__(self, position):
+        super().__init__(f"stopped in epoch {position['epoch']} after step {position['batches']}")
+        self.position = position
+
+
+class NonFinite(Exception):
+    """The training loss or the weights are no longer finite. Nothing after this may be saved: it would spoil
+    every checkpoint."""
+
+    def __init__(self, what, epoch, step, steps):
+        super().__init__(f"{what} in epoch {epoch} at step {step} of {steps}")
+
+
+class StopSignals:
+    """The first SIGINT (Ctrl-C) or SIGTERM lets the current step finish (`signum` is set; the training loop then
+    stops); a second one exits at once (atomic_write leaves no half-written file behind). Under torchrun
+    (`distributed`) the second is ignored: the launcher follows the terminal's Ctrl-C with a SIGTERM of its own,
+    and kills what has not ended 30 s later. `announce` is the line written (by the master) at the first signal."""
+
+    def __init__(self, distributed=False, announce=None):
+        self.signum, self.distributed, self.announce = 0, distributed, announce
+
+    def install(self):
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum:
+            if self.distributed:
+                return
+            sys.exit(128 + signum)
+        self.signum = signum
+        if self.announce:  # os.write: print is not safe in a signal handler
+            os.write(2, f"\n{signal.Signals(signum).name}: {self.announce}\n".encode())
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+
+def worker_signals(worker_id):
+    """DataLoader workers leave Ctrl-C, which the terminal sends to all the run's processes, to the main process: it
+    stops after the current step, then shuts them down. SIGTERM goes back to its default, fatal to them (they are
+    forked with the main process's handler, and Python's exit stops them with it); sent to every process (as some
+    job schedulers do), it ends the run with their error, and a resumed run starts from the last epoch's last.pth."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def agreed(flags, device, distributed):
+    """Each flag's largest value over the processes of a distributed run (one small all_reduce), so that they all
+    stop at the same step, whichever of them got the signal or saw the loss go bad."""
+    if not distributed:
+        return list(flags)
+    values = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [int(v) for v in values.tolist()]
+
+
+def poisoned(*modules):
+    """Whether a weight or running statistic of the modules has become NaN or infinite."""
+    tensors = [t for module in modules for t in module.state_dict().values()]
+    return not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=False, world_size=1, collapse=None,
+                    progress=True, label=""):
+    """Train `epoch` over the batches of `loader` (its sources' set_epoch already called) with `step` (a
+    TrainingStep). A run resumed mid-epoch (`run.position` in this epoch) draws the epoch's batches from the
+    random state it began with, passes over those it trained, and goes on from the saved state. `randomness` is
+    the run's RandomState, `stop` its StopSignals; `collapse` an optional CollapseDetector.
+
+    Returns the epoch's figures: train_loss, train_<figure> (the mean of the objective's stat), epoch_seconds,
+    images and images_per_second (of the steps trained in this call). Raises StopRequested after the step a
+    signal arrived in (not after the last one: the epoch then ends and saves), NonFinite for a non-finite loss."""
+    position = run.position if run.position and run.position["epoch"] == epoch else None
+    if position:
+        randomness.restore(position["rng"])
+    epoch_rng, batches = randomness.capture(), iter(loader)
+    count, total, second_total = 0, 0.0, 0.0
+    if position:
+        count, total, second_total = position["batches"], position["loss_total"], position["second_total"]
+        for _ in range(count):
+            next(batches)
+        randomness.restore(run.rng)
+        run.position = None
+    started, images = time.time(), 0
+    bar = tqdm(batches, desc=label or f"epoch {epoch}", total=len(loader), initial=count, leave=False,
+               dynamic_ncols=True, disable=None if progress else True)
+    for batch in bar:
+        loss, stats, embeddings = step(batch)
+        value = loss.item()  # the CPU waits for the step here: the NaN check and the progress bar need it
+        signalled, diverged = agreed((stop.signum, not math.isfinite(value)), step.device, distributed)
+        if diverged:
+            raise NonFinite(f"the training loss is {value}" if not math.isfinite(value) else
+                            "the training loss of another process is not finite", epoch, count + 1, len(loader))
+        stop.signum = signalled
+        run.step, count, total = run.step + 1, count + 1, total + value
+        images += len(embeddings) * world_size
+        second = stats.get(step.figure)
+        second_total += second or 0.0
+        bar.set_postfix(loss=f"{total / count:.4f}", **({} if second is None else {step.figure: f"{second:.2f}"}))
+        if collapse is not None and collapse.update(value, embeddings):
+            tqdm.write(f"warning: the embeddings are collapsing (loss {value:.3f} ~ margin {collapse.margin}, "
+                       f"spread {collapse.spread:.3f} for {collapse.patience} steps): try a lower --lr, "
+                       f"--zero_init_residual=True, --mining=semihard, or a larger --margin")
+        if stop.signum and count < len(loader):
+            run.train_seconds += time.time() - started
+            raise StopRequested(dict(epoch=epoch, batches=count, loss_total=total, second_total=second_total,
+                                     rng=epoch_rng))
+    seconds = max(time.time() - started, 1e-6)  # (a coarse clock can measure nothing)
+    run.train_seconds += seconds
+    return dict(train_loss=total / count, **{f"train_{step.figure}": second_total / count},
+                epoch_seconds=round(seconds, 3), images=images, images_per_second=round(images / seconds, 2))
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+@torch.inference_mode()
+def evaluate(model, objective, gallery_loader, probe_loader, train_classes, valid_rows, device, autocast):
+    """An epoch's validation: identification top-1 of the probes by the centroids of the gallery (test.py's
+    method), the objective's loss on the probes (on `valid_rows`, dict(triplets=..., pairs=...) of index rows
+    into the probes, for an objective that trains on rows; on the probes of training identities otherwise, as
+    ArcFace's centres are those identities), the share of valid triplets with d(a,p) < d(a,n), and for the pair
+    classifier precision, recall and F1 of its decisions on the valid pairs."""
+    gallery_emb, gallery_labels = embed(model, gallery_loader, device, autocast)
+    probe_emb, probe_labels = embed(model, probe_loader, device, autocast)
+    gallery, probes = gallery_loader.dataset, probe_loader.dataset
+    result = dict(valid_identification=identification_accuracy(
+        gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels, probes.classes)["accuracy"],
+        valid_loss=float("nan"), valid_triplet_accuracy=float("nan"))
+    if len(valid_rows["triplets"]):
+        result["valid_triplet_accuracy"] = triplet_accuracy(probe_emb, valid_rows["triplets"])
+    objective.eval()
+    result.update(valid_objective(objective, probe_emb.to(device), probe_labels, probes.classes, train_classes,
+                                  valid_rows))
+    objective.train()
+    return result
+
+
+def valid_objective(objective, embeddings, labels, classes, train_classes, valid_rows):
+    """evaluate's loss (and the pair classifier's decisions) on the probes' embeddings."""
+    device = embeddings.device
+    if objective.rows is None:
+        labels = relabel(labels, classes, train_classes)
+        known = labels >= 0
+        if not known.any():
+            return {}
+        return dict(valid_loss=objective(embeddings[known.to(device)], labels[known].to(device))[0].item())
+    rows = torch.as_tensor(valid_rows[objective.rows][:, :3 if objective.rows == "triplets" else 2])
+    if not len(rows):
+        return {}
+    result = dict(valid_loss=objective(embeddings, labels.to(device), rows.to(device))[0].item())
+    if hasattr(objective, "logits"):
+        same = (labels[rows[:, 0]] == labels[rows[:, 1]]).numpy()
+        decided = (objective.logits(embeddings[rows[:, 0]], embeddings[rows[:, 1]]) > 0).cpu().numpy()
+        result.update({f"valid_pair_{k}": v for k, v in pair_decisions(same, decided).items()})
+    return result
+
+
+def epoch_summary(epoch, epochs, figures, metrics, figure, seconds, improved):
+    """The line printed after each epoch: training figures (none for epoch 0), the evaluation when there was one
+    (`metrics`), the seconds of training so far, and whether it is the best epoch yet."""
+    parts = [f"epoch {epoch}/{epochs}", "train loss " + ("-" if not epoch else f"{figures['train_loss']:.4f}")]
+    if epoch:
+        parts.append(f"{figure} {100 * figures[f'train_{figure}']:.0f}%")
+    if metrics:
+        parts += [f"valid loss {metrics['valid_loss']:.4f}",
+                  f"valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}%"]
+        if "valid_pair_f1" in metrics:
+            parts.append(f"valid pair F1 {metrics['valid_pair_f1']:.3f}")
+        parts.append(f"valid top-1 {100 * metrics['valid_identification']:.2f}%")
+    return " | ".join(parts + [f"{seconds:.0f}s"] + (["best"] if improved else []))
+
+
+# -----------------------------------------------------------------------------
+# the end of a run
+
+def shut_down(loaders, step=None, distributed=False):
+    """Before exiting, what must not be left to the interpreter's shutdown: persistent DataLoader workers (left,
+    each is waited for 5 s, then killed with an error) are stopped; and all the processes of a distributed run
+    leave the process group together, the wrappers that hold it first, so that gloo's and NCCL's threads end here
+    (at shutdown they can abort the interpreter)."""
+    for loader in loaders:
+        workers = getattr(loader, "_iterator", None)
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
+        loader._iterator = None
+    if distributed:
+        dist.barrier()
+        if step is not None:
+            step.release()
+    gc.collect()
+    if distributed:
+        dist.destroy_process_group()

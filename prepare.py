@@ -1,0 +1,185 @@
+"""Dataset preparation: raw identity folders in, a prepared dataset (DST/train, DST/valid, optionally DST/test,
+each with one folder per identity) out. The source is only read.
+
+    python prepare.py split SRC DST [--valid=0.2] [--test=0.0] [--min_images=0] [--max_images=0]
+                                    [--identity_depth=1] [--seed=0] [--force]
+    python prepare.py fetch-att DST [--seed=0] [--force]
+
+`split` copies SRC's images per identity, so that every identity with images enough appears in every split;
+`fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 8/2. The functions serve other
+scripts too: train.py calls ensure_att to fetch AT&T on a first run without data.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from data_utils import DatasetError, find_images, identity_folders
+
+TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held out by `split`
+
+
+# -----------------------------------------------------------------------------
+# split
+
+def split_dataset(src, dst, valid=0.2, test=0.0, min_images=0, max_images=0, seed=0, force=False,
+                  identity_depth=1, log=print):
+    """Copy an identity-folder dataset into DST/train, DST/valid (and DST/test when test > 0), per identity,
+    so that every identity with images enough appears in every split. Images below a `distortion/` folder
+    stay in train. Identities with fewer than `min_images` or more than `max_images` (when > 0) images are
+    left out. The same seed gives the same split; SRC is only read. Returns {split: image count}."""
+    _check_split(src, dst, valid, test, force)
+    held = {"valid": valid, **({"test": test} if test > 0 else {})}
+    counts, kept, skipped, short = dict.fromkeys(["train", *held], 0), 0, [], []
+    for name, folder in identity_folders(src, identity_depth).items():
+        files = [os.path.relpath(p, folder) for p in find_images(folder)]
+        pool = [f for f in files if TRAIN_ONLY_FOLDER not in f.split(os.sep)[:-1]]
+        reason = _left_out(len(pool), min_images, max_images)
+        if reason:
+            skipped.append(f"{name} ({reason})")
+            continue
+        assignment = {}
+        if len(pool) > len(held):
+            assignment = _held_out(pool, held, np.random.default_rng([seed, zlib.crc32(name.encode())]))
+        else:  # too few images for one in every split: all in train
+            short.append(name)
+        for f in files:
+            split = assignment.get(f, "train")
+            target = os.path.join(dst, split, name, f)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.join(folder, f), target)
+            counts[split] += 1
+        kept += 1
+    if not kept:
+        raise DatasetError(f"{src}: no identity folder with images passed the filters"
+                           + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+    log(f"split {src} -> {dst} (seed {seed}, valid {valid}, test {test})")
+    log(f"  identities: {kept} kept, {len(skipped)} skipped")
+    log("  images: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+    if short:
+        log(f"  {len(short)} identities too small to appear in every split (all in train): {', '.join(short)}")
+    for line in skipped:
+        log(f"  skipped {line}")
+    return counts
+
+
+def _check_split(src, dst, valid, test, force):
+    """Raise DatasetError for arguments split_dataset cannot use; with `force`, empty DST's split folders."""
+    if not os.path.isdir(src):
+        raise DatasetError(f"{src}: no such folder")
+    if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
+        raise DatasetError(f"--valid={valid} and --test={test} must be fractions in [0, 1) that sum below 1")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src + os.sep):
+        raise DatasetError(f"{dst} lies inside {src}; the source must stay untouched")
+    if os.path.isdir(dst) and os.listdir(dst):
+        if not force:
+            raise DatasetError(f"{dst} is not empty; choose another folder or pass --force to replace "
+                               f"its train/valid/test folders")
+        for name in ("train", "valid", "test"):
+            shutil.rmtree(os.path.join(dst, name), ignore_errors=True)
+
+
+def _left_out(count, min_images, max_images):
+    """Why split_dataset leaves out an identity of `count` images (not below a distortion folder), or None."""
+    if not count:
+        return "no images"
+    if count < min_images or (max_images and count > max_images):
+        return f"{count} images, outside --min_images={min_images} --max_images={max_images}"
+    return None
+
+
+def _held_out(pool, held, rng):
+    """{file: split} for the files of one identity's `pool` that the splits of `held` ({split: fraction}) hold
+    out, drawn with `rng`: the fraction rounded, at least one per split with a fraction > 0, and at least one file
+    left for training. The pool must have more files than `held` has splits."""
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    counts = {s: max(int(len(pool) * f + 0.5), 1 if f > 0 else 0) for s, f in held.items()}
+    while sum(counts.values()) >= len(pool):  # keep at least one for training
+        largest = max(counts, key=counts.get)
+        counts[largest] -= 1
+    assignment, start = {}, 0
+    for split, count in counts.items():
+        assignment.update({f: split for f in pool[start:start + count]})
+        start += count
+    return assignment
+
+
+# -----------------------------------------------------------------------------
+# AT&T faces
+
+def fetch_att(dst, seed=0, force=False, log=print):
+    """The AT&T (ORL) faces through scikit-learn's Olivetti copy (400 images, 64x64, cached by scikit-learn),
+    written as identity folders s1..s40 and split 8/2 into DST/train and DST/valid. Raises DatasetError, in one
+    line that says how to use a local copy instead, when the download fails."""
+    from sklearn.datasets import fetch_olivetti_faces
+    try:
+        with warnings.catch_warnings():  # its retry warnings; the failure is reported below in one line
+            warnings.simplefilter("ignore")
+            faces = fetch_olivetti_faces(n_retries=1)
+    except OSError as err:
+        reason = " ".join(str(err).split())
+        raise DatasetError(f"could not download the AT&T (Olivetti) faces ({reason}); with a local copy of "
+                           f"att_faces run: python prepare.py split /path/to/att_faces {dst} --valid=0.2") from None
+    with tempfile.TemporaryDirectory() as raw:
+        count = {}
+        for image, target in zip(faces.images, faces.target):
+            person = f"s{int(target) + 1}"
+            count[person] = count.get(person, 0) + 1
+            os.makedirs(os.path.join(raw, person), exist_ok=True)
+            pixels = np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").save(os.path.join(raw, person, f"{count[person]}.pgm"))
+        return split_dataset(raw, dst, valid=0.2, seed=seed, force=force, log=log)
+
+
+def ensure_att(data_dir, log=print):
+    """Make `data_dir` a prepared dataset if it is none yet: a `data_dir/train` folder is used as it is;
+    without one, the AT&T faces are fetched through scikit-learn and split 8/2 (seed 0) into `data_dir`.
+    Raises fetch_att's one-line DatasetError when offline."""
+    if os.path.isdir(os.path.join(data_dir, "train")):
+        return
+    log(f"{data_dir}/train not found: fetching the AT&T faces through scikit-learn")
+    fetch_att(data_dir, seed=0, log=log)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare face datasets.", allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    split = commands.add_parser("split", help="copy SRC into DST/train, DST/valid (and DST/test) per identity",
+                                allow_abbrev=False)
+    split.add_argument("src")
+    split.add_argument("dst")
+    split.add_argument("--valid", type=float, default=0.2, help="fraction of each identity's images")
+    split.add_argument("--test", type=float, default=0.0, help="fraction of each identity's images")
+    split.add_argument("--min_images", type=int, default=0, help="leave out identities with fewer images")
+    split.add_argument("--max_images", type=int, default=0, help="leave out identities with more (0: no limit)")
+    split.add_argument("--identity_depth", type=int, default=1, help="folder level of the identities")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
+    fetch = commands.add_parser("fetch-att", help="download AT&T faces (via scikit-learn) and split them 8/2",
+                                allow_abbrev=False)
+    fetch.add_argument("dst")
+    fetch.add_argument("--seed", type=int, default=0)
+    fetch.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "split":
+            split_dataset(args.src, args.dst, args.valid, args.test, args.min_images, args.max_images,
+                          args.seed, args.force, args.identity_depth)
+        else:
+            fetch_att(args.dst, args.seed, args.force)
+    except DatasetError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

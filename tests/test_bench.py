@@ -1,0 +1,120 @@
+"""bench.py: it times the repository's own training step and embedding pass (the latter paired batch by batch with
+bare inference), and its tables are valid markdown, written into the documentation section by section."""
+import re
+import time
+
+import pytest
+import torch
+
+import bench
+from checkpoint import Checkpointer
+from data_utils import FaceFolder
+from engine import TrainingStep
+from losses import build_objective
+from model import EmbeddingNet
+
+
+def save_untrained(data_dir, out, image_size=(32, 32)):
+    """An untrained ResNet18 for the identities of data_dir/train, saved as train.py saves its best model."""
+    torch.manual_seed(0)
+    classes = FaceFolder(str(data_dir / "train")).classes
+    model = EmbeddingNet("resnet18", embedding_dim=32, hidden_dim=64)
+    objective = build_objective("arcface", embedding_dim=32, num_classes=len(classes))
+    assert Checkpointer(str(out), model, objective, {}, classes, image_size).save("tb_model.pth", 0, {})
+    return str(out / "tb_model.pth")
+
+
+def test_embedding_pass_against_bare_inference_batch_by_batch(att_subset, tmp_path, monkeypatch):
+    """A slower file pipeline lowers the embedding pass against bare inference; each real batch is paired with a
+    bare one, both through inference.embed_batch."""
+    checkpoint = save_untrained(att_subset, tmp_path)
+    batches = []
+    embed_batch = bench.embed_batch
+    monkeypatch.setattr(bench, "embed_batch", lambda model, images, *args: (batches.append(len(images)),
+                                                                           embed_batch(model, images, *args))[1])
+    plain = bench.embedding_speeds(checkpoint, str(att_subset), passes=1)
+    assert batches == [2, 48, 48, 12, 12] and plain["images"] == 60  # warm-up, then train/ and valid/ (6 people)
+    read = FaceFolder.__getitem__
+    monkeypatch.setattr(FaceFolder, "__getitem__", lambda self, i: (time.sleep(0.1), read(self, i))[1])
+    slowed = bench.embedding_speeds(checkpoint, str(att_subset), passes=1)
+    ratio = {name: speeds["test_speed"] / speeds["bare_test_speed"] for name, speeds in
+             (("plain", plain), ("slowed", slowed))}
+    # 100 ms an image: 6 s more for 60 images, far more than the noise of a loaded machine (where other processes
+    # have slowed this network's 60 images to seconds)
+    assert 0 < ratio["slowed"] < ratio["plain"] - 0.2, ratio
+
+
+@pytest.mark.parametrize("read_loss", [False, True])
+def test_bare_train_speed_runs_the_training_step_on_random_pixels(read_loss, monkeypatch):
+    steps = []
+    call = TrainingStep.__call__
+    monkeypatch.setattr(TrainingStep, "__call__", lambda self, batch: (steps.append(batch[0].dtype),
+                                                                       call(self, batch))[1])
+    network = dict(backbone="smallcnn", embedding_dim=8, head="mlp", hidden_dim=16)
+    speed = bench.bare_train_speed(network, 32, batch=4, seconds=0, read_loss=read_loss)
+    assert speed > 0
+    assert len(steps) == 5 and set(steps) == {torch.uint8}  # two warm-up steps, then at least three
+
+
+def test_markdown_table_is_a_valid_table():
+    text = bench.markdown_table(["recipe", "top-1", "note"], [["default", "98.75 %", "a|b"], ["fast_cpu", "-", ""]])
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[1] == "|---|---|---|"
+    for line in lines:
+        assert line.startswith("| ") or line == lines[1]
+        assert line.endswith("|") and len(re.split(r"(?<!\\)\|", line)) == 5  # three cells between four bars
+    assert lines[0] == "| recipe | top-1 | note |" and lines[2] == "| default | 98.75 % | a\\|b |"
+
+
+def test_replace_section_rewrites_only_its_section_and_appends_a_missing_one():
+    text = ("# Results\n\nbefore\n\n<!-- bench:att_recipes -->\nold table\n<!-- /bench:att_recipes -->\n\nafter\n\n"
+            "<!-- bench:att_pipeline -->\nother table\n<!-- /bench:att_pipeline -->\n")
+    replaced = bench.replace_section(text, "att_recipes", "new table\n")
+    assert replaced == text.replace("old table", "new table")
+    appended = bench.replace_section(replaced, "gpu_step", "gpu table")
+    assert appended == replaced + "\n## gpu_step\n\n<!-- bench:gpu_step -->\ngpu table\n<!-- /bench:gpu_step -->\n"
+    assert bench.replace_section(appended, "gpu_step", "gpu table") == appended
+    assert bench.replace_section("", "gpu_step", "x") == ("## gpu_step\n\n<!-- bench:gpu_step -->\nx\n"
+                                                         "<!-- /bench:gpu_step -->\n")
+    with pytest.raises(ValueError):
+        bench.replace_section("<!-- bench:gpu_step -->\nunclosed\n", "gpu_step", "x")
+
+
+def test_publish_prints_the_table_and_writes_it_with_the_command_twice_alike(tmp_path, capsys):
+    docs = tmp_path / "results.md"
+    docs.write_text("# Results\n\nwritten by hand\n")
+    table = bench.Table("att_pipeline", "a title", ["recipe", "ratio"], [["default", "75 %"]])
+    note = bench.provenance(["--quick", "--docs=docs/results.md"])
+    for _ in range(2):
+        bench.publish(table, str(docs), note)
+        written = docs.read_text()
+    assert written == docs.read_text() and written.startswith("# Results\n\nwritten by hand\n\n## att_pipeline\n")
+    assert "a title\n\n| recipe | ratio |\n|---|---|\n| default | 75 % |\n\n`python bench.py --quick " in written
+    assert f"torch {torch.__version__}" in written and written.count("<!-- bench:att_pipeline -->") == 1
+    assert "| default | 75 % |" in capsys.readouterr().out
+    bench.publish(table, str(tmp_path / "new.md"), note)
+    assert (tmp_path / "new.md").read_text().startswith("## att_pipeline\n\n<!-- bench:att_pipeline -->\na title")
+
+
+def test_recipe_tables_average_the_seeds():
+    def row(recipe, seed, seconds_to_90):
+        return dict(recipe=recipe, seed=seed, top1=0.95 + seed / 100, f1=None, untrained=0.1, seconds=100.0,
+                    peak_mib=None, reached={0.90: seconds_to_90, 0.975: None, 0.985: None}, train_speed=50.0,
+                    bare_train_speed=100.0, test_speed=300.0, bare_test_speed=400.0, valid_share=0.1, save_share=0.02)
+    rows = [row("default", 0, 10.0), row("default", 1, 20.0), row("resnet50_triplet", 0, 60.0)]
+    means = {name: bench.recipe_means(rows, name) for name in ("default", "resnet50_triplet")}
+    recipes, pipeline = bench.recipe_tables(means, "caption")
+    assert (recipes.name, pipeline.name) == ("att_recipes", "att_pipeline")
+    assert recipes.rows[0] == ["default", "95.50 %", "-", "10.00 %", "15 s", "-", "-", "100", "-"]
+    assert pipeline.rows[0] == ["default", "50.0", "100", "50 %", "300.0", "400.0", "75 %", "10.0 %", "2.0 %"]
+    assert bench.speedups(means) == ["time to 90 %: default is 4.0x faster than resnet50_triplet"]
+
+
+def test_bad_flags_exit_naming_the_flag(att_faces, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--recipes=default,nonesuch", f"--att_dir={att_faces}"])
+    assert "--recipes" in str(exit.value.code)
+    (tmp_path / "results.md").write_text("<!-- bench:att_recipes -->\nno closing marker\n")
+    with pytest.raises(SystemExit) as exit:
+        bench.main([f"--att_dir={att_faces}", f"--docs={tmp_path / 'results.md'}"])
+    assert "--docs" in str(exit.value.code)
