@@ -66,7 +66,7 @@ RECIPES = {  # name: train.py arguments
 }
 DEFAULT_RECIPES = ("default", "fast_cpu", "resnet50_triplet")
 THRESHOLDS = (0.90, 0.975, 0.985)
-QUICK = ["--epochs=2", "--backbone=resnet18", "--image_size=48,40"]
+QUICK = ("--epochs=2", "--backbone=resnet18", "--image_size=48,40")
 GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile, read_loss) of the training step on random tensors
     ("float32", False, False, False, False),
     ("AMP (bfloat16)", True, False, False, False),
@@ -499,7 +499,7 @@ def main(argv=None):
         tables = gpu_tables(data_dir, work, args.gpu_workers)
     else:
         names = args.recipes.split(",")
-        rows = run_recipes(names, 1 if args.quick else args.seeds, (QUICK if args.quick else [])
+        rows = run_recipes(names, 1 if args.quick else args.seeds, [*(QUICK if args.quick else ())]
                            + shlex.split(args.train_flags), data_dir, work, 1.0 if args.quick else 4.0)
         means = {name: recipe_means(rows, name) for name in names}
         tables, lines = recipe_tables(means, recipes_caption(args)), speedups(means)

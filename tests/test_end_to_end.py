@@ -330,7 +330,9 @@ def test_resume_refuses_a_flag_that_would_change_the_run_and_writes_nothing(att_
 def test_ctrl_c_mid_epoch_saves_and_the_printed_command_resumes_to_the_uninterrupted_state(att_run, att_data,
                                                                                            tmp_path):
     out = tmp_path / "run"
-    status, output = run_until([("epoch 0/1", signal.SIGINT)], *ATT, f"--data_dir={att_data}", f"--out_dir={out}")
+    # --deterministic on the CPU, which already is: it changes nothing, so the states must still be equal
+    status, output = run_until([("epoch 0/1", signal.SIGINT)], *ATT, f"--data_dir={att_data}", f"--out_dir={out}",
+                               "--deterministic")
     assert status == 130 and "Traceback" not in output, output
     assert_stopped_mid_epoch(out, 1, steps=history(att_run[0])[1]["step"])
     assert_no_temporaries(out)
@@ -490,6 +492,14 @@ def test_a_nan_loss_stops_naming_lr_and_keeps_the_last_good_checkpoints(att_subs
     assert [h["epoch"] for h in history(out)] == [0]
 
 
+def test_zero_epochs_evaluates_and_saves_the_untrained_network(att_subset, tmp_path):
+    out = tmp_path / "run"
+    train(f"--data_dir={att_subset}", f"--out_dir={out}", "--epochs=0", *TINY)
+    assert [h["epoch"] for h in history(out)] == [0] and history(out)[0]["train_loss"] is None
+    assert load_checkpoint(str(out / "tb_model.pth"))["epoch"] == 0
+    assert load_checkpoint(str(out / "last.pth"))["step"] == 0
+
+
 @pytest.mark.parametrize("flag,named", [("--epoch=3", "--epoch=3"), ("--loss=nope", "--loss")])
 def test_a_bad_flag_is_a_usage_error_naming_it(flag, named, tmp_path):
     assert_refused(train(f"--data_dir={tmp_path}", flag, check=False), named, status=2)
@@ -539,6 +549,12 @@ def test_a_file_that_is_no_checkpoint_or_would_run_code_is_refused(script, tmp_p
         proc = predict(path, write_image(tmp_path / "face.png"), check=False)
     assert_refused(proc, str(path))
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("args,named", [(["--verify", "a.jpg", "b.jpg", "c.jpg"], "--verify"),
+                                        (["a.jpg", "--top_k=0"], "--top_k"), ([], "PHOTO")])
+def test_predict_refuses_what_it_cannot_answer_before_loading_anything(args, named, tmp_path):
+    assert_refused(predict(tmp_path / "absent.pth", *args, check=False), named)
 
 
 def test_predict_help_lists_the_constants_and_the_photos():

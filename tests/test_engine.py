@@ -19,7 +19,8 @@ from configurator import ConfigError
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, draw_pairs, draw_triplets, make_transform, normalize, train_loader_for
 from engine import (NonFinite, StopRequested, StopSignals, TrainingStep, agreed, build_optimizer, build_schedule,
-                    check_config, evaluate, poisoned, shut_down, train_one_epoch, warmup_cosine, worker_signals)
+                    check_config, describe, epoch_summary, evaluate, poisoned, shut_down, train_one_epoch,
+                    warmup_cosine, worker_signals)
 from evaluation import identification_accuracy, pair_decisions, relabel, triplet_accuracy
 from inference import embed
 from losses import batch_rows, build_objective
@@ -532,3 +533,31 @@ def test_shut_down_stops_persistent_workers(train_root):
     assert not any(w.is_alive() for w in workers)
     assert not set(w.pid for w in workers) & {child.pid for child in multiprocessing.active_children()}
     assert loader._iterator is None
+
+
+# -----------------------------------------------------------------------------
+# what a run prints
+
+def test_epoch_summary_has_the_training_and_evaluation_figures_it_was_given():
+    figures = dict(train_loss=0.5, train_accuracy=0.25)
+    metrics = dict(valid_loss=0.75, valid_triplet_accuracy=0.5, valid_identification=0.875)
+    untrained = epoch_summary(0, 3, {}, metrics, "accuracy", 0.0, True).split(" | ")
+    assert untrained == ["epoch 0/3", "train loss -", "valid loss 0.7500", "valid triplets 50.0%",
+                         "valid top-1 87.50%", "0s", "best"]
+    trained = epoch_summary(2, 3, figures, None, "accuracy", 12.4, False).split(" | ")
+    assert trained == ["epoch 2/3", "train loss 0.5000", "accuracy 25%", "12s"]  # an epoch without evaluation
+    with_f1 = epoch_summary(1, 3, figures, dict(metrics, valid_pair_f1=0.5), "accuracy", 1, False)
+    assert "valid pair F1 0.500" in with_f1.split(" | ")
+
+
+@pytest.mark.parametrize("verbosity", [0, 1, 2])
+def test_describe_prints_as_much_as_verbosity_asks(verbosity, capsys):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    objective = build_objective("arcface", embedding_dim=3, num_classes=2)
+    optimizer = build_optimizer("adam", list(model.parameters()) + list(objective.parameters()), 1e-3, 0.0)
+    describe(model, objective, optimizer, "onecycle", verbosity)
+    out = capsys.readouterr().out
+    assert ("Sequential(" in out) == (verbosity >= 1) and ("schedule: onecycle" in out) == (verbosity >= 2)
+    describe(model, objective, optimizer, "onecycle", 3)
+    counts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "trainable" in line]
+    assert counts == ["  0: 15 parameters, 15 trainable", "  loss: 6 parameters, 6 trainable"]
