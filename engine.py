@@ -17,7 +17,7 @@ from configurator import ConfigError
 from data_utils import as_hw
 from evaluation import identification_accuracy, pair_decisions, relabel, triplet_accuracy
 from inference import device_batch, embed
-from losses import gather_batch
+from losses import batch_rows, gather_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "onecycle")
@@ -38,7 +38,8 @@ def check_config(config):
          "or pair_bce loss"),
         ("device", not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c["device"]), "choose auto, cpu, cuda or cuda:N"),
         ("num_workers", c["num_workers"] < -1, "choose -1 (auto), 0 (the main process) or a number of workers"),
-        ("images_per_identity", c["images_per_identity"] < 2, "a P x K batch needs K >= 2 images of an identity"),
+        ("images_per_identity", batch_rows(c["loss"], c["mining"]) is None and c["images_per_identity"] < 2,
+         "a P x K batch needs K >= 2 images of an identity"),
         ("batch_size", c["batch_size"] < 1, "must be at least 1"),
         ("epochs", c["epochs"] < 0, "must be 0 (evaluate the untrained network) or more"),
         ("eval_every", c["eval_every"] < 1, "must be at least 1"),
@@ -107,7 +108,7 @@ class TrainingStep:
 
     `network` and `objective` are what trains (wrapped in DistributedDataParallel or compiled as the run wants);
     a batch is (images, labels) or (images, labels, rows), images uint8 or float (N, 3, H, W) as the DataLoader
-    gives them. Calling it returns (the loss, detached; the objective's stats; this process's embeddings).""" 
+    gives them. Calling it returns (the loss, detached; the objective's stats; this process's embeddings)."""
 
     def __init__(self, network, objective, optimizer, scheduler, scaler, device, autocast,
                  memory_format=torch.preserve_format, gather=False, figure=""):

@@ -38,13 +38,14 @@ def run_script(*args, cwd=ROOT, check=True, timeout=600):
 
 @pytest.fixture(scope="session")
 def att_faces():
-    """The AT&T faces (FACE_DATA=path/to/att_faces), or a skip that says how to enable the test."""
+    """The AT&T faces (FACE_DATA=path/to/att_faces) as an absolute path (CI gives a relative one, and tests link to
+    it from other folders), or a skip that says how to enable the test."""
     path = os.environ.get("FACE_DATA")
     if not path:
         pytest.skip("FACE_DATA is not set: point it at att_faces (s1..s40) to run the real-data tests")
     if not os.path.isdir(os.path.join(path, "s1")):
         pytest.fail(f"FACE_DATA={path} has no s1/ identity folder")
-    return path
+    return os.path.abspath(path)
 
 
 @pytest.fixture(scope="session")

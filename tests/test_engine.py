@@ -62,7 +62,8 @@ def test_train_py_defaults_pass_and_edge_values_are_allowed():
     for change in (dict(device="cpu"), dict(device="cuda"), dict(device="cuda:1"), dict(num_workers=0),
                    dict(epochs=0), dict(save_every=0), dict(images_per_identity=2), dict(image_size=8),
                    dict(loss="triplet", mining="none", anchor_pattern="script"),
-                   dict(loss="pair_bce", mining="none", anchor_pattern="script")):
+                   dict(loss="pair_bce", mining="none", anchor_pattern="script"),
+                   dict(loss="triplet", mining="none", images_per_identity=1)):  # K only counts in P x K batches
         check_config(dict(VALID, **change))
 
 
