@@ -318,6 +318,26 @@ def test_onnx_export_gives_the_pytorch_embeddings_or_says_what_to_install(att_ru
 
 
 @pytest.mark.xdist_group("att")
+def test_test_py_on_one_person_with_a_headerless_pairs_file_says_what_it_cannot_measure(att_run, att_faces, tmp_path):
+    """One person alone has no different pairs and no impostors: those figures are null, with a warning, not a
+    crash. A pairs file of one set (no header: one fold) is scored over random folds."""
+    lines = open(PAIRS).read().splitlines()[1:]
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    one = tmp_path / "one"
+    for split, names in (("train", ("1.pgm", "2.pgm", "3.pgm")), ("valid", ("4.pgm", "5.pgm", "6.pgm", "7.pgm"))):
+        (one / split / "s7").mkdir(parents=True)
+        for name in names:
+            os.symlink(os.path.join(att_faces, "s7", name), one / split / "s7" / name)
+    proc = run_script("test.py", f"--checkpoint={att_run[0] / 'tb_model.pth'}", f"--data_dir={one}",
+                      f"--out_dir={tmp_path / 'eval'}", f"--pairs={tmp_path / 'pairs.txt'}",
+                      f"--pairs_root={att_faces}", "--pairs_name_format={index}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["verification"] is None and results["open_set"] is None and "warning:" in proc.stdout
+    assert results["pairs"]["pairs"] == 40 and results["pairs"]["folds"] == 10  # random folds over one set
+    assert results["identification"]["accuracy"] == 1.0  # one identity to choose from
+
+
+@pytest.mark.xdist_group("att")
 def test_resume_refuses_a_flag_that_would_change_the_run_and_writes_nothing(att_run):
     out = att_run[0]
     before = {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out)}
