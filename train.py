@@ -32,9 +32,8 @@ from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, re
 from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs, draw_triplets,
                         loader_workers, make_transform, train_loader_for, write_skipped)
 from engine import (OPTIMIZERS, SCHEDULES, NonFinite, StopRequested, StopSignals, TrainingStep, agreed,
-                    build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, poisoned, shut_down,
-                    train_one_epoch,
-                    worker_signals)
+                    build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, poisoned,
+                    shut_down, train_one_epoch, worker_signals)
 from figures import plot_history, save_triplet_examples
 from files import reported, save_json
 from losses import MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
