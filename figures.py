@@ -22,6 +22,29 @@ def save_figure(fig, path, dpi=120):
     _pyplot().close(fig)
 
 
+def save_alignment_grid(examples, path):
+    """A PNG to check alignment by eye: per row, an original photo with every face found (boxes; the main one in
+    red with its five points) beside its aligned crop. `examples`: [(title, PIL image, faces, main index, aligned
+    PIL image)] as align.FaceAligner.align gives them."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(examples), 2, figsize=(5.2, 2.5 * len(examples)), squeeze=False,
+                             gridspec_kw=dict(width_ratios=[1.6, 1]))
+    for (title, image, faces, main, aligned), (left, right) in zip(examples, axes):
+        left.imshow(image, cmap="gray")
+        for i, (box, points) in enumerate(faces):
+            colour = "tab:red" if i == main else "tab:orange"
+            left.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, color=colour, lw=1.5))
+            if i == main:
+                left.plot(points[:, 0], points[:, 1], "o", ms=3, color="tab:cyan")
+        right.imshow(aligned, cmap="gray")
+        left.set_title(title, fontsize=7)
+        right.set_title("aligned", fontsize=7)
+        for ax in (left, right):
+            ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_triplet_examples(triplets, path, rows=8):
     """triplets.png: `rows` items of a TripletFaceDataset of uint8 pixels (random augmentation included, as training
     sees them), spread evenly over it, drawn by save_triplet_grid."""

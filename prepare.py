@@ -4,9 +4,12 @@ each with one folder per identity) out. The source is only read.
     python prepare.py split SRC DST [--valid=0.2] [--test=0.0] [--min_images=0] [--max_images=0]
                                     [--identity_depth=1] [--seed=0] [--force]
     python prepare.py fetch-att DST [--seed=0] [--force]
+    python prepare.py align SRC DST [--size=112] [--missing=skip|centre] [--upsample=0]
 
 `split` copies SRC's images per identity, so that every identity with images enough appears in every split;
-`fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 8/2. The functions serve other
+`fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 8/2; `align` detects the face each
+photo is of and warps it onto the five-point template (align.py), keeping SRC's folders and file names, listing
+what it could not align in DST/align_report.tsv, and going on where a stopped run left off. The functions serve other
 scripts too: train.py calls ensure_att to fetch AT&T on a first run without data.
 """
 import argparse
@@ -19,8 +22,12 @@ import zlib
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from data_utils import DatasetError, find_images, identity_folders
+from align import AlignmentUnavailable, FaceAligner, centre_crop
+from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image
+from figures import save_alignment_grid
+from files import atomic_write
 
 TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held out by `split`
 
@@ -149,6 +156,92 @@ def ensure_att(data_dir, log=print):
 
 
 # -----------------------------------------------------------------------------
+# alignment
+
+ALIGN_REPORT, ALIGN_GRID = "align_report.tsv", "align_examples.png"
+
+
+def align_dataset(src, dst, size=112, missing="skip", upsample=0, log=print):
+    """Align every image below SRC's identity folders (nested ones and distortion/ included) into DST, the same
+    relative paths and file names: the main face of each photo (align.FaceAligner), `size` x `size`. A photo
+    without a usable face (none found, too small, unreadable, a decompression bomb) is left out, or with
+    missing="centre" kept as its centre crop when it can be read; either way it is listed in DST/align_report.tsv
+    (path, reason), as is a photo of several faces. Images already in DST are passed over, so a stopped run goes
+    on. DST/align_examples.png shows the first photos aligned by this run beside their boxes and points. Returns
+    the counts (aligned, several, missed, centre, done before)."""
+    if missing not in ("skip", "centre"):
+        raise DatasetError(f"--missing={missing!r}: choose skip or centre")
+    if not os.path.isdir(src):
+        raise DatasetError(f"{src}: no such folder")
+    aligner, report = FaceAligner(upsample), _read_report(os.path.join(dst, ALIGN_REPORT))
+    counts = dict.fromkeys(("aligned", "several", "missed", "centre", "done before"), 0)
+    jobs = [(path, os.path.join(dst, name, os.path.relpath(path, folder)))
+            for name, folder in identity_folders(src).items() for path in find_images(folder)]
+    bar, examples = tqdm(jobs, desc="aligning", unit="image", dynamic_ncols=True), []
+    try:
+        for path, target in bar:
+            if os.path.exists(target):
+                counts["done before"] += 1
+                continue
+            for key, reason in _align_one(aligner, path, target, size, missing, examples):
+                counts[key] += 1
+                if reason:
+                    report[os.path.relpath(path, src)] = reason
+            bar.set_postfix(found=counts["aligned"], missed=counts["missed"], refresh=False)
+    finally:
+        if examples:
+            save_alignment_grid(examples, os.path.join(dst, ALIGN_GRID))
+        atomic_write(os.path.join(dst, ALIGN_REPORT), lambda f: f.writelines(
+            f"{path}\t{reason}\n" for path, reason in sorted(report.items())), mode="w")
+    log(f"aligned {counts['aligned']} photos ({counts['several']} of several faces: the largest near the centre), "
+        f"missed {counts['missed']} ({counts['centre']} kept as centre crops), {counts['done before']} aligned "
+        f"before; the misses are listed in {os.path.join(dst, ALIGN_REPORT)}")
+    return counts
+
+
+def _align_one(aligner, path, target, size, missing, examples, shown=6):
+    """[(count key, report reason or None)] of aligning the photo at `path` into `target`; the first `shown`
+    aligned photos are added to `examples` (save_alignment_grid's)."""
+    try:
+        image = load_image(path)
+    except UNREADABLE_IMAGE as err:
+        return [("missed", f"unreadable: {type(err).__name__}: {err}")]
+    aligned, faces, main = aligner.align(image, size)
+    outcome = []
+    if len(faces) > 1:
+        outcome.append(("several", f"{len(faces)} faces: aligned the largest near the centre"))
+    if aligned is None:
+        outcome.append(("missed", "no face found" if not faces else "the face is too small"))
+        if missing == "centre":
+            aligned = centre_crop(image, size)
+            outcome.append(("centre", None))
+    else:
+        outcome.append(("aligned", None))
+        if len(examples) < shown:
+            examples.append((os.path.basename(path), image, faces, main, aligned))
+    if aligned is not None:
+        _save_image(aligned, target)
+    return outcome
+
+
+def _save_image(image, path):
+    """`image` at `path` in the format of its extension, atomically (a stopped run leaves no half image)."""
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    if path.lower().endswith(".pgm"):  # (load_image gives 'L' or 'RGB'; a PGM holds grey levels only)
+        image = image.convert("L")
+    atomic_write(path, lambda f: image.save(f, format=kind, **({"quality": 95} if kind == "JPEG" else {})))
+
+
+def _read_report(path):
+    """{relative path: reason} of an existing alignment report (none: empty)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+    except FileNotFoundError:
+        return {}
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def main(argv=None):
@@ -170,14 +263,24 @@ def main(argv=None):
     fetch.add_argument("dst")
     fetch.add_argument("--seed", type=int, default=0)
     fetch.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
+    align = commands.add_parser("align", help="detect and align the face of every photo of SRC into DST",
+                                allow_abbrev=False)
+    align.add_argument("src")
+    align.add_argument("dst")
+    align.add_argument("--size", type=int, default=112, help="side of the aligned crops, pixels")
+    align.add_argument("--missing", default="skip", choices=("skip", "centre"),
+                       help="a photo without a usable face: leave it out, or keep its centre crop")
+    align.add_argument("--upsample", type=int, default=0, help="enlarge photos N times to find small faces (slower)")
     args = parser.parse_args(argv)
     try:
         if args.command == "split":
             split_dataset(args.src, args.dst, args.valid, args.test, args.min_images, args.max_images,
                           args.seed, args.force, args.identity_depth)
+        elif args.command == "align":
+            align_dataset(args.src, args.dst, args.size, args.missing, args.upsample)
         else:
             fetch_att(args.dst, args.seed, args.force)
-    except DatasetError as err:
+    except (DatasetError, AlignmentUnavailable) as err:
         sys.exit(f"error: {err}")
 
 

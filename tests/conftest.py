@@ -49,6 +49,18 @@ def att_faces():
 
 
 @pytest.fixture(scope="session")
+def lfw_faces():
+    """The images/ folder of LFW (LFW_DATA=path/to/lfw, holding images/<Name>/<Name>_NNNN.jpg) as an absolute
+    path, or a skip that says how to enable the test."""
+    path = os.environ.get("LFW_DATA")
+    if not path:
+        pytest.skip("LFW_DATA is not set: point it at the LFW folder (images/<Name>/...) to run the LFW tests")
+    if not os.path.isdir(os.path.join(path, "images", "Aaron_Peirsol")):
+        pytest.fail(f"LFW_DATA={path} has no images/Aaron_Peirsol/ identity folder")
+    return os.path.abspath(os.path.join(path, "images"))
+
+
+@pytest.fixture(scope="session")
 def att_subset(att_faces, tmp_path_factory):
     """Six AT&T identities (symlinked, nothing copied) split 8/2 into train/ and valid/."""
     raw = tmp_path_factory.mktemp("att_raw")

@@ -1,0 +1,112 @@
+"""Face detection and five-point alignment: the face a photo is of, warped by a similarity transform onto the
+112x112 template that ArcFace-trained models use (insightface's `arcface_dst`), scaled for other sizes.
+
+The detector is dlib's HOG frontal-face detector (no weight file); the landmarks come from dlib's 68-point shape
+predictor, which the face-recognition-models package installs (pip, no download at run time). The five points
+are the centres of the eyes, the nose tip and the mouth corners. Measurements that chose them: docs/alignment.md.
+"""
+import importlib.util
+import os
+
+import numpy as np
+from PIL import Image
+
+# left eye, right eye, nose tip, left and right mouth corner (as seen in the image) on the 112x112 template
+TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                         [70.7299, 92.2041]])
+# the 68-point model's indices of each of the five points (averaged)
+FIVE_OF_68 = (tuple(range(36, 42)), tuple(range(42, 48)), (30,), (48,), (54,))
+MIN_FACE = 40  # pixels: a smaller detected face is too small to align
+
+
+class AlignmentUnavailable(RuntimeError):
+    """dlib or the face-recognition-models package is missing."""
+
+
+def template(size=112):
+    """The five template points for a `size` x `size` crop (the 112 template scaled)."""
+    return TEMPLATE_112 * (size / 112.0)
+
+
+def similarity_transform(source, target):
+    """The 2x3 matrix of the similarity (rotation, uniform scale, translation) that maps the (N, 2) points
+    `source` onto `target` with the least squared error (Umeyama 1991)."""
+    source, target = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    mean_s, mean_t = source.mean(axis=0), target.mean(axis=0)
+    s, t = source - mean_s, target - mean_t
+    u, singular, vt = np.linalg.svd(t.T @ s / len(source))
+    sign = np.diag([1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
+    rotation = u @ sign @ vt
+    scale = (singular * np.diag(sign)).sum() / s.var(axis=0).sum()
+    return np.hstack([scale * rotation, (mean_t - scale * rotation @ mean_s)[:, None]])
+
+
+def warp(image, points, size=112):
+    """The `size` x `size` crop of the PIL `image` whose five `points` land on the template's."""
+    matrix = np.vstack([similarity_transform(points, template(size)), [0, 0, 1]])
+    inverse = np.linalg.inv(matrix)[:2].ravel()  # PIL maps each output pixel back into the input
+    return image.transform((size, size), Image.Transform.AFFINE, tuple(inverse), resample=Image.Resampling.BILINEAR)
+
+
+def centre_crop(image, size=112):
+    """The largest centred square of `image`, resized to `size`: the stand-in for a photo without a face."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
+
+
+def main_face(boxes, width, height):
+    """Index of the face a photo is of: the largest, discounted by its distance from the centre (a face half the
+    frame's diagonal away counts half its area). `boxes` are (left, top, right, bottom)."""
+    centre = np.array([width, height]) / 2
+    diagonal = np.hypot(width, height)
+
+    def score(box):
+        left, top, right, bottom = box
+        offset = np.hypot(*(np.array([left + right, top + bottom]) / 2 - centre)) / diagonal
+        return (right - left) * (bottom - top) * (1 - offset)
+    return max(range(len(boxes)), key=lambda i: score(boxes[i]))
+
+
+class FaceAligner:
+    """Finds the faces of a photo and their five points. `upsample` enlarges the photo that many times before
+    detection, for faces smaller than about 80 pixels (slower)."""
+
+    def __init__(self, upsample=0):
+        try:
+            import dlib
+        except ImportError:
+            raise AlignmentUnavailable("face alignment needs dlib: pip install -r requirements.txt "
+                                       "(dlib-bin, face-recognition-models)") from None
+        spec = importlib.util.find_spec("face_recognition_models")  # (its __init__ needs pkg_resources: not run)
+        path = spec and os.path.join(spec.submodule_search_locations[0], "models",
+                                     "shape_predictor_68_face_landmarks.dat")
+        if not path or not os.path.isfile(path):
+            raise AlignmentUnavailable("face alignment needs the landmark model of face-recognition-models: "
+                                       "pip install -r requirements.txt")
+        self.detector, self.predictor = dlib.get_frontal_face_detector(), dlib.shape_predictor(path)
+        self.upsample = upsample
+
+    def faces(self, image):
+        """[(box (left, top, right, bottom), five points (5, 2))] of every face in the PIL `image`."""
+        pixels = np.asarray(image.convert("RGB"))
+        found = []
+        for rect in self.detector(pixels, self.upsample):
+            shape = self.predictor(pixels, rect)
+            marks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+            five = np.array([marks[list(group)].mean(axis=0) for group in FIVE_OF_68])
+            found.append(((rect.left(), rect.top(), rect.right(), rect.bottom()), five))
+        return found
+
+    def align(self, image, size=112):
+        """(the aligned `size` x `size` crop or None, the faces found, the index of the main one or None). A face
+        smaller than MIN_FACE pixels is not aligned."""
+        found = self.faces(image)
+        if not found:
+            return None, found, None
+        main = main_face([box for box, _ in found], *image.size)
+        left, top, right, bottom = found[main][0]
+        if min(right - left, bottom - top) < MIN_FACE:
+            return None, found, main
+        image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+        return warp(image, found[main][1], size), found, main

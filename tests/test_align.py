@@ -1,0 +1,119 @@
+"""Face detection and five-point alignment (align.py) and `prepare.py align` on real LFW and AT&T photos."""
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import prepare
+from align import FaceAligner, main_face, similarity_transform, template, warp
+from conftest import write_image
+
+PEOPLE = ("Aaron_Peirsol", "Ai_Sugiyama", "Abdoulaye_Wade")
+
+
+@pytest.fixture(scope="module")
+def aligner():
+    return FaceAligner()
+
+
+def lfw_photo(lfw_faces, person, index=0):
+    folder = os.path.join(lfw_faces, person)
+    return os.path.join(folder, sorted(os.listdir(folder))[index])
+
+
+def test_similarity_transform_recovers_a_rotation_scale_and_shift():
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 100, (5, 2))
+    angle, scale, shift = math.radians(17), 1.7, np.array([12.0, -30.0])
+    rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    matrix = similarity_transform(points, points @ rotation.T + shift)
+    np.testing.assert_allclose(matrix, np.hstack([rotation, shift[:, None]]), atol=1e-9)
+
+
+def test_warp_moves_marked_points_onto_the_template():
+    """Dots drawn where a similarity puts the template's points land, after warp, on the template."""
+    angle, scale, shift = math.radians(-12), 2.2, np.array([40.0, 25.0])
+    rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    placed = template() @ rotation.T + shift
+    pixels = np.zeros((400, 400), dtype=np.uint8)
+    for x, y in placed:
+        pixels[int(round(y)) - 3:int(round(y)) + 4, int(round(x)) - 3:int(round(x)) + 4] = 255
+    aligned = np.asarray(warp(Image.fromarray(pixels, "L"), placed, size=112))
+    for x, y in template():
+        patch = aligned[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3]
+        assert patch.mean() > 100, (x, y)
+    assert aligned.shape == (112, 112) and aligned.mean() < 40  # the dots, not the whole crop
+
+
+def test_the_main_face_is_the_largest_near_the_centre():
+    boxes = [(0, 0, 100, 100), (120, 120, 170, 170), (290, 290, 300, 300)]  # four times larger, off-centre
+    assert main_face(boxes, 300, 300) == 0
+    assert main_face([(0, 0, 40, 40), (130, 130, 170, 170)], 300, 300) == 1  # same size: the central one
+
+
+def test_lfw_faces_land_their_eyes_on_the_template(aligner, lfw_faces):
+    for person in PEOPLE:
+        image = Image.open(lfw_photo(lfw_faces, person)).convert("RGB")
+        aligned, faces, main = aligner.align(image)
+        assert aligned.size == (112, 112) and len(faces) >= 1 and main is not None
+        # the aligned face, found again (at twice the size: the detector wants faces over ~80 pixels)
+        again = aligner.faces(aligned.resize((224, 224)))
+        eyes = again[0][1][:2] / 2
+        assert np.abs(eyes - template()[:2]).max() < 4, (person, eyes)
+
+
+@pytest.fixture
+def photos(lfw_faces, att_faces, tmp_path):
+    """SRC of identity folders: two LFW people, an AT&T person (grayscale PGM), and `odd`: random noise (no face),
+    a text file named .jpg (unreadable), and two LFW faces side by side on one canvas (several faces)."""
+    src = tmp_path / "src"
+    for person in PEOPLE[:2]:
+        os.symlink(os.path.join(lfw_faces, person), src / person if src.exists() else (src.mkdir(), src / person)[1])
+    os.symlink(os.path.join(att_faces, "s2"), src / "s2")
+    write_image(str(src / "odd" / "noise.png"), size=(160, 160))
+    (src / "odd" / "text.jpg").write_text("not an image")
+    canvas = Image.new("RGB", (400, 200), "gray")
+    for i, person in enumerate(PEOPLE[1:]):
+        canvas.paste(Image.open(lfw_photo(lfw_faces, person)).convert("RGB"), (16 + 200 * i, 16))
+    canvas.save(src / "odd" / "two.jpg")
+    return src
+
+
+def report(dst):
+    with open(dst / prepare.ALIGN_REPORT) as f:
+        return dict(line.rstrip("\n").split("\t") for line in f)
+
+
+def test_prepare_align_keeps_names_lists_what_it_missed_and_goes_on_where_it_stopped(photos, tmp_path):
+    dst = tmp_path / "dst"
+    counts = prepare.align_dataset(str(photos), str(dst), log=lambda line: None)
+    listed = report(dst)
+    assert set(listed) >= {os.path.join("odd", "noise.png"), os.path.join("odd", "text.jpg"),
+                           os.path.join("odd", "two.jpg")}
+    assert listed[os.path.join("odd", "text.jpg")].startswith("unreadable")
+    assert not (dst / "odd" / "noise.png").exists() and not (dst / "odd" / "text.jpg").exists()
+    two = Image.open(dst / "odd" / "two.jpg")  # aligned all the same: the larger, more central of the two
+    assert two.size == (112, 112)
+    pgm = Image.open(dst / "s2" / "1.pgm")
+    assert pgm.size == (112, 112) and pgm.mode == "L"  # grayscale stays grayscale, names stay
+    sources = [f for p in photos.iterdir() for f in (photos / p.name).iterdir()]
+    aligned = [f for p in dst.iterdir() if p.is_dir() for f in p.iterdir()]
+    assert counts["aligned"] == len(aligned) == len(sources) - counts["missed"] and counts["several"] >= 1
+    again = prepare.align_dataset(str(photos), str(dst), log=lambda line: None)
+    assert again["done before"] == len(aligned) and again["aligned"] == 0 and report(dst) == listed
+    assert Image.open(dst / prepare.ALIGN_GRID).size[1] > 300  # the first photos beside their crops
+
+
+def test_missing_centre_keeps_a_faceless_photo_as_its_centre_crop_and_the_command_line_sizes(photos, tmp_path):
+    dst = tmp_path / "dst"
+    prepare.main(["align", str(photos / ".." / "src"), str(dst), "--missing=centre", "--size=96"])
+    assert Image.open(dst / "odd" / "noise.png").size == (96, 96)
+    assert not (dst / "odd" / "text.jpg").exists()  # unreadable: nothing to crop
+    with pytest.raises(SystemExit) as info:
+        prepare.main(["align", str(photos), str(tmp_path / "other"), "--missing=guess"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        prepare.main(["align", str(tmp_path / "absent"), str(tmp_path / "other")])
+    assert info.value.code not in (None, 0, 2)  # an error message: exit status 1
