@@ -6,6 +6,7 @@ predictor, which the face-recognition-models package installs (pip, no download 
 are the centres of the eyes, the nose tip and the mouth corners. Measurements that chose them: docs/alignment.md.
 """
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.73
 # the 68-point model's indices of each of the five points (averaged)
 FIVE_OF_68 = (tuple(range(36, 42)), tuple(range(42, 48)), (30,), (48,), (54,))
 MIN_FACE = 40  # pixels: a smaller detected face is too small to align
+ALIGNMENT_FILE = "alignment.json"  # in an aligned dataset's folder: how its images were aligned
 
 
 class AlignmentUnavailable(RuntimeError):
@@ -110,3 +112,41 @@ class FaceAligner:
             return None, found, main
         image = image if image.mode in ("L", "RGB") else image.convert("RGB")
         return warp(image, found[main][1], size), found, main
+
+
+class MainFace:
+    """A transform step: a photo's main face aligned (`size` x `size`), or its centre crop when none is found."""
+
+    def __init__(self, aligner, size=112):
+        self.aligner, self.size = aligner, size
+
+    def __call__(self, image):
+        aligned = self.aligner.align(image, self.size)[0]
+        return aligned if aligned is not None else centre_crop(image, self.size)
+
+
+def photo_faces(image, aligner=None, size=112):
+    """[(box (left, top, right, bottom) or None, PIL image)] of the faces to embed in a photo: with an `aligner`,
+    every face found, each aligned (none: []); without, the whole photo (box None), for networks trained on
+    unaligned crops."""
+    if aligner is None:
+        return [(None, image)]
+    image = image if image.mode in ("L", "RGB") else image.convert("RGB")
+    return [(box, warp(image, points, size)) for box, points in aligner.faces(image)]
+
+
+def alignment_record(size):
+    """What an aligned dataset's ALIGNMENT_FILE says, and a checkpoint trained on it keeps."""
+    return dict(template="arcface 5-point", size=size, detector="dlib HOG + 68 landmarks")
+
+
+def read_alignment(folder):
+    """The alignment record of a dataset `folder` or of the folder above it (an aligned set split into
+    train/valid keeps it at its top), None for unaligned data."""
+    for place in (folder, os.path.dirname(os.path.abspath(folder))):
+        try:
+            with open(os.path.join(place, ALIGNMENT_FILE)) as f:
+                return json.load(f)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return None

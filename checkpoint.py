@@ -143,11 +143,14 @@ class RandomState:
 class Checkpointer:
     """Writes a run's checkpoints into `out_dir`, each atomically (files.atomic_write), a failure reported. `model`
     and `objective` are the plain modules (not their distributed or compiled wrappers); `identity` holds the
-    values every checkpoint repeats: model_config, image_size, classes, config."""
+    values every checkpoint repeats: model_config, image_size, classes, config, and `alignment` (the record of
+    the dataset's alignment, align.read_alignment's; None for unaligned data), by which test.py and predict.py
+    prepare photos as the training data was."""
 
-    def __init__(self, out_dir, model, objective, config, classes, image_size):
+    def __init__(self, out_dir, model, objective, config, classes, image_size, alignment=None):
         self.out_dir, self.model, self.objective = out_dir, model, objective
-        self.identity = dict(model_config=model.config, image_size=list(image_size), classes=classes, config=config)
+        self.identity = dict(model_config=model.config, image_size=list(image_size), classes=classes, config=config,
+                             alignment=alignment)
 
     def path(self, name):
         return os.path.join(self.out_dir, name)

@@ -22,6 +22,22 @@ def save_figure(fig, path, dpi=120):
     _pyplot().close(fig)
 
 
+def save_annotated(image, answers, path):
+    """A copy of the photo `image` with a box around each face of `answers` (gallery.face_answer's) and its name
+    and score above it (red: unknown), written atomically at `path` (PNG)."""
+    from PIL import ImageDraw
+    annotated = image.convert("RGB")
+    draw = ImageDraw.Draw(annotated)
+    width = max(2, round(min(annotated.size) / 150))
+    for answer in answers:
+        left, top, right, bottom = answer["box"]
+        colour = "red" if answer["name"] == "unknown" else "lime"
+        draw.rectangle((left, top, right, bottom), outline=colour, width=width)
+        label = f"{answer['name']} {answer['score']:.2f}"
+        draw.text((left, max(0, top - 12)), label, fill=colour, stroke_width=1, stroke_fill="black")
+    atomic_write(path, lambda f: annotated.save(f, format="PNG"))
+
+
 def save_alignment_grid(examples, path):
     """A PNG to check alignment by eye: per row, an original photo with every face found (boxes; the main one in
     red with its five points) beside its aligned crop. `examples`: [(title, PIL image, faces, main index, aligned

@@ -38,9 +38,27 @@ def decision_threshold(checkpoint, threshold=-2.0, verify=False):
     return None, f"{path} has no {section}.{key} (too few valid images to calibrate it; pass --threshold)"
 
 
-def gallery_key(checkpoint, root, depth):
+def face_answer(box, classes, best, scores, limit=None):
+    """One face's answer: dict(box (left, top, right, bottom) or None for a whole photo, name ("unknown" below
+    `limit`), score, nearest: [(name, score)] of the `best` gallery indices with their `scores`, best first)."""
+    nearest = [(classes[c], round(s, 4)) for c, s in zip(best, scores)]
+    name = "unknown" if limit is not None and scores[0] < limit else classes[best[0]]
+    return dict(box=None if box is None else [int(v) for v in box], name=name, score=round(scores[0], 4),
+                nearest=nearest)
+
+
+def answer_line(answer):
+    """The text predict.py prints after a photo's path for one face_answer."""
+    where = "" if answer["box"] is None else " face at ({}, {}, {}, {})".format(*answer["box"])
+    first, score = answer["nearest"][0]
+    text = f"unknown (nearest {first} {score:.4f})" if answer["name"] == "unknown" else f"{first} {score:.4f}"
+    rest = "; next: " + ", ".join(f"{n} {s:.4f}" for n, s in answer["nearest"][1:]) if answer["nearest"][1:] else ""
+    return f"{where}: {text}{rest}"
+
+
+def gallery_key(checkpoint, root, depth, aligned=False):
     """What a gallery cache is valid for: the checkpoint's path, size and mtime; the gallery's folder, identity
-    depth, and every image file's relative path, size and mtime."""
+    depth, whether its photos are aligned when embedded, and every image file's relative path, size and mtime."""
     stat = os.stat(checkpoint)
     files = []
     for folder in identity_folders(root, depth).values():
@@ -48,7 +66,7 @@ def gallery_key(checkpoint, root, depth):
             image = os.stat(path)
             files.append([os.path.relpath(path, root), image.st_size, image.st_mtime_ns])
     return dict(version=CACHE_VERSION, checkpoint=[os.path.abspath(checkpoint), stat.st_size, stat.st_mtime_ns],
-                gallery=os.path.abspath(root), identity_depth=depth, files=files)
+                gallery=os.path.abspath(root), identity_depth=depth, files=files, aligned=aligned)
 
 
 def cached_centroids(cache_path, key):
@@ -63,13 +81,14 @@ def cached_centroids(cache_path, key):
     return cached if isinstance(cached, dict) and cached.get("key") == key else None
 
 
-def gallery_centroids(model, checkpoint, root, depth, transform, device, autocast, batch_size=64, log=print):
+def gallery_centroids(model, checkpoint, root, depth, transform, device, autocast, batch_size=64, log=print,
+                      aligned=False):
     """(identity names, centroids (C, D)) of the gallery at `root` (identity folders `depth` levels down), from
     the cache beside `checkpoint` (<stem>.gallery.pt) while its key still matches, else embedded with `model` and
     cached anew (a cache that cannot be written is said, not fatal). Logs which. Raises DatasetError for a
-    gallery without images."""
+    gallery without images. `aligned`: the transform aligns each photo (part of the cache's key)."""
     cache_path = os.path.splitext(checkpoint)[0] + ".gallery.pt"
-    key = gallery_key(checkpoint, root, depth)
+    key = gallery_key(checkpoint, root, depth, aligned)
     cached = cached_centroids(cache_path, key)
     if cached:
         log(f"gallery: cached, {len(cached['classes'])} identities ({cached['images']} images) from {cache_path}")

@@ -10,17 +10,26 @@ it is "unknown". The gallery's centroids are cached beside the checkpoint (<chec
 embedded anew when a gallery file or the checkpoint changes. The threshold is --threshold, else the one
 test.py calibrated for this checkpoint in results.json beside it: results["open_set"]["threshold"], and for
 --verify results["verification"]["threshold_mean"]. Photos of any size and image mode work.
-Exit status 1 when a photo could not be read (the others are still predicted).
+A network trained on aligned faces (prepare.py align; the checkpoint says so) names every face of a photo: each
+is found, aligned as the training photos were and named, and an annotated copy of the photo goes to out_dir;
+--verify compares the main faces of the two photos. Exit status 1 when a photo could not be read (the others are
+still predicted).
 """
 import os
 import sys
 
+import torch
+from torchvision import transforms as T
+
 import configurator
+from align import AlignmentUnavailable, FaceAligner, MainFace, photo_faces, read_alignment
 from checkpoint import load_checkpoint
-from data_utils import DatasetError, as_hw, make_transform
+from data_utils import UNREADABLE_IMAGE, DatasetError, as_hw, load_image, make_transform
 from evaluation import centroid_similarities, cosine_similarity_pairs
-from gallery import decision_threshold, gallery_centroids
-from inference import embed_files, export_onnx
+from figures import save_annotated
+from files import save_json
+from gallery import answer_line, decision_threshold, face_answer, gallery_centroids
+from inference import embed_batch, export_onnx
 from model import model_from_checkpoint, select_device
 
 # -----------------------------------------------------------------------------
@@ -31,6 +40,9 @@ gallery = ""  # identity folders of the known people; empty: the checkpoint's tr
 threshold = -2.0  # cosine similarity below which a photo is unknown (--verify: 2 people); < -1: from results.json
 top_k = 1  # gallery identities printed per photo, best first
 verify = False  # compare exactly two photos (one person or two) instead of searching the gallery
+# output (networks trained on aligned faces: every face of a photo is found, aligned and named)
+out_dir = "predictions"  # annotated copies of the photos (boxes, names, scores); empty: none
+json_path = ""  # also write every answer as JSON here, for scripts; empty: none
 # export
 export = ""  # onnx: write the embedding network as ONNX (dynamic batch) and stop; no photos
 onnx_path = ""  # where --export=onnx writes; empty: <checkpoint stem>.onnx beside the checkpoint
@@ -82,13 +94,35 @@ if export:
 
 model = model.to(device)
 transform = make_transform(state["image_size"], train=False)
+alignment = state.get("alignment")  # how the training photos were aligned; None: they were not
+try:
+    aligner = FaceAligner() if alignment else None
+except AlignmentUnavailable as err:
+    sys.exit(f"error: {err}")
+size = alignment["size"] if alignment else None
 limit, source = decision_threshold(checkpoint, threshold, verify)
 print(f"threshold: {limit:.4f} ({source})" if limit is not None else f"threshold: none: {source}; no decisions")
+
+
+def read_photo(path):
+    """The photo at `path` (load_image's), or None after a one-line error on stderr."""
+    try:
+        return load_image(path)
+    except UNREADABLE_IMAGE as err:
+        print(f"error: {path}: cannot be read as an image ({err})", file=sys.stderr)
+        return None
+
+
+def embeddings_of(crops):
+    return embed_batch(model, torch.stack([transform(crop) for crop in crops]), device, autocast)
+
+
 if verify:
-    embeddings, kept = embed_files(model, photos, transform, device, autocast, batch_size)  # errors: on stderr
-    if len(kept) < 2:
+    images = [read_photo(path) for path in photos]
+    crops = [None if image is None else MainFace(aligner, size)(image) if aligner else image for image in images]
+    if any(crop is None for crop in crops):
         sys.exit(1)
-    similarity = float(cosine_similarity_pairs(embeddings, [[0, 1]])[0])
+    similarity = float(cosine_similarity_pairs(embeddings_of(crops), [[0, 1]])[0])
     decision = ("no decision" if limit is None else
                 "same person" if similarity >= limit else "different people")
     print(f"{photos[0]} vs {photos[1]}: cosine similarity {similarity:.4f}: {decision}")
@@ -98,20 +132,34 @@ trained = state.get("config", {})
 gallery = gallery or os.path.join(trained.get("data_dir", ""), "train")
 if not os.path.isdir(gallery):
     sys.exit(f"error: {gallery}: no such gallery folder (--gallery: identity folders of the known people)")
+# a gallery of ordinary photos is aligned as the training photos were; an aligned one is taken as it is
+gallery_transform = (T.Compose([MainFace(aligner, size), transform]) if aligner and not read_alignment(gallery)
+                     else transform)
 try:
-    classes, centroids = gallery_centroids(model, checkpoint, gallery, trained.get("identity_depth", 1), transform,
-                                           device, autocast, batch_size)
+    classes, centroids = gallery_centroids(model, checkpoint, gallery, trained.get("identity_depth", 1),
+                                           gallery_transform, device, autocast, batch_size,
+                                           aligned=gallery_transform is not transform)
 except DatasetError as err:
     sys.exit(f"error: {err}")
-embeddings, kept = embed_files(model, photos, transform, device, autocast, batch_size)  # errors: on stderr
-if embeddings is not None:
-    # evaluation.identify's similarities, top_k instead of its top 1
-    scores, best = centroid_similarities(embeddings, centroids).topk(min(top_k, len(classes)), dim=1)
-    for i, row_scores, row_best in zip(kept, scores.tolist(), best.tolist()):
-        name, score = classes[row_best[0]], row_scores[0]
-        line = (f"{photos[i]}: unknown (nearest {name} {score:.4f})" if limit is not None and score < limit else
-                f"{photos[i]}: {name} {score:.4f}")
-        if len(row_best) > 1:
-            line += "; next: " + ", ".join(f"{classes[c]} {s:.4f}" for c, s in zip(row_best[1:], row_scores[1:]))
-        print(line)
-sys.exit(1 if len(kept) < len(photos) else 0)
+answers, failed = [], 0
+for path in photos:
+    image = read_photo(path)
+    if image is None:
+        failed += 1
+        continue
+    faces = photo_faces(image, aligner, size)
+    if not faces:
+        print(f"{path}: no face found")
+    else:
+        scores, best = centroid_similarities(embeddings_of([crop for _, crop in faces]), centroids).topk(
+            min(top_k, len(classes)), dim=1)
+        named = [face_answer(box, classes, row_best, row_scores, limit)
+                 for (box, _), row_best, row_scores in zip(faces, best.tolist(), scores.tolist())]
+        for answer in named:
+            print(f"{path}{answer_line(answer)}")
+        if aligner and out_dir:
+            save_annotated(image, named, os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png"))
+        answers.append(dict(photo=path, faces=named))
+if json_path:
+    save_json(answers, json_path)
+sys.exit(1 if failed else 0)

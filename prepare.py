@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from align import AlignmentUnavailable, FaceAligner, centre_crop
+from align import ALIGNMENT_FILE, AlignmentUnavailable, FaceAligner, alignment_record, centre_crop
 from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image
 from figures import save_alignment_grid
-from files import atomic_write
+from files import atomic_write, save_json
 
 TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held out by `split`
 
@@ -66,6 +66,8 @@ def split_dataset(src, dst, valid=0.2, test=0.0, min_images=0, max_images=0, see
     if not kept:
         raise DatasetError(f"{src}: no identity folder with images passed the filters"
                            + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+    if os.path.isfile(os.path.join(src, ALIGNMENT_FILE)):  # aligned photos stay known as such
+        shutil.copy2(os.path.join(src, ALIGNMENT_FILE), os.path.join(dst, ALIGNMENT_FILE))
     log(f"split {src} -> {dst} (seed {seed}, valid {valid}, test {test})")
     log(f"  identities: {kept} kept, {len(skipped)} skipped")
     log("  images: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
@@ -191,6 +193,7 @@ def align_dataset(src, dst, size=112, missing="skip", upsample=0, log=print):
     finally:
         if examples:
             save_alignment_grid(examples, os.path.join(dst, ALIGN_GRID))
+        save_json(alignment_record(size), os.path.join(dst, ALIGNMENT_FILE))
         atomic_write(os.path.join(dst, ALIGN_REPORT), lambda f: f.writelines(
             f"{path}\t{reason}\n" for path, reason in sorted(report.items())), mode="w")
     log(f"aligned {counts['aligned']} photos ({counts['several']} of several faces: the largest near the centre), "

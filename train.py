@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import configurator
+from align import read_alignment
 from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, resume_config, resume_training,
                         training_state)
 from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs, draw_triplets,
@@ -233,7 +234,7 @@ if checkpoint:
     metrics = checkpoint["metrics"]
     print(f"resuming {resume} at epoch {run.next_epoch()}/{epochs}"
           + (f", step {run.position['batches'] + 1} of {len(train_loader)}" if run.position else ""))
-saver = Checkpointer(out_dir, model, objective, config, train_faces.classes, image_size)
+saver = Checkpointer(out_dir, model, objective, config, train_faces.classes, image_size, read_alignment(data_dir))
 last_path = saver.path("last.pth")
 stop = StopSignals(distributed, f"stopping after the current step to save {last_path}" if master else None).install()
 loaders = (train_loader, gallery_loader, probe_loader)

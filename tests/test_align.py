@@ -1,14 +1,17 @@
 """Face detection and five-point alignment (align.py) and `prepare.py align` on real LFW and AT&T photos."""
+import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import prepare
-from align import FaceAligner, main_face, similarity_transform, template, warp
-from conftest import write_image
+from align import FaceAligner, MainFace, main_face, photo_faces, read_alignment, similarity_transform, template, warp
+from checkpoint import load_checkpoint
+from conftest import run_script, write_image
 
 PEOPLE = ("Aaron_Peirsol", "Ai_Sugiyama", "Abdoulaye_Wade")
 
@@ -117,3 +120,52 @@ def test_missing_centre_keeps_a_faceless_photo_as_its_centre_crop_and_the_comman
     with pytest.raises(SystemExit) as info:
         prepare.main(["align", str(tmp_path / "absent"), str(tmp_path / "other")])
     assert info.value.code not in (None, 0, 2)  # an error message: exit status 1
+
+
+# -----------------------------------------------------------------------------
+# aligned datasets and networks
+
+def test_photo_faces_are_every_face_aligned_or_the_whole_photo_without_an_aligner(aligner, lfw_faces):
+    canvas = Image.new("RGB", (400, 200), "gray")
+    for i, person in enumerate(PEOPLE[:2]):
+        canvas.paste(Image.open(lfw_photo(lfw_faces, person)).convert("RGB"), (16 + 200 * i, 16))
+    faces = photo_faces(canvas, aligner, 96)
+    assert len(faces) == 2 and all(crop.size == (96, 96) for _, crop in faces)
+    assert sorted(box[0] < 200 for box, _ in faces) == [False, True]  # one face on each half
+    assert photo_faces(canvas) == [(None, canvas)]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8))
+    assert photo_faces(noise, aligner) == [] and MainFace(aligner, 64)(noise).size == (64, 64)  # centre crop
+
+
+def test_an_aligned_dataset_says_so_and_its_split_keeps_it(photos, tmp_path):
+    prepare.align_dataset(str(photos), str(tmp_path / "aligned"), size=96, log=lambda line: None)
+    record = read_alignment(str(tmp_path / "aligned"))
+    assert record["size"] == 96
+    prepare.split_dataset(str(tmp_path / "aligned"), str(tmp_path / "split"), log=lambda line: None)
+    assert read_alignment(str(tmp_path / "split")) == record
+    assert read_alignment(str(tmp_path / "split" / "train")) == record  # a gallery folder of the split set
+    assert read_alignment(str(photos)) is None
+
+
+@pytest.mark.e2e
+def test_a_network_trained_on_aligned_faces_names_every_face_of_a_photo(photos, lfw_faces, tmp_path):
+    """prepare.py align -> split -> train.py records the alignment -> predict.py finds, aligns and names both
+    faces of a photo, writes its annotated copy and JSON, says when a photo has no face, and verifies main faces."""
+    prepare.align_dataset(str(photos), str(tmp_path / "aligned"), log=lambda line: None)
+    prepare.split_dataset(str(tmp_path / "aligned"), str(tmp_path / "data"), log=lambda line: None)
+    out = tmp_path / "out"
+    run_script("train.py", f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}", "--epochs=1", "--backbone=smallcnn",
+               "--image_size=56", "--batch_size=8", "--embedding_dim=32", "--hidden_dim=64")
+    assert load_checkpoint(str(out / "tb_model.pth"))["alignment"]["size"] == 112
+    two, noise = photos / "odd" / "two.jpg", photos / "odd" / "noise.png"
+    proc = run_script("predict.py", f"--checkpoint={out / 'tb_model.pth'}", str(two), str(noise),
+                      f"--out_dir={tmp_path / 'seen'}", f"--json_path={tmp_path / 'answers.json'}", "--threshold=0.5")
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert [a["photo"] for a in answers] == [str(two)] and len(answers[0]["faces"]) == 2
+    assert all(len(face["box"]) == 4 and face["name"] for face in answers[0]["faces"])
+    assert len([line for line in proc.stdout.splitlines() if line.startswith(f"{two} face at (")]) == 2
+    assert any(line.startswith(f"{noise}:") for line in proc.stdout.splitlines())  # its own line: no face
+    assert Image.open(tmp_path / "seen" / "two.png").size == (400, 200)
+    verified = run_script("predict.py", f"--checkpoint={out / 'tb_model.pth'}", "--verify", str(two),
+                          lfw_photo(lfw_faces, PEOPLE[1]), "--threshold=0.5")
+    assert re.search(r"cosine similarity -?[0-9.]+: (same person|different people)$", verified.stdout, re.M)

@@ -20,7 +20,8 @@ CLASSES = ["p0", "p1", "p2"]
 # a few of train.py's constants with their defaults: what resume_config compares a resumed run's flags against
 DEFAULTS = dict(resume="", out_dir="out", data_dir="data/att_faces", epochs=30, num_workers=-1, lr=2e-3,
                 loss="arcface", backbone="resnet50", embedding_dim=128, seed=0)
-BASE_KEYS = {"model", "loss_state", "epoch", "metrics", "model_config", "image_size", "classes", "config"}
+BASE_KEYS = {"model", "loss_state", "epoch", "metrics", "model_config", "image_size", "classes", "config",
+             "alignment"}
 TRAINING_KEYS = {"optimizer", "scheduler", "scaler", "world_size", "step", "history", "best", "train_seconds", "rng",
                  "position"}
 
@@ -278,7 +279,10 @@ def test_save_writes_a_weights_only_checkpoint_with_the_documented_keys(tmp_path
         assert_same(saved["model"], model.state_dict())
         assert_same(saved["loss_state"], objective.state_dict())
         assert (saved["epoch"], saved["metrics"], saved["classes"], saved["config"]) == (3, metrics, CLASSES, config)
-        assert (saved["model_config"], saved["image_size"]) == (model.config, [32, 28])
+        assert (saved["model_config"], saved["image_size"], saved["alignment"]) == (model.config, [32, 28], None)
+    aligned = Checkpointer(str(tmp_path), model, objective, config, CLASSES, (32, 28), dict(size=112))
+    assert aligned.save("aligned.pth", 3, metrics) and load_checkpoint(aligned.path("aligned.pth"))["alignment"] == \
+        dict(size=112)
     assert_same(full["optimizer"], optimizer.state_dict())
     assert_same(full["scheduler"], schedule.state_dict())
     assert full["world_size"] == 2

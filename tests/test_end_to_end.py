@@ -580,6 +580,6 @@ def test_predict_refuses_what_it_cannot_answer_before_loading_anything(args, nam
 def test_predict_help_lists_the_constants_and_the_photos():
     proc = run_script("predict.py", "--help")
     flags = set(re.findall(r"--([a-z_]+) \[?[A-Z]+", proc.stdout))
-    assert flags == {"checkpoint", "gallery", "threshold", "top_k", "verify", "export", "onnx_path", "batch_size",
-                     "device", "amp"}
+    assert flags == {"checkpoint", "gallery", "threshold", "top_k", "verify", "out_dir", "json_path", "export",
+                     "onnx_path", "batch_size", "device", "amp"}
     assert "PHOTO" in proc.stdout

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from evaluation import verification_metrics
-from figures import (plot_confusion_matrix, plot_embeddings_2d, plot_history, plot_roc, save_figure,
+from figures import (plot_confusion_matrix, plot_embeddings_2d, plot_history, plot_roc, save_annotated, save_figure,
                      save_triplet_grid)
 
 
@@ -91,3 +91,14 @@ def test_plot_embeddings_2d_many_identities_and_edge_cases(tmp_path):
         labels = np.arange(len(embeddings))
         assert plot_embeddings_2d(embeddings, labels, ["a", "b", "c"], tmp_path / f"edge{i}.png") == "PCA"
         assert image_size(tmp_path / f"edge{i}.png")[0] > 0
+
+
+def test_annotated_photo_has_a_box_per_face_in_the_colour_of_its_answer(tmp_path):
+    photo = Image.new("L", (200, 100), 128)
+    answers = [dict(box=[10, 20, 60, 80], name="ann", score=0.9), dict(box=[120, 20, 170, 80], name="unknown",
+                                                                        score=0.3)]
+    save_annotated(photo, answers, str(tmp_path / "a.png"))
+    pixels = Image.open(tmp_path / "a.png").convert("RGB").load()
+    assert pixels[10, 50][1] > 200 > pixels[10, 50][0]  # the known face: a green left edge
+    assert pixels[120, 50][0] > 200 > pixels[120, 50][1]  # the unknown one: red
+    assert pixels[100, 50] == (128, 128, 128)  # the photo itself, untouched between them

@@ -221,3 +221,17 @@ def test_a_gallery_without_images_is_a_dataset_error(setup, tmp_path):
     (tmp_path / "empty" / "p0").mkdir(parents=True)
     with pytest.raises(DatasetError):
         setup["centroids"](str(tmp_path / "empty"))
+
+
+# -----------------------------------------------------------------------------
+# answers
+
+def test_a_face_answer_names_the_nearest_identity_or_unknown_below_the_threshold():
+    classes = ["ann", "bob", "cy"]
+    answer = gallery.face_answer((1.6, 2, 30, 40), classes, [2, 0], [0.81234, 0.5], limit=0.7)
+    assert answer == dict(box=[1, 2, 30, 40], name="cy", score=0.8123, nearest=[("cy", 0.8123), ("ann", 0.5)])
+    assert gallery.answer_line(answer) == " face at (1, 2, 30, 40): cy 0.8123; next: ann 0.5000"
+    unknown = gallery.face_answer(None, classes, [1], [0.6], limit=0.7)
+    assert unknown["name"] == "unknown" and unknown["box"] is None
+    assert gallery.answer_line(unknown) == ": unknown (nearest bob 0.6000)"  # a whole photo: no box
+    assert gallery.face_answer(None, classes, [1], [0.6])["name"] == "bob"  # no threshold: no decision
