@@ -9,7 +9,8 @@ gallery identity is the normalised mean of its normalised embeddings, each probe
 one (top-1, top-5, report, confusion matrix). Verification: same/different pairs of probes, ROC, EER, TAR@FAR,
 10-fold accuracy. Open set: a similarity threshold for a target false-accept rate, checked on people outside the
 gallery. Retrieval: probes ranked against gallery images. Writes results.json, confusion_matrix.png, roc.png and
-embeddings.png, and prints a summary table last.
+embeddings.png, and prints a summary table last. A network trained on aligned faces (the checkpoint says so)
+sees every folder's photos aligned alike: photos of a folder that prepare.py align did not write are aligned here.
 """
 import os
 import sys
@@ -19,8 +20,10 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 import configurator
+from align import AlignmentUnavailable, FaceAligner, MainFace, read_alignment
 from checkpoint import load_checkpoint
 from data_utils import DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file
 from evaluation import (cosine_similarity_pairs, identification_accuracy, identify, open_set_evaluation,
@@ -67,13 +70,25 @@ data_dir = data_dir or trained.get("data_dir", "")
 identity_depth = trained.get("identity_depth", 1)
 out_dir = out_dir or os.path.dirname(os.path.abspath(checkpoint))
 transform = make_transform(state["image_size"], train=False, pixels=True)  # uint8, normalised on the device
+
+
+def transform_for(folder):
+    """`transform`, after aligning each photo's main face when the network was trained on aligned faces and the
+    photos of `folder` are not aligned (align.read_alignment)."""
+    alignment = state.get("alignment")
+    if not alignment or read_alignment(folder):
+        return transform
+    return T.Compose([MainFace(FaceAligner(), alignment["size"]), transform])
+
+
 try:
-    gallery = FaceFolder(os.path.join(data_dir, "train"), transform, identity_depth, gallery_pattern)
-    probes = FaceFolder(os.path.join(data_dir, "valid"), transform, identity_depth)
-    unknowns = FaceFolder(unknown_dir, transform, identity_depth) if unknown_dir else None
+    data_transform = transform_for(data_dir)
+    gallery = FaceFolder(os.path.join(data_dir, "train"), data_transform, identity_depth, gallery_pattern)
+    probes = FaceFolder(os.path.join(data_dir, "valid"), data_transform, identity_depth)
+    unknowns = FaceFolder(unknown_dir, transform_for(unknown_dir), identity_depth) if unknown_dir else None
     pair_list = read_pairs_file(pairs, pairs_root or os.path.dirname(pairs), name_format=pairs_name_format) \
         if pairs else None
-except DatasetError as err:
+except (DatasetError, AlignmentUnavailable) as err:
     sys.exit(f"error: {err}")
 print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "
       f"gallery {len(gallery)} images of {len(gallery.classes)} identities, probes {len(probes)} images"
@@ -86,7 +101,8 @@ gallery_emb, gallery_labels = embed(model, DataLoader(gallery, **loader_args), d
 probe_emb, probe_labels = embed(model, DataLoader(probes, **loader_args), device, autocast)
 unknown_emb = embed(model, DataLoader(unknowns, **loader_args), device, autocast)[0] if unknowns else None
 embed_seconds = time.time() - started
-results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir))
+results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir),
+               aligned_here=data_transform is not transform)  # data_dir's photos aligned by this run
 rows = []  # (figure, value) of the summary table
 
 
@@ -172,7 +188,8 @@ def score_pairs_file(pair_list):
     for line, path in pair_list["missing"]:
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
-    pair_emb, readable = embed_files(model, files, transform, device, autocast, batch_size)
+    pair_emb, readable = embed_files(model, files, transform_for(pairs_root or os.path.dirname(pairs)), device,
+                                     autocast, batch_size)
     row_of = {files[i]: row for row, i in enumerate(readable)}
     scored = [i for i, (a, b, _) in enumerate(pair_list["pairs"]) if a in row_of and b in row_of]
     index_rows = np.array([(row_of[a], row_of[b], same) for a, b, same in (pair_list["pairs"][i] for i in scored)],

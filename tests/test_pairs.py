@@ -117,3 +117,13 @@ def test_att_pairs_file_finds_every_image(att_faces):
     names = {os.path.basename(os.path.dirname(p)) for a, b, _ in result["pairs"] for p in (a, b)}
     assert names <= {f"s{k}" for k in range(1, 11)}
     assert all(os.path.basename(a) != os.path.basename(b) for a, b, s in result["pairs"] if s)
+
+
+def test_lfw_pairs_file_of_one_set_finds_every_image(lfw_faces):
+    """LFW's own pairsDevTrain.txt: a header of one number (one set of 1,100 same-person then 1,100
+    different-people pairs), tab-separated, every image present below images/."""
+    result = read_pairs_file(os.path.join(os.path.dirname(lfw_faces), "pairsDevTrain.txt"), lfw_faces)
+    assert result["missing"] == [] and result["folds"] == 1 and set(result["fold_ids"]) == {0}
+    assert [s for _, _, s in result["pairs"]] == [True] * 1100 + [False] * 1100
+    first = result["pairs"][0]
+    assert [os.path.basename(p) for p in first[:2]] == ["Aaron_Peirsol_0001.jpg", "Aaron_Peirsol_0002.jpg"]
