@@ -2,7 +2,7 @@
 
     python test.py                                   # out/tb_model.pth on the data it was trained on
     python test.py --checkpoint=out/last.pth --data_dir=data/other_faces     # e.g. people never trained on
-    python test.py --pairs=data/lfw/pairs.txt --pairs_root=data/lfw          # + the LFW 10-fold protocol
+    python test.py --pairs=data/lfw/pairsDevTrain.txt       # + LFW's protocol (its photos in data/lfw/images)
 
 The gallery is data_dir/train, the probes data_dir/valid; every image is embedded once. Identification: each
 gallery identity is the normalised mean of its normalised embeddings, each probe goes to the most cosine-similar
@@ -42,7 +42,7 @@ out_dir = ""  # where results go; empty: the checkpoint's folder
 gallery_pattern = ""  # only gallery images whose file name contains this (e.g. the ID photos of anchor_pattern)
 unknown_dir = ""  # identity folders of people absent from the gallery (open set); empty: such probes of valid/
 pairs = ""  # an LFW-style pairs.txt to score with its own 10 folds; empty: none
-pairs_root = ""  # folder of the pairs file's identity folders; empty: the pairs file's folder
+pairs_root = ""  # folder of the pairs file's identity folders; empty: the pairs file's folder (its images/, as LFW)
 pairs_name_format = "{name}_{index:04d}"  # image file name in a pairs file's identity folder (AT&T: {index})
 # metrics
 target_far = 1e-2  # open set: false-accept rate the unknown-person threshold is calibrated for
@@ -81,12 +81,15 @@ def transform_for(folder):
     return T.Compose([MainFace(FaceAligner(), alignment["size"]), transform])
 
 
+if pairs and not pairs_root:  # LFW keeps its photos in images/ beside its pairs files
+    beside = os.path.dirname(pairs)
+    pairs_root = os.path.join(beside, "images") if os.path.isdir(os.path.join(beside, "images")) else beside
 try:
     data_transform = transform_for(data_dir)
     gallery = FaceFolder(os.path.join(data_dir, "train"), data_transform, identity_depth, gallery_pattern)
     probes = FaceFolder(os.path.join(data_dir, "valid"), data_transform, identity_depth)
     unknowns = FaceFolder(unknown_dir, transform_for(unknown_dir), identity_depth) if unknown_dir else None
-    pair_list = read_pairs_file(pairs, pairs_root or os.path.dirname(pairs), name_format=pairs_name_format) \
+    pair_list = read_pairs_file(pairs, pairs_root, name_format=pairs_name_format) \
         if pairs else None
 except (DatasetError, AlignmentUnavailable) as err:
     sys.exit(f"error: {err}")
@@ -188,7 +191,7 @@ def score_pairs_file(pair_list):
     for line, path in pair_list["missing"]:
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
-    pair_emb, readable = embed_files(model, files, transform_for(pairs_root or os.path.dirname(pairs)), device,
+    pair_emb, readable = embed_files(model, files, transform_for(pairs_root), device,
                                      autocast, batch_size)
     row_of = {files[i]: row for row, i in enumerate(readable)}
     scored = [i for i, (a, b, _) in enumerate(pair_list["pairs"]) if a in row_of and b in row_of]
