@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 from PIL import Image
+from torchvision import transforms as T
 
 # left eye, right eye, nose tip, left and right mouth corner (as seen in the image) on the 112x112 template
 TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
@@ -123,6 +124,15 @@ class MainFace:
     def __call__(self, image):
         aligned = self.aligner.align(image, self.size)[0]
         return aligned if aligned is not None else centre_crop(image, self.size)
+
+
+def aligned_as_trained(transform, aligner, size, folder):
+    """The transform of the photos of `folder` for a network trained on faces aligned at `size`: `transform` after
+    aligning each photo's main face with `aligner` (MainFace), unless prepare.py align wrote `folder`
+    (read_alignment). Without an aligner (a network trained on unaligned photos), `transform` itself."""
+    if aligner is None or read_alignment(folder):
+        return transform
+    return T.Compose([MainFace(aligner, size), transform])
 
 
 def photo_faces(image, aligner=None, size=112):

@@ -19,10 +19,9 @@ import os
 import sys
 
 import torch
-from torchvision import transforms as T
 
 import configurator
-from align import AlignmentUnavailable, FaceAligner, MainFace, photo_faces, read_alignment
+from align import AlignmentUnavailable, FaceAligner, MainFace, aligned_as_trained, photo_faces
 from checkpoint import load_checkpoint
 from data_utils import UNREADABLE_IMAGE, DatasetError, as_hw, load_image, make_transform
 from evaluation import centroid_similarities, cosine_similarity_pairs
@@ -133,8 +132,7 @@ gallery = gallery or os.path.join(trained.get("data_dir", ""), "train")
 if not os.path.isdir(gallery):
     sys.exit(f"error: {gallery}: no such gallery folder (--gallery: identity folders of the known people)")
 # a gallery of ordinary photos is aligned as the training photos were; an aligned one is taken as it is
-gallery_transform = (T.Compose([MainFace(aligner, size), transform]) if aligner and not read_alignment(gallery)
-                     else transform)
+gallery_transform = aligned_as_trained(transform, aligner, size, gallery)
 try:
     classes, centroids = gallery_centroids(model, checkpoint, gallery, trained.get("identity_depth", 1),
                                            gallery_transform, device, autocast, batch_size,

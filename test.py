@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.data import DataLoader
-from torchvision import transforms as T
 
 import configurator
-from align import AlignmentUnavailable, FaceAligner, MainFace, read_alignment
+from align import AlignmentUnavailable, FaceAligner, aligned_as_trained
 from checkpoint import load_checkpoint
 from data_utils import DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file
 from evaluation import (cosine_similarity_pairs, identification_accuracy, identify, open_set_evaluation,
@@ -70,25 +69,18 @@ data_dir = data_dir or trained.get("data_dir", "")
 identity_depth = trained.get("identity_depth", 1)
 out_dir = out_dir or os.path.dirname(os.path.abspath(checkpoint))
 transform = make_transform(state["image_size"], train=False, pixels=True)  # uint8, normalised on the device
-
-
-def transform_for(folder):
-    """`transform`, after aligning each photo's main face when the network was trained on aligned faces and the
-    photos of `folder` are not aligned (align.read_alignment)."""
-    alignment = state.get("alignment")
-    if not alignment or read_alignment(folder):
-        return transform
-    return T.Compose([MainFace(FaceAligner(), alignment["size"]), transform])
-
-
+alignment = state.get("alignment")  # how the training photos were aligned; None: they were not
+size = alignment["size"] if alignment else None
 if pairs and not pairs_root:  # LFW keeps its photos in images/ beside its pairs files
     beside = os.path.dirname(pairs)
     pairs_root = os.path.join(beside, "images") if os.path.isdir(os.path.join(beside, "images")) else beside
 try:
-    data_transform = transform_for(data_dir)
+    aligner = FaceAligner() if alignment else None
+    data_transform = aligned_as_trained(transform, aligner, size, data_dir)
     gallery = FaceFolder(os.path.join(data_dir, "train"), data_transform, identity_depth, gallery_pattern)
     probes = FaceFolder(os.path.join(data_dir, "valid"), data_transform, identity_depth)
-    unknowns = FaceFolder(unknown_dir, transform_for(unknown_dir), identity_depth) if unknown_dir else None
+    unknowns = (FaceFolder(unknown_dir, aligned_as_trained(transform, aligner, size, unknown_dir), identity_depth)
+                if unknown_dir else None)
     pair_list = read_pairs_file(pairs, pairs_root, name_format=pairs_name_format) \
         if pairs else None
 except (DatasetError, AlignmentUnavailable) as err:
@@ -191,8 +183,8 @@ def score_pairs_file(pair_list):
     for line, path in pair_list["missing"]:
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
-    pair_emb, readable = embed_files(model, files, transform_for(pairs_root), device,
-                                     autocast, batch_size)
+    pair_emb, readable = embed_files(model, files, aligned_as_trained(transform, aligner, size, pairs_root),
+                                     device, autocast, batch_size)
     row_of = {files[i]: row for row, i in enumerate(readable)}
     scored = [i for i, (a, b, _) in enumerate(pair_list["pairs"]) if a in row_of and b in row_of]
     index_rows = np.array([(row_of[a], row_of[b], same) for a, b, same in (pair_list["pairs"][i] for i in scored)],

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import prepare
-from align import FaceAligner, MainFace, main_face, photo_faces, read_alignment, similarity_transform, template, warp
+from align import (FaceAligner, MainFace, aligned_as_trained, main_face, photo_faces, read_alignment,
+                   similarity_transform, template, warp)
 from checkpoint import load_checkpoint
 from conftest import run_script, write_image
 
@@ -145,6 +146,11 @@ def test_an_aligned_dataset_says_so_and_its_split_keeps_it(photos, tmp_path):
     assert read_alignment(str(tmp_path / "split")) == record
     assert read_alignment(str(tmp_path / "split" / "train")) == record  # a gallery folder of the split set
     assert read_alignment(str(photos)) is None
+    step = str  # any transform
+    assert aligned_as_trained(step, None, 112, str(photos)) is step  # a network of unaligned photos
+    assert aligned_as_trained(step, "an aligner", 96, str(tmp_path / "split" / "train")) is step  # aligned already
+    composed = aligned_as_trained(step, "an aligner", 96, str(photos)).transforms
+    assert isinstance(composed[0], MainFace) and composed[0].size == 96 and composed[1] is step
 
 
 @pytest.mark.e2e
