@@ -48,6 +48,29 @@ def load_checkpoint(path, map_location="cpu"):
     return checkpoint
 
 
+def init_weights(model, path):
+    """Start `model` (an EmbeddingNet) from the network of the checkpoint at `path`: not its objective, optimiser
+    or schedule. The backbones must be of one kind; the head is taken when it has the same layers and shapes and
+    otherwise keeps its fresh weights (another embedding size or head). Returns the parts taken: ("backbone",
+    "head") or ("backbone",). Raises CheckpointError."""
+    state = load_checkpoint(path)
+    theirs, ours = state["model_config"].get("backbone"), model.config["backbone"]
+    if theirs != ours:
+        raise CheckpointError(f"{path} holds a {theirs} network and this run builds a {ours}: "
+                              f"use --backbone={theirs}, or another checkpoint")
+    parts = {name: {k.split(".", 1)[1]: v for k, v in state["model"].items() if k.startswith(name + ".")}
+             for name in ("backbone", "head")}
+    try:
+        model.backbone.load_state_dict(parts["backbone"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its {theirs} weights do not fit ({str(err).splitlines()[0]})") from None
+    own = model.head.state_dict()
+    if own.keys() != parts["head"].keys() or any(own[k].shape != parts["head"][k].shape for k in own):
+        return ("backbone",)
+    model.head.load_state_dict(parts["head"])
+    return ("backbone", "head")
+
+
 def resume_config(config, defaults, path, out_dir):
     """(the settings a resumed run goes on with, its checkpoint). `path` is --resume's value ("last":
     `out_dir`/last.pth). The run keeps its own settings; only RESUMABLE ones may be given anew. A flag equal to its

@@ -115,14 +115,17 @@ def normalize(pixels):
     return torch.addcmul(shift, pixels.float(), scale)
 
 
-def make_transform(image_size, train, pixels=False):
-    """Training: resize with a margin, small rotation, random crop, flip. Evaluation: the same resize and a
-    centre crop. Both normalise with ImageNet statistics (what torchvision's pretrained backbones expect), or
-    with `pixels` stop at uint8 (3, H, W) tensors for `normalize` to finish."""
+def make_transform(image_size, train, pixels=False, grayscale=0.0):
+    """Training: resize with a margin, small rotation, random crop, flip, and a share `grayscale` of the images in
+    grey (still 3 channels). Evaluation: the same resize and a centre crop. Both normalise with ImageNet
+    statistics (what torchvision's pretrained backbones expect), or with `pixels` stop at uint8 (3, H, W) tensors
+    for `normalize` to finish."""
     h, w = as_hw(image_size)
     resize = T.Resize((round(h * 1.1), round(w * 1.1)), antialias=True)
     if train:
         steps = [resize, T.RandomRotation(10), T.RandomCrop((h, w)), T.RandomHorizontalFlip()]
+        if grayscale > 0:
+            steps.append(T.RandomGrayscale(grayscale))
     else:
         steps = [resize, T.CenterCrop((h, w))]
     return T.Compose(steps + ([ToPixels()] if pixels else [ToPixels(), normalize, torch.Tensor.contiguous]))
@@ -133,6 +136,13 @@ def denormalize(images):
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images.float().cpu() * std + mean).clamp(0, 1)
+
+
+def some_names(names, shown=10):
+    """The first `shown` of `names`, comma-separated, and how many more: a warning about 2,000 LFW people stays
+    one readable line."""
+    names = list(names)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def loader_workers(num_workers, device, processes=1):

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from configurator import ConfigError
 from data_utils import as_hw
-from evaluation import identification_accuracy, pair_decisions, relabel, triplet_accuracy
+from evaluation import (cosine_similarity_pairs, identification_accuracy, pair_decisions, relabel, triplet_accuracy,
+                        verification_metrics)
 from inference import device_batch, embed
 from losses import batch_rows, gather_batch
 
@@ -265,21 +266,46 @@ def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=Fals
 # -----------------------------------------------------------------------------
 # evaluation
 
+SELECTED = dict(valid_identification="valid top-1", valid_pairs_accuracy="held-out pairs accuracy")  # select_on's
+
+
+def selection_key(select_on, probe_targets, probe_classes, train_classes, held_out):
+    """The key of evaluate's metrics that chooses tb_model.pth: "valid_identification" for select_on "top1",
+    "valid_pairs_accuracy" for "pairs" (`held_out`: held_out_pairs' rows of the valid people never trained on),
+    for "auto" the second when there are such pairs. Raises ConfigError when the valid images cannot measure it."""
+    if select_on == "auto":
+        select_on = "pairs" if len(held_out) else "top1"
+    if select_on == "pairs" and not len(held_out):
+        raise ConfigError("select_on", "pairs needs valid/ people absent from train/ (two or more, one of them with "
+                                       "two images or more): prepare.py split --valid_people=...")
+    trained = set(train_classes)
+    if select_on == "top1" and not any(probe_classes[t] in trained for t in probe_targets):
+        raise ConfigError("select_on", "top1 needs valid/ images of people in train/; valid/ has none")
+    return "valid_identification" if select_on == "top1" else "valid_pairs_accuracy"
+
+
 @torch.inference_mode()
 def evaluate(model, objective, gallery_loader, probe_loader, train_classes, valid_rows, device, autocast):
     """An epoch's validation: identification top-1 of the probes by the centroids of the gallery (test.py's
-    method), the objective's loss on the probes (on `valid_rows`, dict(triplets=..., pairs=...) of index rows
-    into the probes, for an objective that trains on rows; on the probes of training identities otherwise, as
-    ArcFace's centres are those identities), the share of valid triplets with d(a,p) < d(a,n), and for the pair
+    method; NaN when no probe is of a training identity), the 10-fold accuracy and ROC AUC of the verification pairs
+    of the valid people never trained on (valid_rows["held_out"], when there are any), the objective's loss on
+    the probes (on `valid_rows`, dict(triplets=..., pairs=...) of index rows into the probes, for an objective
+    that trains on rows; on the probes of training identities otherwise, as ArcFace's centres are those
+    identities), the share of valid triplets with d(a,p) < d(a,n), and for the pair
     classifier precision, recall and F1 of its decisions on the valid pairs."""
-    gallery_emb, gallery_labels = embed(model, gallery_loader, device, autocast)
     probe_emb, probe_labels = embed(model, probe_loader, device, autocast)
     gallery, probes = gallery_loader.dataset, probe_loader.dataset
-    result = dict(valid_identification=identification_accuracy(
-        gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels, probes.classes)["accuracy"],
-        valid_loss=float("nan"), valid_triplet_accuracy=float("nan"))
+    result = dict(valid_identification=float("nan"), valid_loss=float("nan"), valid_triplet_accuracy=float("nan"))
+    if (relabel(probe_labels, probes.classes, gallery.classes) >= 0).any():  # else no gallery to embed
+        gallery_emb, gallery_labels = embed(model, gallery_loader, device, autocast)
+        result["valid_identification"] = identification_accuracy(
+            gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels, probes.classes)["accuracy"]
     if len(valid_rows["triplets"]):
         result["valid_triplet_accuracy"] = triplet_accuracy(probe_emb, valid_rows["triplets"])
+    held_out = valid_rows.get("held_out", ())
+    if len(held_out):
+        figures = verification_metrics(cosine_similarity_pairs(probe_emb, held_out), held_out[:, 2])
+        result.update(valid_pairs_accuracy=figures["accuracy_mean"], valid_pairs_auc=figures["auc"])
     objective.eval()
     result.update(valid_objective(objective, probe_emb.to(device), probe_labels, probes.classes, train_classes,
                                   valid_rows))
@@ -318,7 +344,11 @@ def epoch_summary(epoch, epochs, figures, metrics, figure, seconds, improved):
                   f"valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}%"]
         if "valid_pair_f1" in metrics:
             parts.append(f"valid pair F1 {metrics['valid_pair_f1']:.3f}")
-        parts.append(f"valid top-1 {100 * metrics['valid_identification']:.2f}%")
+        if metrics["valid_identification"] == metrics["valid_identification"]:  # NaN: no trained person's images
+            parts.append(f"valid top-1 {100 * metrics['valid_identification']:.2f}%")
+        if "valid_pairs_accuracy" in metrics:
+            parts.append(f"held-out pairs {100 * metrics['valid_pairs_accuracy']:.2f}% "
+                         f"(AUC {metrics['valid_pairs_auc']:.4f})")
     return " | ".join(parts + [f"{seconds:.0f}s"] + (["best"] if improved else []))
 
 

@@ -2,6 +2,8 @@
 for a false-accept rate); verification of image pairs (ROC, EER, TAR@FAR, LFW-protocol 10-fold accuracy) and
 precision / recall / F1 of same-person decisions; retrieval (P@1, R-precision, MAP@R). Embedding passes are in
 inference.py, figures in figures.py."""
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,38 @@ def verification_pairs(labels, rng, max_same=None):
             different = different[np.sort(rng.choice(len(different), len(same), replace=False))]
     return np.concatenate([np.column_stack([same, np.ones(len(same), dtype=np.int64)]),
                            np.column_stack([different, np.zeros(len(different), dtype=np.int64)])])
+
+
+def evaluation_protocol(probes, trained_classes, trained_data_dir, alignment, probe_split):
+    """What a test.py figure measures, as plain JSON: the probe folder (`probes`, a FaceFolder) and its split
+    name, how many of its people the checkpoint trained on (`trained_classes`), whether it is the valid/ of the data
+    the checkpoint was trained on (`trained_data_dir`), which chose the checkpoint, and whether the network was
+    trained on aligned faces (`alignment`, the checkpoint's record or None); `summary` says it in one line."""
+    trained = set(trained_classes)
+    seen = sum(name in trained for name in probes.classes)
+    chose = bool(trained_data_dir) and os.path.realpath(probes.root) == os.path.realpath(
+        os.path.join(trained_data_dir, "valid"))
+    people = ("people trained on" if seen == len(probes.classes) else "people never trained on" if seen == 0 else
+              f"{seen} people trained on and {len(probes.classes) - seen} never trained on")
+    summary = (f"{probe_split}/ probes of {len(probes.classes)} {people}; "
+               + ("they chose the checkpoint (optimistic)" if chose else "they did not choose the checkpoint")
+               + ("; aligned faces" if alignment else "; unaligned"))
+    return dict(probes=os.path.abspath(probes.root), split=probe_split, probe_people=len(probes.classes),
+                probe_people_trained_on=seen, probes_chose_checkpoint=chose, aligned=bool(alignment),
+                summary=summary)
+
+
+def held_out_pairs(targets, classes, train_classes, rng, max_same=5000):
+    """verification_pairs among the images of identities absent from `train_classes` (people never trained on),
+    as (M, 3) rows (i, j, same) of indices into `targets` (labels into `classes`); (0, 3) unless such people give
+    both kinds of pair. At most `max_same` same pairs, drawn with `rng`, and as many different ones."""
+    targets = np.asarray(targets)
+    trained = set(train_classes)
+    where = np.flatnonzero([classes[t] not in trained for t in targets])
+    rows = verification_pairs(targets[where], rng, max_same)
+    if not len(rows) or rows[:, 2].all():
+        return np.empty((0, 3), dtype=np.int64)
+    return np.column_stack([where[rows[:, 0]], where[rows[:, 1]], rows[:, 2]])
 
 
 def cosine_similarity_pairs(embeddings, pairs):

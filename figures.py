@@ -92,9 +92,9 @@ def save_triplet_grid(anchor, positive, negative, anchor_labels, negative_labels
     save_figure(fig, path)
 
 
-def plot_history(history, path, x="epoch"):
+def plot_history(history, path, x="epoch", best_by="valid_identification"):
     """Loss and accuracy against epochs or optimiser steps (x='step'); the untrained network at 0, the best
-    epoch marked. Epochs without an evaluation (train.py's eval_every) have training figures only."""
+    epoch by `best_by` marked. Epochs without an evaluation (train.py's eval_every) have training figures only."""
     plt = _pyplot()
     evaluated = [h for h in history if h.get("valid_identification") is not None]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -105,11 +105,12 @@ def plot_history(history, path, x="epoch"):
     loss_ax.set(xlabel=x, ylabel="loss", title="training loss")
     for key, label in (("valid_identification", "valid identification (top-1)"),
                        ("valid_triplet_accuracy", "valid triplets d(a,p) < d(a,n)"),
-                       ("valid_pair_f1", "valid pair F1"), ("train_accuracy", "train batch accuracy")):
+                       ("valid_pair_f1", "valid pair F1"), ("train_accuracy", "train batch accuracy"),
+                       ("valid_pairs_accuracy", "held-out people: pair accuracy")):
         points = [(h[x], 100 * h[key]) for h in history if h.get(key) is not None]
         if points:
             acc_ax.plot(*zip(*points), "o-", label=label)
-    best = max(evaluated, key=lambda h: h["valid_identification"])
+    best = max(evaluated, key=lambda h: h[best_by] if h[best_by] == h[best_by] else -1)
     acc_ax.axvline(best[x], color="grey", linestyle=":", label=f"best: epoch {best['epoch']}")
     acc_ax.set(xlabel=x, ylabel="%", title="accuracy", ylim=(0, 101))
     for ax in (loss_ax, acc_ax):

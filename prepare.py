@@ -1,12 +1,13 @@
 """Dataset preparation: raw identity folders in, a prepared dataset (DST/train, DST/valid, optionally DST/test,
 each with one folder per identity) out. The source is only read.
 
-    python prepare.py split SRC DST [--valid=0.2] [--test=0.0] [--min_images=0] [--max_images=0]
-                                    [--identity_depth=1] [--seed=0] [--force]
+    python prepare.py split SRC DST [--valid=0.2] [--test=0.0] [--unseen=0.0] [--valid_people=0.0]
+                                    [--min_images=0] [--max_images=0] [--identity_depth=1] [--seed=0] [--force]
     python prepare.py fetch-att DST [--seed=0] [--force]
     python prepare.py align SRC DST [--size=112] [--missing=skip|centre] [--upsample=0]
 
-`split` copies SRC's images per identity, so that every identity with images enough appears in every split;
+`split` copies SRC's images per identity, so that every identity with images enough appears in every split, and
+can hold people out whole (DST/unseen: people never trained on; --valid_people: people to choose a checkpoint on);
 `fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 8/2; `align` detects the face each
 photo is of and warps it onto the five-point template (align.py), keeping SRC's folders and file names, listing
 what it could not align in DST/align_report.tsv, and going on where a stopped run left off. The functions serve other
@@ -25,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from align import ALIGNMENT_FILE, AlignmentUnavailable, FaceAligner, alignment_record, centre_crop
-from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image
+from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image, some_names
 from figures import save_alignment_grid
 from files import atomic_write, save_json
 
@@ -36,54 +37,94 @@ TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held 
 # split
 
 def split_dataset(src, dst, valid=0.2, test=0.0, min_images=0, max_images=0, seed=0, force=False,
-                  identity_depth=1, log=print):
+                  identity_depth=1, unseen=0.0, valid_people=0.0, log=print):
     """Copy an identity-folder dataset into DST/train, DST/valid (and DST/test when test > 0), per identity,
     so that every identity with images enough appears in every split. Images below a `distortion/` folder
     stay in train. Identities with fewer than `min_images` or more than `max_images` (when > 0) images are
-    left out. The same seed gives the same split; SRC is only read. Returns {split: image count}."""
-    _check_split(src, dst, valid, test, force)
+    left out. The same seed gives the same split; SRC is only read.
+
+    People held out whole, never in DST/train: a share `unseen` of the identities goes to DST/unseen, a dataset
+    of the same shape (its train/ the gallery, its valid/ and test/ the probes) for measuring people never trained
+    on; a share `valid_people` goes to DST/valid with all its images, for train.py to choose its checkpoint on
+    people it does not train on. Their distortion/ copies, training images, are left out.
+    Returns {split: image count}, the unseen dataset's splits as "unseen/train" and so on."""
+    _check_split(src, dst, valid, test, force, unseen, valid_people)
     held = {"valid": valid, **({"test": test} if test > 0 else {})}
-    counts, kept, skipped, short = dict.fromkeys(["train", *held], 0), 0, [], []
+    counts, skipped, short, kept = dict.fromkeys(["train", *held], 0), [], [], {}
     for name, folder in identity_folders(src, identity_depth).items():
         files = [os.path.relpath(p, folder) for p in find_images(folder)]
         pool = [f for f in files if TRAIN_ONLY_FOLDER not in f.split(os.sep)[:-1]]
         reason = _left_out(len(pool), min_images, max_images)
         if reason:
             skipped.append(f"{name} ({reason})")
-            continue
-        assignment = {}
-        if len(pool) > len(held):
-            assignment = _held_out(pool, held, np.random.default_rng([seed, zlib.crc32(name.encode())]))
-        else:  # too few images for one in every split: all in train
-            short.append(name)
-        for f in files:
-            split = assignment.get(f, "train")
-            target = os.path.join(dst, split, name, f)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(os.path.join(folder, f), target)
-            counts[split] += 1
-        kept += 1
+        else:
+            kept[name] = (folder, files, pool)
     if not kept:
         raise DatasetError(f"{src}: no identity folder with images passed the filters"
                            + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+    people = _held_out_people(sorted(kept), unseen, valid_people, seed)
+    for name, (folder, files, pool) in kept.items():
+        role = people.get(name, "trained")
+        if role == "valid people":
+            assignment, files = dict.fromkeys(pool, "valid"), pool
+        else:
+            assignment = {}
+            if len(pool) > len(held):
+                assignment = _held_out(pool, held, np.random.default_rng([seed, zlib.crc32(name.encode())]))
+            elif role == "trained":  # too few images for one in every split: all in train
+                short.append(name)
+        if role == "unseen":
+            files = pool
+        for f in files:
+            split = ("unseen/" if role == "unseen" else "") + assignment.get(f, "train")
+            target = os.path.join(dst, split, name, f)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(os.path.join(folder, f), target)
+            counts[split] = counts.get(split, 0) + 1
     if os.path.isfile(os.path.join(src, ALIGNMENT_FILE)):  # aligned photos stay known as such
-        shutil.copy2(os.path.join(src, ALIGNMENT_FILE), os.path.join(dst, ALIGNMENT_FILE))
-    log(f"split {src} -> {dst} (seed {seed}, valid {valid}, test {test})")
-    log(f"  identities: {kept} kept, {len(skipped)} skipped")
+        for folder in [dst] + ([os.path.join(dst, "unseen")] if "unseen" in people.values() else []):
+            shutil.copy2(os.path.join(src, ALIGNMENT_FILE), os.path.join(folder, ALIGNMENT_FILE))
+    roles = [people.get(name, "trained") for name in kept]
+    log(f"split {src} -> {dst} (seed {seed}, valid {valid}, test {test}"
+        + (f", unseen {unseen}, valid people {valid_people}" if unseen or valid_people else "") + ")")
+    log(f"  identities: {len(kept)} kept"
+        + (f" ({', '.join(f'{roles.count(r)} {r}' for r in PEOPLE_ROLES)})" if people else "")
+        + f", {len(skipped)} skipped")
     log("  images: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
     if short:
-        log(f"  {len(short)} identities too small to appear in every split (all in train): {', '.join(short)}")
+        log(f"  {len(short)} identities too small to appear in every split (all in train): {some_names(short)}")
     for line in skipped:
         log(f"  skipped {line}")
     return counts
 
 
-def _check_split(src, dst, valid, test, force):
+PEOPLE_ROLES = ("trained", "valid people", "unseen")
+
+
+def _held_out_people(names, unseen, valid_people, seed):
+    """{name: "unseen" | "valid people"} for the identities held out whole: shares of `names` (sorted) drawn with
+    `seed`, each share rounded and at least one identity when above 0; at least one identity is left to train."""
+    order = [names[i] for i in np.random.default_rng([seed, len(names)]).permutation(len(names))]
+    wanted = [(role, max(round(len(names) * share), 1) if share > 0 else 0)
+              for role, share in (("unseen", unseen), ("valid people", valid_people))]
+    if sum(count for _, count in wanted) >= len(names):
+        raise DatasetError(f"--unseen={unseen} and --valid_people={valid_people} hold out all {len(names)} "
+                           f"identities: none would be left to train on")
+    people, start = {}, 0
+    for role, count in wanted:
+        people.update(dict.fromkeys(order[start:start + count], role))
+        start += count
+    return people
+
+
+def _check_split(src, dst, valid, test, force, unseen=0.0, valid_people=0.0):
     """Raise DatasetError for arguments split_dataset cannot use; with `force`, empty DST's split folders."""
     if not os.path.isdir(src):
         raise DatasetError(f"{src}: no such folder")
     if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
         raise DatasetError(f"--valid={valid} and --test={test} must be fractions in [0, 1) that sum below 1")
+    if not (0 <= unseen < 1 and 0 <= valid_people < 1):
+        raise DatasetError(f"--unseen={unseen} and --valid_people={valid_people} must be fractions in [0, 1)")
     real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
     if real_dst == real_src or real_dst.startswith(real_src + os.sep):
         raise DatasetError(f"{dst} lies inside {src}; the source must stay untouched")
@@ -91,7 +132,7 @@ def _check_split(src, dst, valid, test, force):
         if not force:
             raise DatasetError(f"{dst} is not empty; choose another folder or pass --force to replace "
                                f"its train/valid/test folders")
-        for name in ("train", "valid", "test"):
+        for name in ("train", "valid", "test", "unseen"):
             shutil.rmtree(os.path.join(dst, name), ignore_errors=True)
 
 
@@ -256,11 +297,15 @@ def main(argv=None):
     split.add_argument("dst")
     split.add_argument("--valid", type=float, default=0.2, help="fraction of each identity's images")
     split.add_argument("--test", type=float, default=0.0, help="fraction of each identity's images")
+    split.add_argument("--unseen", type=float, default=0.0,
+                       help="fraction of the identities held out whole into DST/unseen (people never trained on)")
+    split.add_argument("--valid_people", type=float, default=0.0,
+                       help="fraction of the identities held out whole into DST/valid (to choose the checkpoint on)")
     split.add_argument("--min_images", type=int, default=0, help="leave out identities with fewer images")
     split.add_argument("--max_images", type=int, default=0, help="leave out identities with more (0: no limit)")
     split.add_argument("--identity_depth", type=int, default=1, help="folder level of the identities")
     split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
+    split.add_argument("--force", action="store_true", help="replace DST's train/valid/test/unseen folders")
     fetch = commands.add_parser("fetch-att", help="download AT&T faces (via scikit-learn) and split them 8/2",
                                 allow_abbrev=False)
     fetch.add_argument("dst")
@@ -278,7 +323,7 @@ def main(argv=None):
     try:
         if args.command == "split":
             split_dataset(args.src, args.dst, args.valid, args.test, args.min_images, args.max_images,
-                          args.seed, args.force, args.identity_depth)
+                          args.seed, args.force, args.identity_depth, args.unseen, args.valid_people)
         elif args.command == "align":
             align_dataset(args.src, args.dst, args.size, args.missing, args.upsample)
         else:

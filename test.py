@@ -1,10 +1,12 @@
 """Evaluate a face-embedding checkpoint: identification, verification, open set and retrieval, in one pass.
 
     python test.py                                   # out/tb_model.pth on the data it was trained on
-    python test.py --checkpoint=out/last.pth --data_dir=data/other_faces     # e.g. people never trained on
+    python test.py --data_dir=data/lfw/unseen        # people never trained on (prepare.py split --unseen)
     python test.py --pairs=data/lfw/pairsDevTrain.txt       # + LFW's protocol (its photos in data/lfw/images)
 
-The gallery is data_dir/train, the probes data_dir/valid; every image is embedded once. Identification: each
+The gallery is data_dir/train, the probes data_dir/test (images that chose nothing), or data_dir/valid when there
+is no test/; every image is embedded once. The protocol is stated with the figures: whether the probes' people were
+trained on, and whether the probes chose the checkpoint (train.py's valid/). Identification: each
 gallery identity is the normalised mean of its normalised embeddings, each probe goes to the most cosine-similar
 one (top-1, top-5, report, confusion matrix). Verification: same/different pairs of probes, ROC, EER, TAR@FAR,
 10-fold accuracy. Open set: a similarity threshold for a target false-accept rate, checked on people outside the
@@ -25,8 +27,9 @@ import configurator
 from align import AlignmentUnavailable, FaceAligner, aligned_as_trained
 from checkpoint import load_checkpoint
 from data_utils import DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file
-from evaluation import (cosine_similarity_pairs, identification_accuracy, identify, open_set_evaluation,
-                        pair_decisions, relabel, retrieval_metrics, verification_metrics, verification_pairs)
+from evaluation import (cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
+                        open_set_evaluation, pair_decisions, relabel, retrieval_metrics, verification_metrics,
+                        verification_pairs)
 from figures import plot_confusion_matrix, plot_embeddings_2d, plot_roc
 from files import save_json
 from inference import embed, embed_files
@@ -36,7 +39,8 @@ from model import model_from_checkpoint, select_device
 # -----------------------------------------------------------------------------
 # data
 checkpoint = "out/tb_model.pth"  # written by train.py
-data_dir = ""  # folder with train/ (gallery) and valid/ (probes); empty: the one the checkpoint was trained on
+data_dir = ""  # folder with train/ (gallery) and test/ or valid/ (probes); empty: the checkpoint's training data
+probe_split = "auto"  # the probes: test | valid | auto (test/ when data_dir has one, else valid/)
 out_dir = ""  # where results go; empty: the checkpoint's folder
 gallery_pattern = ""  # only gallery images whose file name contains this (e.g. the ID photos of anchor_pattern)
 unknown_dir = ""  # identity folders of people absent from the gallery (open set); empty: such probes of valid/
@@ -45,7 +49,9 @@ pairs_root = ""  # folder of the pairs file's identity folders; empty: the pairs
 pairs_name_format = "{name}_{index:04d}"  # image file name in a pairs file's identity folder (AT&T: {index})
 # metrics
 target_far = 1e-2  # open set: false-accept rate the unknown-person threshold is calibrated for
-max_same_pairs = 0  # verification: same-identity probe pairs to sample (0: all), plus as many different pairs
+pair_images = "auto"  # verification pairs among: probes | all (gallery and probes; people with one or two photos
+#   each, as LFW's) | auto (all when no probe's person was trained on, else probes)
+max_same_pairs = 0  # verification: same-identity pairs to sample (0: all), plus as many different pairs
 seed = 0  # verification pair sampling, folds, t-SNE
 batch_size = 64  # images per embedding batch
 num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 on CUDA) | 0 (the main process) | N
@@ -53,7 +59,8 @@ num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 
 device = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 amp = True  # mixed precision on CUDA; ignored on the CPU
 # -----------------------------------------------------------------------------
-configurator.parse(globals(), description=__doc__.split("\n")[0])
+configurator.parse(globals(), description=__doc__.split("\n")[0],
+                   choices=dict(probe_split=("auto", "test", "valid"), pair_images=("auto", "probes", "all")))
 
 try:
     if not 0 < target_far < 1:
@@ -78,7 +85,9 @@ try:
     aligner = FaceAligner() if alignment else None
     data_transform = aligned_as_trained(transform, aligner, size, data_dir)
     gallery = FaceFolder(os.path.join(data_dir, "train"), data_transform, identity_depth, gallery_pattern)
-    probes = FaceFolder(os.path.join(data_dir, "valid"), data_transform, identity_depth)
+    if probe_split == "auto":
+        probe_split = "test" if os.path.isdir(os.path.join(data_dir, "test")) else "valid"
+    probes = FaceFolder(os.path.join(data_dir, probe_split), data_transform, identity_depth)
     unknowns = (FaceFolder(unknown_dir, aligned_as_trained(transform, aligner, size, unknown_dir), identity_depth)
                 if unknown_dir else None)
     pair_list = read_pairs_file(pairs, pairs_root, name_format=pairs_name_format) \
@@ -96,9 +105,13 @@ gallery_emb, gallery_labels = embed(model, DataLoader(gallery, **loader_args), d
 probe_emb, probe_labels = embed(model, DataLoader(probes, **loader_args), device, autocast)
 unknown_emb = embed(model, DataLoader(unknowns, **loader_args), device, autocast)[0] if unknowns else None
 embed_seconds = time.time() - started
-results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir),
+protocol = evaluation_protocol(probes, state["classes"], trained.get("data_dir"), alignment, probe_split)
+if protocol["probes_chose_checkpoint"]:
+    print(f"warning: {probes.root} chose this checkpoint (train.py's best epoch on it): its figures are optimistic; "
+          f"measure on images that chose nothing (test/, or people held out by prepare.py split --unseen)")
+results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir), protocol=protocol,
                aligned_here=data_transform is not transform)  # data_dir's photos aligned by this run
-rows = []  # (figure, value) of the summary table
+rows = [("protocol", protocol["summary"])]  # (figure, value) of the summary table
 
 
 def percent(value):
@@ -170,9 +183,20 @@ def pair_classifier_decisions(probe_pairs):
     return pair_decisions(probe_pairs[:, 2] == 1, decided)
 
 
-probe_pairs = verification_pairs(probe_labels.numpy(), np.random.default_rng(seed), max_same_pairs or None)
-results["verification"] = verify("probe pairs", probe_pairs[:, 2], cosine_similarity_pairs(probe_emb, probe_pairs))
-if results["verification"] and trained.get("loss") == "pair_bce":
+if pair_images == "auto":
+    pair_images = "all" if protocol["probe_people_trained_on"] == 0 else "probes"
+if pair_images == "all":  # the gallery's and the probes' images, their identities named alike
+    names = np.array(gallery.classes)[gallery_labels.numpy()].tolist() + \
+        np.array(probes.classes)[probe_labels.numpy()].tolist()
+    pair_emb, pair_labels = torch.cat([gallery_emb, probe_emb]), np.unique(names, return_inverse=True)[1]
+else:
+    pair_emb, pair_labels = probe_emb, probe_labels.numpy()
+probe_pairs = verification_pairs(pair_labels, np.random.default_rng(seed), max_same_pairs or None)
+results["verification"] = verify(f"{'all' if pair_images == 'all' else 'probe'} pairs", probe_pairs[:, 2],
+                                 cosine_similarity_pairs(pair_emb, probe_pairs))
+if results["verification"]:
+    results["verification"]["images"] = pair_images
+if results["verification"] and trained.get("loss") == "pair_bce" and pair_images == "probes":
     decisions = results["verification"]["pair_classifier"] = pair_classifier_decisions(probe_pairs)
     rows.append(("pair classifier: precision / recall / F1", " / ".join(f"{decisions[k]:.3f}" for k in
                                                                         ("precision", "recall", "f1"))))

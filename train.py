@@ -6,8 +6,8 @@
     python train.py --resume=out/last.pth    # continue a run where it stopped, with its own settings
     torchrun --standalone --nproc_per_node=4 train.py   # DistributedDataParallel, one process per GPU
 
-Every constant below can be overridden by a flag of the same name. Writes to out_dir: tb_model.pth (best
-by valid identification accuracy), last.pth (all a resumed run needs), config.json, history.json, curves.png,
+Every constant below can be overridden by a flag of the same name. Writes to out_dir: tb_model.pth (the best
+epoch by select_on), last.pth (all a resumed run needs), config.json, history.json, curves.png,
 triplets.png and skipped_files.txt (the unreadable images, with the reason). Ctrl-C or SIGTERM stops after the
 current step, saves last.pth and prints the command that resumes the run; a second Ctrl-C quits at once.
 Under torchrun, batch_size is per process (the global batch is N times larger), and process 0 alone
@@ -28,14 +28,15 @@ from torch.utils.data import DataLoader
 
 import configurator
 from align import read_alignment
-from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, resume_config, resume_training,
-                        training_state)
+from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, init_weights, resume_config,
+                        resume_training, training_state)
 from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs, draw_triplets,
-                        loader_workers, make_transform, train_loader_for, write_skipped)
-from engine import (OPTIMIZERS, SCHEDULES, NonFinite, StopRequested, StopSignals, TrainingStep, agreed,
+                        loader_workers, make_transform, some_names, train_loader_for, write_skipped)
+from engine import (OPTIMIZERS, SCHEDULES, SELECTED, NonFinite, StopRequested, StopSignals, TrainingStep, agreed,
                     build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, poisoned,
-                    shut_down, train_one_epoch, worker_signals)
+                    selection_key, shut_down, train_one_epoch, worker_signals)
 from figures import plot_history, save_triplet_examples
+from evaluation import held_out_pairs
 from files import reported, save_json
 from losses import MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
 from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_device
@@ -43,7 +44,7 @@ from prepare import ensure_att
 
 # -----------------------------------------------------------------------------
 # data
-data_dir = "data/att_faces"  # prepared dataset with train/ and valid/ identity folders (see data/README.md)
+data_dir = "data/att_faces"  # prepared dataset: train/ and valid/ identity folders; its test/ is never read here
 out_dir = "out"  # checkpoints, history, curves and the run config go here
 identity_depth = 1  # folder level of the identity folders below train/ and valid/ (1: train/<identity>/...)
 anchor_pattern = ""  # only images whose file name contains this are anchors (e.g. "script" for ID photos)
@@ -52,10 +53,12 @@ batch_size = 32  # triplets or pairs per step; images per step for P x K batches
 images_per_identity = 4  # K of a P x K batch (P = batch_size // K)
 fill = "repeat"  # P x K: identities with fewer than K images: repeat their images | drop them
 num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 on CUDA) | 0 (the main process) | N
+grayscale = 0.0  # share of training images shown in grayscale (a colour-trained network that must serve grey photos)
 cache_images = "auto"  # decode each image once, keep it resized in memory: auto (when all fit in 2 GiB)
 # model
 backbone = "resnet50"  # a torchvision ResNet, VGG16, AlexNet, or smallcnn for small grayscale data
 pretrained = False  # start from torchvision's ImageNet weights (downloads once into the torch cache)
+init_from = ""  # start from the network of this checkpoint (same backbone; a head of another size starts afresh)
 freeze_backbone = False  # train only what sits on top (vgg16/alexnet: their fully connected layers stay trainable)
 zero_init_residual = True  # ResNets: start each residual branch's last BatchNorm at zero (from-scratch stability)
 head = "mlp"  # mlp: Linear(features, hidden_dim)-BatchNorm-ReLU-Linear(hidden_dim, embedding_dim) | linear
@@ -79,6 +82,8 @@ step_size = 5  # StepLR: multiply the learning rate by gamma every step_size epo
 gamma = 0.1
 # logging
 verbosity = 0  # 0: summary lines | 1: + architecture | 2: + optimiser | 3: + parameter counts per module
+select_on = "auto"  # tb_model.pth is the epoch best by: top1 of valid/ probes of trained people | pairs: 10-fold
+#   verification of valid/ people absent from train/ (never trained on) | auto: pairs when valid/ has such people
 eval_every = 1  # evaluate, keep the best and save last.pth every N epochs (and before the first, after the last)
 save_every = 0  # also keep epoch_N.pth every N evaluated epochs (0: only tb_model.pth and last.pth)
 plot_x = "epoch"  # x axis of curves.png: epoch | step (iterations)
@@ -94,7 +99,7 @@ resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out
 # -----------------------------------------------------------------------------
 CHOICES = dict(fill=("repeat", "drop"), cache_images=configurator.TRISTATE, backbone=BACKBONES, head=HEADS,
                loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS, lr_schedule=SCHEDULES, plot_x=("epoch", "step"),
-               channels_last=configurator.TRISTATE)
+               channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs"))
 defaults = configurator.constants(globals())
 config = configurator.parse(globals(), description=__doc__.split("\n")[0], choices=CHOICES)
 
@@ -148,8 +153,8 @@ rows = batch_rows(loss, mining)  # what batches train: "triplets", "pairs" or No
 try:
     # images travel as uint8 (a quarter of the float32 bytes to collate, pin and copy to the GPU) and are normalised
     # on the device
-    train_faces = FaceFolder(os.path.join(data_dir, "train"), make_transform(image_size, train=True, pixels=True),
-                             identity_depth)
+    train_faces = FaceFolder(os.path.join(data_dir, "train"),
+                             make_transform(image_size, train=True, pixels=True, grayscale=grayscale), identity_depth)
     triplet_view = TripletFaceDataset(train_faces, seed, anchor_pattern)  # shown in triplets.png
     gallery = FaceFolder(train_faces.root, make_transform(image_size, train=False, pixels=True), identity_depth)
     probes = FaceFolder(os.path.join(data_dir, "valid"), make_transform(image_size, train=False, pixels=True),
@@ -166,12 +171,18 @@ if cache_images == "true" or (cache_images == "auto" and cache_size <= 2 ** 31):
     probes.cache()
     print(f"cached the decoded images: {cache_size / 2 ** 20:.0f} MiB")
 lonely = train_faces.single_image_identities()
-if lonely:
+if lonely and rows:  # (P x K batches repeat their image: the sampler says so)
     print(f"warning: {len(lonely)} identities have a single training image and serve only as negatives: "
-          f"{', '.join(lonely)}")
+          f"{some_names(lonely)}")
 valid_rng = np.random.default_rng(seed)  # the same valid triplets and pairs every epoch
 valid_rows = dict(triplets=draw_triplets(probes.targets, probes.by_label, valid_rng))
 valid_rows["pairs"] = draw_pairs(probes.targets, probes.by_label, valid_rng)
+# valid/ people absent from train/: the checkpoint can be chosen on people never trained on
+valid_rows["held_out"] = held_out_pairs(probes.targets, probes.classes, train_faces.classes, valid_rng)
+try:
+    select_key = selection_key(select_on, probes.targets, probes.classes, train_faces.classes, valid_rows["held_out"])
+except configurator.ConfigError as err:
+    sys.exit(f"error: {err}")
 loader_args = dict(num_workers=workers, pin_memory=device.startswith("cuda"), worker_init_fn=worker_signals,
                    # random triplets and pairs are drawn anew each epoch in this process: workers must copy them anew
                    persistent_workers=workers > 0 and rows is None)
@@ -184,15 +195,22 @@ except ValueError as err:
 loader_args.update(batch_size=max(batch_size, 64), generator=torch.Generator())
 gallery_loader, probe_loader = DataLoader(gallery, **loader_args), DataLoader(probes, **loader_args)
 print(f"data: {len(train_faces.classes)} identities, {len(train_faces)} train images, {len(probes)} valid images "
-      f"of {len(probes.classes)} identities; training on {rows or 'P x K batches'}"
+      f"of {len(probes.classes)} identities; training on {rows or 'P x K batches'}; choosing the checkpoint on "
+      + ("the top-1 of valid images of trained people" if select_key == "valid_identification" else
+         f"{len(valid_rows['held_out'])} verification pairs of valid people never trained on")
       + (f" ({len(triplet_view)} anchors matching {anchor_pattern!r})" if anchor_pattern else ""))
 
 # model, objective, optimiser -------------------------------------------------
 try:
-    model = EmbeddingNet(backbone, embedding_dim, head, hidden_dim, pretrained, zero_init_residual,
-                         freeze_backbone).to(device, memory_format=memory_format)
+    model = EmbeddingNet(backbone, embedding_dim, head, hidden_dim, pretrained and not init_from, zero_init_residual,
+                         freeze_backbone)
+    if init_from and not checkpoint:
+        print(f"network initialised from {init_from}: its {' and '.join(init_weights(model, init_from))}")
+    model = model.to(device, memory_format=memory_format)
     objective = build_objective(loss, mining, margin, squared, embedding_dim, len(train_faces.classes), arcface_scale,
                                 arcface_margin, pair_hidden_dim).to(device)
+except CheckpointError as err:
+    sys.exit(f"error: --init_from: {err}")
 except (PretrainedUnavailable, ValueError) as err:
     sys.exit(f"error: {err}")
 if sync_bn and distributed:
@@ -299,13 +317,14 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         run.history.append(dict(epoch=epoch, step=run.step, **figures, **(metrics if evaluating else {}),
                                 train_seconds=round(run.train_seconds, 1), lr=opt.param_groups[0]["lr"],
                                 valid_seconds=round(time.time() - started, 3), save_seconds=None))
-        improved = evaluating and run.improved(metrics)
+        improved = evaluating and run.improved(metrics, select_key)
         if improved:
             run.best = run.history[-1]
         if evaluating:
             last_saved = saver.save_epoch(run, epoch, metrics, training_state(run, opt, scheduler, scaler, world_size),
                                           save_every)
-            reported(saver.path("curves.png"), lambda: plot_history(run.history, saver.path("curves.png"), x=plot_x))
+            reported(saver.path("curves.png"),
+                     lambda: plot_history(run.history, saver.path("curves.png"), x=plot_x, best_by=select_key))
         listed = write_skipped((train_faces, gallery, probes), saver.path("skipped_files.txt"), listed)
         run.history[-1]["save_seconds"] = round(time.time() - started - run.history[-1]["valid_seconds"], 3)
         reported(saver.path("history.json"), lambda: save_json(run.history, saver.path("history.json")))
@@ -315,7 +334,7 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         stop_for_signal(f"after epoch {epoch}")
 
 if master:
-    print(f"best valid top-1 {100 * run.best['valid_identification']:.2f}% at epoch {run.best['epoch']}; "
+    print(f"best {SELECTED[select_key]} {100 * run.best[select_key]:.2f}% at epoch {run.best['epoch']}; "
           f"{run.train_seconds:.0f}s of training. Saved {saver.path('tb_model.pth')}\n"
           f"evaluate it with: python test.py --checkpoint={saver.path('tb_model.pth')}")
 shut_down(loaders, step, distributed)
