@@ -155,9 +155,10 @@ def evaluation_protocol(probes, trained_classes, trained_data_dir, alignment, pr
     seen = sum(name in trained for name in probes.classes)
     chose = bool(trained_data_dir) and os.path.realpath(probes.root) == os.path.realpath(
         os.path.join(trained_data_dir, "valid"))
-    people = ("people trained on" if seen == len(probes.classes) else "people never trained on" if seen == 0 else
+    people = (f"{seen} people trained on" if seen == len(probes.classes) else
+              f"{len(probes.classes)} people never trained on" if seen == 0 else
               f"{seen} people trained on and {len(probes.classes) - seen} never trained on")
-    summary = (f"{probe_split}/ probes of {len(probes.classes)} {people}; "
+    summary = (f"{probe_split}/ probes of {people}; "
                + ("they chose the checkpoint (optimistic)" if chose else "they did not choose the checkpoint")
                + ("; aligned faces" if alignment else "; unaligned"))
     return dict(probes=os.path.abspath(probes.root), split=probe_split, probe_people=len(probes.classes),

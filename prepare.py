@@ -105,7 +105,7 @@ def _held_out_people(names, unseen, valid_people, seed):
     """{name: "unseen" | "valid people"} for the identities held out whole: shares of `names` (sorted) drawn with
     `seed`, each share rounded and at least one identity when above 0; at least one identity is left to train."""
     order = [names[i] for i in np.random.default_rng([seed, len(names)]).permutation(len(names))]
-    wanted = [(role, max(round(len(names) * share), 1) if share > 0 else 0)
+    wanted = [(role, max(int(len(names) * share + 0.5), 1) if share > 0 else 0)
               for role, share in (("unseen", unseen), ("valid people", valid_people))]
     if sum(count for _, count in wanted) >= len(names):
         raise DatasetError(f"--unseen={unseen} and --valid_people={valid_people} hold out all {len(names)} "

@@ -231,7 +231,7 @@ if roc_curves:
 stranger_scores = identify(unknown_emb, found["centroids"])[1].numpy() if unknowns else None
 results["open_set"] = open_set_evaluation(found, target_far, stranger_scores)
 if results["open_set"]:
-    results["open_set"]["unknown_source"] = unknown_dir or "valid/ identities absent from train/"
+    results["open_set"]["unknown_source"] = unknown_dir or f"{probe_split}/ identities absent from train/"
     rows += [(f"open set: threshold (FAR {target_far:g} on known probes)", f"{results['open_set']['threshold']:.4f}"),
              ("open set: detection and identification rate",
               percent(results["open_set"]["detection_identification_rate"])),
