@@ -46,13 +46,21 @@ def constants(namespace):
 
 def constant_notes(path):
     """{name: the comment that ends its line} of the top-level assignments of the script at `path`: each
-    constant is documented once, beside its value, and --help shows it."""
+    constant is documented once, beside its value, and --help shows it. A note too long for one line goes on in
+    comment lines indented by three spaces ("#   ...") right below."""
     with open(path, "rb") as f:
         tokens = list(tokenize.tokenize(f.readline))
     names = {a.start[0]: a.string for a, b in zip(tokens, tokens[1:])
              if a.type == tokenize.NAME and a.start[1] == 0 and b.string == "="}
-    return {names[t.start[0]]: t.string.lstrip("# ") for t in tokens
-            if t.type == tokenize.COMMENT and t.start[0] in names}
+    notes, last = {}, None  # last: (the constant whose note a continuation extends, the line it ended on)
+    for t in (t for t in tokens if t.type == tokenize.COMMENT):
+        line = t.start[0]
+        if line in names:
+            notes[names[line]], last = t.string.lstrip("# "), (names[line], line)
+        elif last and line == last[1] + 1 and t.start[1] == 0 and t.string.startswith("#   "):
+            notes[last[0]] += " " + t.string.lstrip("# ")
+            last = (last[0], line)
+    return notes
 
 
 def convert(name, default, value):

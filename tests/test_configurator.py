@@ -184,6 +184,14 @@ def test_config_error():
     assert info.value.flag == "epochs" and str(info.value).startswith("--epochs: ")
 
 
+def test_a_note_goes_on_in_indented_comment_lines_right_below(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text('lr = 0.1  # learning rate:\n#   the peak of\n#   the schedule\n\n#   not this\n'
+                      'epochs = 3  # passes\n# a header, not a continuation\nseed = 0\n#   nor this\n')
+    assert configurator.constant_notes(str(script)) == {"lr": "learning rate: the peak of the schedule",
+                                                        "epochs": "passes"}
+
+
 def test_help_shows_the_comment_beside_each_constant_and_upper_case_names_are_no_flags(tmp_path, capsys):
     script = tmp_path / "script.py"
     script.write_text('LIMITS = (1, 2)  # a fixed value\nlr = 0.1  # learning rate, the peak of the schedule\n'
