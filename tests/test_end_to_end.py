@@ -27,6 +27,7 @@ from checkpoint import load_checkpoint
 from conftest import ROOT, make_faces, run_script, write_image
 from data_utils import load_rgb, make_transform
 from model import model_from_checkpoint
+from prepare import align_dataset, split_dataset
 
 pytestmark = pytest.mark.e2e
 SIX = {f"s{k}" for k in range(1, 7)}  # the people of att_subset
@@ -38,6 +39,8 @@ TINY = ["--backbone=smallcnn", "--image_size=32", "--batch_size=8", "--embedding
 RECIPE_RUNS = {
     "att_fast_cpu.py": "att_run (ATT), stopped and resumed in test_ctrl_c_mid_epoch_saves_and_the_printed_command_...",
     "facenet_online.py": "test_distributed.py::test_two_processes_mine_the_global_batch_and_the_run_resumes_in_one",
+    "lfw_cpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
+    "lfw_gpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
     "pair_classifier.py": "test_pair_classifier_recipe_in_channels_last_with_loader_workers_evaluating_every_...",
     "passport_vgg16.py": "test_a_second_ctrl_c_quits_the_passport_recipe_at_once_leaving_no_partial_file",
     "resnet50_distortion.py": "test_unreadable_images_odd_names_and_a_failed_save_leave_training_to_finish",
@@ -365,6 +368,31 @@ def test_ctrl_c_mid_epoch_saves_and_the_printed_command_resumes_to_the_uninterru
 
 def test_every_recipe_of_configs_is_trained_by_a_test():
     assert sorted(RECIPE_RUNS) == sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+
+
+def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on(lfw_faces, tmp_path):
+    raw = tmp_path / "raw"  # 8 LFW people, 4 photos each, linked
+    people = [name for name in sorted(os.listdir(lfw_faces)) if len(os.listdir(os.path.join(lfw_faces, name))) >= 4]
+    for name in people[:8]:
+        (raw / name).mkdir(parents=True)
+        for photo in sorted(os.listdir(os.path.join(lfw_faces, name)))[:4]:
+            os.symlink(os.path.join(lfw_faces, name, photo), raw / name / photo)
+    align_dataset(str(raw), str(tmp_path / "aligned"), log=lambda *_: None)
+    data = tmp_path / "lfw"
+    split_dataset(str(tmp_path / "aligned"), str(data), valid=0, test=0.25, unseen=0.25, valid_people=0.25,
+                  log=lambda *_: None)
+    trained, held_out = set(os.listdir(data / "train")), set(os.listdir(data / "valid"))
+    assert len(trained) == 4 and len(held_out) == 2 and not trained & held_out
+    shrink = [f"--data_dir={data}", "--epochs=1", "--batch_size=8", "--image_size=32"]
+    train("configs/lfw_gpu.py", *shrink, f"--out_dir={tmp_path / 'gpu'}", "--device=cpu")
+    out = tmp_path / "cpu"
+    train("configs/lfw_cpu.py", *shrink, f"--out_dir={out}")
+    assert all("valid_pairs_accuracy" in h for h in history(out))  # chosen on the held-out valid people
+    assert load_checkpoint(str(out / "tb_model.pth"))["alignment"]["size"] == 112
+    run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={data / 'unseen'}")
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["probe_people_trained_on"] == 0 and results["protocol"]["aligned"]
+    assert not results["aligned_here"] and results["verification"]["images"] == "all"
 
 
 def test_compiled_training_of_the_siamese_recipe_loads_in_test_py(att_subset, tmp_path):
