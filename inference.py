@@ -3,6 +3,7 @@ image files; the network exported for other runtimes (ONNX)."""
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from data_utils import UNREADABLE_IMAGE, as_hw, load_image, normalize
 from files import atomic_write
@@ -19,25 +20,32 @@ def device_batch(images, device, memory_format=torch.channels_last):
 
 
 @torch.inference_mode()
-def embed_batch(model, images, device, autocast):
+def embed_batch(model, images, device, autocast, flip=False):
     """Embeddings (N, D) float32 on the CPU of one image batch (N, 3, H, W), uint8 or float, through device_batch
-    and `model` under `autocast`. The model's mode is the caller's (embed puts it in eval mode)."""
+    and `model` under `autocast`. With `flip`, each image's embedding and its mirror image's are added and
+    L2-normalised again (insightface's flip test): a photo and its mirror then embed alike. The model's mode is
+    the caller's (embed puts it in eval mode)."""
+    images = device_batch(images, device)
     with autocast:
-        return model(device_batch(images, device)).float().cpu()
+        embeddings = model(images).float()
+        if flip:
+            embeddings = F.normalize(embeddings + model(images.flip(3)).float(), dim=1)
+    return embeddings.cpu()
 
 
 @torch.inference_mode()
-def embed(model, loader, device, autocast):
-    """(embeddings (N, D) float32 on the CPU, labels (N,)) of every (image, label) batch of `loader`."""
+def embed(model, loader, device, autocast, flip=False):
+    """(embeddings (N, D) float32 on the CPU, labels (N,)) of every (image, label) batch of `loader`, with
+    embed_batch's `flip`."""
     model.eval()
     embeddings, labels = [], []
     for images, y in loader:
-        embeddings.append(embed_batch(model, images, device, autocast))
+        embeddings.append(embed_batch(model, images, device, autocast, flip))
         labels.append(torch.as_tensor(y))
     return torch.cat(embeddings), torch.cat(labels)
 
 
-def embed_files(model, paths, transform, device, autocast, batch_size=64):
+def embed_files(model, paths, transform, device, autocast, batch_size=64, flip=False):
     """(embeddings (M, D) float32 on the CPU, or None when M = 0; the indices into `paths` of those M files) of
     image files given by path. A file that cannot be read as an image gets a one-line error on stderr and is
     left out; the others are embedded in batches."""
@@ -51,7 +59,8 @@ def embed_files(model, paths, transform, device, autocast, batch_size=64):
             except UNREADABLE_IMAGE as err:
                 print(f"error: {path}: cannot be read as an image ({err})", file=sys.stderr)
         if images:
-            embeddings.append(embed(model, [(torch.stack(images), torch.tensor(indices))], device, autocast)[0])
+            embeddings.append(embed(model, [(torch.stack(images), torch.tensor(indices))], device, autocast,
+                                    flip)[0])
             kept += indices
     return (torch.cat(embeddings) if embeddings else None), kept
 

@@ -53,6 +53,7 @@ pair_images = "auto"  # verification pairs among: probes | all (gallery and prob
 #   each, as LFW's) | auto (all when no probe's person was trained on, else probes)
 max_same_pairs = 0  # verification: same-identity pairs to sample (0: all), plus as many different pairs
 seed = 0  # verification pair sampling, folds, t-SNE
+flip = False  # embed each image and its mirror image, added (insightface's flip test)
 batch_size = 64  # images per embedding batch
 num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 on CUDA) | 0 (the main process) | N
 # system
@@ -101,16 +102,16 @@ print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']
 # one embedding pass -----------------------------------------------------------
 started = time.time()
 loader_args = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=device.startswith("cuda"))
-gallery_emb, gallery_labels = embed(model, DataLoader(gallery, **loader_args), device, autocast)
-probe_emb, probe_labels = embed(model, DataLoader(probes, **loader_args), device, autocast)
-unknown_emb = embed(model, DataLoader(unknowns, **loader_args), device, autocast)[0] if unknowns else None
+gallery_emb, gallery_labels = embed(model, DataLoader(gallery, **loader_args), device, autocast, flip)
+probe_emb, probe_labels = embed(model, DataLoader(probes, **loader_args), device, autocast, flip)
+unknown_emb = embed(model, DataLoader(unknowns, **loader_args), device, autocast, flip)[0] if unknowns else None
 embed_seconds = time.time() - started
 protocol = evaluation_protocol(probes, state["classes"], trained.get("data_dir"), alignment, probe_split)
 if protocol["probes_chose_checkpoint"]:
     print(f"warning: {probes.root} chose this checkpoint (train.py's best epoch on it): its figures are optimistic; "
           f"measure on images that chose nothing (test/, or people held out by prepare.py split --unseen)")
 results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir), protocol=protocol,
-               aligned_here=data_transform is not transform)  # data_dir's photos aligned by this run
+               flip=flip, aligned_here=data_transform is not transform)  # data_dir's photos aligned by this run
 rows = [("protocol", protocol["summary"])]  # (figure, value) of the summary table
 
 
@@ -208,7 +209,7 @@ def score_pairs_file(pair_list):
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
     pair_emb, readable = embed_files(model, files, aligned_as_trained(transform, aligner, size, pairs_root),
-                                     device, autocast, batch_size)
+                                     device, autocast, batch_size, flip)
     row_of = {files[i]: row for row, i in enumerate(readable)}
     scored = [i for i, (a, b, _) in enumerate(pair_list["pairs"]) if a in row_of and b in row_of]
     index_rows = np.array([(row_of[a], row_of[b], same) for a, b, same in (pair_list["pairs"][i] for i in scored)],

@@ -389,9 +389,9 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
     train("configs/lfw_cpu.py", *shrink, f"--out_dir={out}")
     assert all("valid_pairs_accuracy" in h for h in history(out))  # chosen on the held-out valid people
     assert load_checkpoint(str(out / "tb_model.pth"))["alignment"]["size"] == 112
-    run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={data / 'unseen'}")
+    run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={data / 'unseen'}", "--flip")
     results = json.loads((out / "results.json").read_text())
-    assert results["protocol"]["probe_people_trained_on"] == 0 and results["protocol"]["aligned"]
+    assert results["flip"] and results["protocol"]["probe_people_trained_on"] == 0 and results["protocol"]["aligned"]
     assert not results["aligned_here"] and results["verification"]["images"] == "all"
 
 

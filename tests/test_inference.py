@@ -29,6 +29,21 @@ def test_embed_feeds_channels_last_and_matches_a_plain_forward(backbone):
     assert embedded_labels.tolist() == labels.tolist()
 
 
+def test_the_flip_test_adds_the_mirror_image_and_makes_a_photo_and_its_mirror_embed_alike():
+    torch.manual_seed(0)
+    model = EmbeddingNet("smallcnn", embedding_dim=16, hidden_dim=32).eval()
+    images = torch.randn(3, 3, 32, 28)
+    flipped = inference.embed_batch(model, images, "cpu", NO_AUTOCAST, flip=True)
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(model(images) + model(images.flip(3)), dim=1)
+    torch.testing.assert_close(flipped, reference, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(flipped.norm(dim=1), torch.ones(3))
+    mirrored = inference.embed_batch(model, images.flip(3), "cpu", NO_AUTOCAST, flip=True)
+    torch.testing.assert_close(mirrored, flipped, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(inference.embed_batch(model, images.flip(3), "cpu", NO_AUTOCAST),
+                              inference.embed_batch(model, images, "cpu", NO_AUTOCAST), atol=1e-3)
+
+
 def test_uint8_batches_are_normalised_on_arrival_and_float_ones_pass_as_they_are():
     pixels = torch.randint(0, 256, (2, 3, 8, 6), dtype=torch.uint8)
     arrived = inference.device_batch(pixels, "cpu")
