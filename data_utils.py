@@ -4,7 +4,9 @@ batches, and LFW-style pairs files.
 Layout: ROOT/<identity>/.../<image>. Every image anywhere below an identity folder (a `distortion/`
 sub-folder of extra copies too) belongs to that identity. prepare.py makes such folders (train/valid splits).
 """
+import codecs
 import os
+import pickle
 import re
 import warnings
 
@@ -438,6 +440,38 @@ class PKBatchSampler(torch.utils.data.Sampler):
 
 # -----------------------------------------------------------------------------
 # pairs files
+
+class _VerificationUnpickler(pickle.Unpickler):
+    """Unpickling that builds plain values only: bytes, lists, tuples, bools (and ints, floats, strings), none of
+    which needs a global. The one global admitted is _codecs.encode, the way protocol-2 pickles store bytes; any
+    other (a class to build, a function to call: how a pickle runs code) is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        raise DatasetError(f"refused: it would load {module}.{name}; a verification set holds only image bytes and "
+                           f"booleans, and a pickle naming anything else can run code")
+
+
+def read_verification_bin(path):
+    """(images: list of 2N encoded images as bytes, same: (N,) bool numpy array) of an insightface verification
+    set (lfw.bin, cfp_fp.bin, agedb_30.bin): a pickled (list of JPEG bytes, list of is-same bools), two images per
+    pair. Read without running code (_VerificationUnpickler). Raises DatasetError for anything else."""
+    try:
+        with open(path, "rb") as f:
+            loaded = _VerificationUnpickler(f, encoding="bytes").load()
+    except DatasetError as err:
+        raise DatasetError(f"{path}: {err}") from None
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
+        raise DatasetError(f"{path}: not a readable verification set ({type(err).__name__}: {err})") from None
+    images, same = loaded if isinstance(loaded, (tuple, list)) and len(loaded) == 2 else (None, None)
+    if not (isinstance(images, (list, tuple)) and isinstance(same, (list, tuple))
+            and all(isinstance(i, (bytes, bytearray)) for i in images)
+            and all(isinstance(s, bool) for s in same) and len(images) == 2 * len(same) and same):
+        raise DatasetError(f"{path}: not a verification set: expected (a list of 2N image bytes, a list of N "
+                           f"booleans)")
+    return [bytes(i) for i in images], np.array(same, dtype=bool)
+
 
 def read_pairs_file(path, root, extensions=IMAGE_EXTENSIONS, name_format="{name}_{index:04d}"):
     """The verification pairs of an LFW-style pairs.txt, with their images below `root`.

@@ -3,6 +3,7 @@
     python test.py                                   # out/tb_model.pth on the data it was trained on
     python test.py --data_dir=data/lfw/unseen        # people never trained on (prepare.py split --unseen)
     python test.py --pairs=data/lfw/pairsDevTrain.txt       # + LFW's protocol (its photos in data/lfw/images)
+    python test.py --data_dir=data/faces_emore --val_bins=lfw,cfp_fp,agedb_30    # + insightface's .bin sets
 
 The gallery is data_dir/train, the probes data_dir/test (images that chose nothing), or data_dir/valid when there
 is no test/; every image is embedded once. The protocol is stated with the figures: whether the probes' people were
@@ -14,6 +15,7 @@ gallery. Retrieval: probes ranked against gallery images. Writes results.json, c
 embeddings.png, and prints a summary table last. A network trained on aligned faces (the checkpoint says so)
 sees every folder's photos aligned alike: photos of a folder that prepare.py align did not write are aligned here.
 """
+import io
 import os
 import sys
 import time
@@ -26,7 +28,8 @@ from torch.utils.data import DataLoader
 import configurator
 from align import AlignmentUnavailable, FaceAligner, aligned_as_trained
 from checkpoint import load_checkpoint
-from data_utils import DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file
+from data_utils import (DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file,
+                        read_verification_bin)
 from evaluation import (cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
                         open_set_evaluation, pair_decisions, relabel, retrieval_metrics, verification_metrics,
                         verification_pairs)
@@ -47,6 +50,8 @@ unknown_dir = ""  # identity folders of people absent from the gallery (open set
 pairs = ""  # an LFW-style pairs.txt to score with its own 10 folds; empty: none
 pairs_root = ""  # folder of the pairs file's identity folders; empty: the pairs file's folder (its images/, as LFW)
 pairs_name_format = "{name}_{index:04d}"  # image file name in a pairs file's identity folder (AT&T: {index})
+val_bins = ""  # insightface verification sets, comma-separated: paths of .bin files, or names of data_dir's
+#   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...); scored as insightface does, 10 folds, mirror images added
 # metrics
 target_far = 1e-2  # open set: false-accept rate the unknown-person threshold is calibrated for
 pair_images = "auto"  # verification pairs among: probes | all (gallery and probes; people with one or two photos
@@ -93,6 +98,9 @@ try:
                 if unknown_dir else None)
     pair_list = read_pairs_file(pairs, pairs_root, name_format=pairs_name_format) \
         if pairs else None
+    bins = {os.path.basename(path)[:-len(".bin")]: read_verification_bin(path) for path in (
+        name if name.endswith(".bin") else os.path.join(data_dir, f"{name}.bin")
+        for name in filter(None, val_bins.split(",")))}
 except (DatasetError, AlignmentUnavailable) as err:
     sys.exit(f"error: {err}")
 print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "
@@ -224,6 +232,23 @@ def score_pairs_file(pair_list):
 
 
 results["pairs"] = score_pairs_file(pair_list) if pair_list else None
+
+
+def score_bin(name, images, same):
+    """results["bins"][name] for an insightface verification set: its aligned images embedded with their mirror
+    images, its pairs scored over insightface's 10 folds (consecutive tenths of the pairs)."""
+    emb, readable = embed_files(model, [io.BytesIO(image) for image in images], transform, device, autocast,
+                                batch_size, flip=True)
+    row_of = {i: row for row, i in enumerate(readable)}
+    scored = [k for k in range(len(same)) if 2 * k in row_of and 2 * k + 1 in row_of]
+    index_rows = np.array([(row_of[2 * k], row_of[2 * k + 1], same[k]) for k in scored], dtype=np.int64)
+    rows.append((f"{name}: pairs scored", f"{len(scored)} of {len(same)}"))
+    figures = verify(name, index_rows[:, 2], cosine_similarity_pairs(emb, index_rows),
+                     np.arange(len(same))[scored] * 10 // len(same)) if scored else None
+    return dict(figures or {}, pairs_in_file=len(same), pairs_scored=len(scored))
+
+
+results["bins"] = {name: score_bin(name, *data) for name, data in bins.items()}
 if roc_curves:
     plot_roc(roc_curves, os.path.join(out_dir, "roc.png"))
 

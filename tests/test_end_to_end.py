@@ -9,6 +9,7 @@ other files."""
 import importlib.util
 import json
 import os
+import pickle
 import re
 import shlex
 import signal
@@ -389,10 +390,20 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
     train("configs/lfw_cpu.py", *shrink, f"--out_dir={out}")
     assert all("valid_pairs_accuracy" in h for h in history(out))  # chosen on the held-out valid people
     assert load_checkpoint(str(out / "tb_model.pth"))["alignment"]["size"] == 112
-    run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={data / 'unseen'}", "--flip")
+    photos = {person: sorted(str(p) for p in (data / "unseen").glob(f"*/{person}/*"))
+              for person in os.listdir(data / "unseen" / "train")}
+    first, second = (photos[person] for person in sorted(photos))
+    pairs = [(a, b, True) for a, b in zip(first, first[1:])] + [(a, b, False) for a, b in zip(first, second)]
+    with open(data / "unseen" / "held.bin", "wb") as f:  # insightface's .bin: (image bytes, is-same flags)
+        pickle.dump(([open(p, "rb").read() for a, b, _ in pairs for p in (a, b)], [s for *_, s in pairs]), f)
+    run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={data / 'unseen'}", "--flip",
+               "--val_bins=held")
     results = json.loads((out / "results.json").read_text())
     assert results["flip"] and results["protocol"]["probe_people_trained_on"] == 0 and results["protocol"]["aligned"]
     assert not results["aligned_here"] and results["verification"]["images"] == "all"
+    held = results["bins"]["held"]
+    assert held["pairs_scored"] == len(pairs) == held["same_pairs"] + held["different_pairs"]
+    assert 0 <= held["accuracy_mean"] <= 1
 
 
 def test_compiled_training_of_the_siamese_recipe_loads_in_test_py(att_subset, tmp_path):

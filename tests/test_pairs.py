@@ -1,10 +1,15 @@
-"""read_pairs_file: LFW-style pairs.txt files, on small files and image trees written into tmp_path."""
+"""read_pairs_file: LFW-style pairs.txt files, on small files and image trees written into tmp_path; and
+read_verification_bin: insightface's pickled .bin verification sets, read without running code."""
+import io
 import os
+import pickle
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import write_image
-from data_utils import DatasetError, read_pairs_file
+from data_utils import DatasetError, read_pairs_file, read_verification_bin
 
 ATT_PAIRS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "att_pairs.txt")
 
@@ -127,3 +132,52 @@ def test_lfw_pairs_file_of_one_set_finds_every_image(lfw_faces):
     assert [s for _, _, s in result["pairs"]] == [True] * 1100 + [False] * 1100
     first = result["pairs"][0]
     assert [os.path.basename(p) for p in first[:2]] == ["Aaron_Peirsol_0001.jpg", "Aaron_Peirsol_0002.jpg"]
+
+
+# -----------------------------------------------------------------------------
+# insightface .bin verification sets
+
+def jpeg(seed):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+class RunsCode:
+    """What a malicious pickle holds: an object whose unpickling calls a function (here one that writes a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_verification_set_reads_as_image_bytes_and_booleans(tmp_path, protocol):
+    images, same = [jpeg(i) for i in range(4)], [True, False]
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(pickle.dumps((images, same), protocol=protocol))
+    read_images, read_same = read_verification_bin(str(path))
+    assert read_images == images and read_same.dtype == bool and read_same.tolist() == same
+    assert Image.open(io.BytesIO(read_images[3])).size == (12, 12)
+
+
+@pytest.mark.parametrize("payload", ["code", "numpy", "shape", "count", "not_bool", "empty", "junk", "missing"])
+def test_anything_but_bytes_and_booleans_is_refused_without_running_code(tmp_path, payload):
+    marker = tmp_path / "ran"
+    contents = dict(code=([jpeg(0), jpeg(1)], [True], RunsCode(str(marker))),
+                    numpy=([jpeg(0), jpeg(1)], np.array([True])),
+                    shape=([jpeg(0), jpeg(1)], [True], [False]),
+                    count=([jpeg(0), jpeg(1), jpeg(2)], [True]),
+                    not_bool=([jpeg(0), jpeg(1)], [1]),
+                    empty=([], []))
+    path = tmp_path / "set.bin"
+    if payload == "junk":
+        path.write_bytes(b"not a pickle at all")
+    elif payload != "missing":
+        path.write_bytes(pickle.dumps(contents[payload], protocol=4))
+    with pytest.raises(DatasetError) as info:
+        read_verification_bin(str(path))
+    assert str(path) in str(info.value)
+    assert not marker.exists()  # the pickle's call never ran
