@@ -21,7 +21,7 @@ from inference import device_batch, embed
 from losses import batch_rows, gather_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("step", "cosine", "onecycle")
+SCHEDULES = ("step", "cosine", "onecycle", "poly")
 
 
 # -----------------------------------------------------------------------------
@@ -76,13 +76,15 @@ def warmup_cosine(step, total, warmup=0.25):
 
 def build_schedule(name, optimizer, steps_per_epoch, epochs, step_size=5, gamma=0.1):
     """The learning-rate schedule, advanced once per optimiser step: StepLR every `step_size` epochs, cosine decay
-    to 0, or one-cycle. cosine and onecycle are functions of (step, total steps), so a resumed run with more epochs
-    spreads them over the new total (the learning rate rises again from where the decay had taken it)."""
+    to 0, one-cycle, or poly: insightface's polynomial decay, (1 - step / steps) ** 2 to 0. cosine, onecycle and
+    poly are functions of (step, total steps), so a resumed run with more epochs spreads them over the new total
+    (the learning rate rises again from where the decay had taken it)."""
     steps = max(epochs, 1) * steps_per_epoch
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(step_size, 1) * steps_per_epoch, gamma=gamma)
-    factor = ((lambda s: (1 + math.cos(math.pi * min(1, s / steps))) / 2) if name == "cosine"
-              else (lambda s: warmup_cosine(s, steps)))
+    factors = dict(cosine=lambda s: (1 + math.cos(math.pi * min(1, s / steps))) / 2,
+                   poly=lambda s: (1 - min(1, s / steps)) ** 2, onecycle=lambda s: warmup_cosine(s, steps))
+    factor = factors[name]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

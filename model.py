@@ -10,8 +10,11 @@ import torchvision
 
 from checkpoint import CheckpointError
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "alexnet", "smallcnn")
-HEADS = ("mlp", "linear")
+IRESNET_BLOCKS = dict(iresnet18=(2, 2, 2, 2), iresnet34=(3, 4, 6, 3), iresnet50=(3, 4, 14, 3),
+                      iresnet100=(3, 13, 30, 3))  # blocks per stage, as insightface's
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", *IRESNET_BLOCKS, "vgg16", "alexnet",
+             "smallcnn")
+HEADS = ("mlp", "linear", "fc_bn")
 
 
 class PretrainedUnavailable(RuntimeError):
@@ -61,12 +64,48 @@ class SmallCNN(nn.Sequential):
         self.out_features = channels[-1]
 
 
+class IBasicBlock(nn.Module):
+    """insightface's improved residual block: BN -> conv3x3 -> BN -> PReLU -> conv3x3 (with the stride) -> BN,
+    added to the input (through a strided 1x1 conv and BN where the shape changes). zero_init_residual starts the
+    last BN at zero, so that the block begins as the identity."""
+
+    def __init__(self, inplanes, planes, stride=1, zero_init_residual=False):
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.BatchNorm2d(inplanes), nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.PReLU(planes), nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes))
+        if zero_init_residual:
+            nn.init.zeros_(self.branch[-1].weight)
+        self.shortcut = nn.Identity() if stride == 1 and inplanes == planes else nn.Sequential(
+            nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        return self.branch(x) + self.shortcut(x)
+
+
+class IResNet(nn.Sequential):
+    """insightface's IResNet body for 112x112 aligned faces: conv3x3 -> BN -> PReLU at full size, four stages of
+    IBasicBlocks (64, 128, 256, 512 channels; `blocks` per stage), each halving the size (112 -> 7), then BN,
+    flatten and dropout: 512 x 7 x 7 features (other input sizes are pooled to 7 x 7 first). Its embedding layer,
+    FC -> BN, is EmbeddingNet's 'fc_bn' head. No ImageNet weights exist for it."""
+
+    def __init__(self, blocks, dropout=0.0, zero_init_residual=False):
+        layers, inplanes = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)], 64
+        for planes, count in zip((64, 128, 256, 512), blocks):
+            for i in range(count):
+                layers.append(IBasicBlock(inplanes, planes, 2 if i == 0 else 1, zero_init_residual))
+                inplanes = planes
+        super().__init__(*layers, nn.BatchNorm2d(512), nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Dropout(dropout))
+        self.out_features = 512 * 7 * 7
+
+
 def build_backbone(name, pretrained=False, zero_init_residual=False):
     """The backbone `name` without its ImageNet classifier, and the size of the feature vector it outputs."""
-    if name == "smallcnn":
+    if name == "smallcnn" or name in IRESNET_BLOCKS:
         if pretrained:
-            raise ValueError("there are no ImageNet weights for smallcnn; use pretrained=False")
-        network = SmallCNN()
+            raise ValueError(f"there are no ImageNet weights for {name}; use pretrained=False (or --init_from)")
+        network = SmallCNN() if name == "smallcnn" else IResNet(IRESNET_BLOCKS[name],
+                                                                 zero_init_residual=zero_init_residual)
         return network, network.out_features
     # zero_init_residual is an argument of torchvision's ResNet only: the others have no residual branches
     options = dict(zero_init_residual=zero_init_residual) if name.startswith("resnet") else {}
@@ -86,8 +125,10 @@ class EmbeddingNet(nn.Module):
     backbone: a torchvision ResNet without its classifier (2048 features for resnet50 and deeper, 512 below);
     vgg16 or alexnet without their last Linear, so their fully connected 4096-wide layers stay (they use
     adaptive pooling, so 64x64 images work); or 'smallcnn' (SmallCNN, 256 features, no ImageNet weights) for
-    small grayscale datasets. head: 'mlp' is Linear(features -> hidden_dim) -> BatchNorm -> ReLU ->
-    Linear(hidden_dim -> embedding_dim); 'linear' is a single Linear(features -> embedding_dim).
+    small grayscale datasets; or insightface's IResNet (iresnet18 to iresnet100, 512 x 7 x 7 features) for
+    112x112 aligned faces. head: 'mlp' is Linear(features -> hidden_dim) -> BatchNorm -> ReLU ->
+    Linear(hidden_dim -> embedding_dim); 'linear' is a single Linear(features -> embedding_dim); 'fc_bn' is
+    Linear(features -> embedding_dim) -> BatchNorm, IResNet's own embedding layer.
     `config` holds what rebuilds the architecture; the training options below are not part of it.
     zero_init_residual (ResNets only; ignored by the others) starts the last BatchNorm of every residual branch at
     zero, so that each block begins as the identity (an initialisation only; ImageNet weights replace it).
@@ -111,6 +152,8 @@ class EmbeddingNet(nn.Module):
         if head == "mlp":
             self.head = nn.Sequential(nn.Linear(features, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim))
+        elif head == "fc_bn":  # insightface's embedding layer
+            self.head = nn.Sequential(nn.Linear(features, embedding_dim), nn.BatchNorm1d(embedding_dim))
         else:
             self.head = nn.Linear(features, embedding_dim)
         self.freeze_backbone = freeze_backbone

@@ -42,6 +42,7 @@ RECIPE_RUNS = {
     "facenet_online.py": "test_distributed.py::test_two_processes_mine_the_global_batch_and_the_run_resumes_in_one",
     "lfw_cpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
     "lfw_gpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
+    "ms1m_iresnet50.py": "test_the_iresnet50_recipe_trains_and_its_checkpoint_evaluates",
     "pair_classifier.py": "test_pair_classifier_recipe_in_channels_last_with_loader_workers_evaluating_every_...",
     "passport_vgg16.py": "test_a_second_ctrl_c_quits_the_passport_recipe_at_once_leaving_no_partial_file",
     "resnet50_distortion.py": "test_unreadable_images_odd_names_and_a_failed_save_leave_training_to_finish",
@@ -404,6 +405,17 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
     held = results["bins"]["held"]
     assert held["pairs_scored"] == len(pairs) == held["same_pairs"] + held["different_pairs"]
     assert 0 <= held["accuracy_mean"] <= 1
+
+
+def test_the_iresnet50_recipe_trains_and_its_checkpoint_evaluates(att_subset, tmp_path):
+    out = tmp_path / "run"
+    train("configs/ms1m_iresnet50.py", f"--data_dir={att_subset}", f"--out_dir={out}", "--epochs=1",
+          "--image_size=32", "--batch_size=8", "--images_per_identity=2")
+    state = load_checkpoint(str(out / "tb_model.pth"))
+    assert state["model_config"]["backbone"] == "iresnet50" and state["model_config"]["head"] == "fc_bn"
+    assert history(out)[1]["lr"] == 0.0  # polynomial decay ends at zero
+    run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}")
+    assert json.loads((out / "results.json").read_text())["identification"]["probes_scored"] == 12
 
 
 def test_compiled_training_of_the_siamese_recipe_loads_in_test_py(att_subset, tmp_path):

@@ -145,6 +145,10 @@ def test_cosine_and_onecycle_factors_at_known_steps():
     optimizer = sgd()
     seen = lrs(build_schedule("onecycle", optimizer, steps_per_epoch=4, epochs=2), optimizer, 8)
     assert seen == pytest.approx([warmup_cosine(s, 8) for s in range(9)], abs=1e-12)
+    optimizer = sgd()
+    seen = lrs(build_schedule("poly", optimizer, steps_per_epoch=4, epochs=2), optimizer, 10)
+    assert seen == pytest.approx([(1 - min(1, s / 8)) ** 2 for s in range(11)], abs=1e-12)
+    assert (seen[4], seen[8]) == pytest.approx((0.25, 0.0), abs=1e-12)
     optimizer = sgd()  # 0 epochs (evaluation only) still builds a schedule of one epoch
     assert lrs(build_schedule("cosine", optimizer, steps_per_epoch=2, epochs=0), optimizer, 1)[1] == pytest.approx(0.5)
 

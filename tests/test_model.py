@@ -209,3 +209,47 @@ def test_smallcnn_checkpoint_round_trip_keeps_weights_and_batchnorm_statistics(t
     images = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# IResNet, insightface's face backbone
+
+@pytest.mark.parametrize("name,parameters", [("iresnet50", 43.59e6), ("iresnet100", 65.16e6)])
+def test_iresnet_has_the_size_of_insightfaces_with_its_512_d_embedding_layer(name, parameters):
+    network = EmbeddingNet(name, embedding_dim=512, head="fc_bn")
+    assert sum(p.numel() for p in network.parameters()) == pytest.approx(parameters, rel=1e-3)  # 43.6 M, 65.2 M
+    blocks = [m for m in network.backbone if isinstance(m, model_module.IBasicBlock)]
+    assert len(blocks) == sum(model_module.IRESNET_BLOCKS[name])
+    fc, bn = network.head
+    assert (fc.in_features, fc.out_features, bn.num_features) == (512 * 7 * 7, 512, 512)
+
+
+def test_iresnet_block_order_strides_on_its_second_conv_and_halves_four_times():
+    block = model_module.IBasicBlock(64, 128, stride=2)
+    kinds = [type(m) for m in block.branch]
+    assert kinds == [nn.BatchNorm2d, nn.Conv2d, nn.BatchNorm2d, nn.PReLU, nn.Conv2d, nn.BatchNorm2d]
+    assert block.branch[1].stride == (1, 1) and block.branch[4].stride == (2, 2)
+    assert block(torch.randn(2, 64, 16, 16)).shape == (2, 128, 8, 8)
+    body = EmbeddingNet("iresnet18", embedding_dim=32, head="fc_bn").backbone
+    sizes = []
+    for layer in body:
+        if isinstance(layer, model_module.IBasicBlock):
+            layer.register_forward_hook(lambda _, __, out: sizes.append(out.shape[-1]))
+    body.eval()(torch.randn(1, 3, 112, 112))
+    assert sorted(set(sizes), reverse=True) == [56, 28, 14, 7]
+
+
+def test_iresnet_embeds_any_size_with_gradients_and_zero_init_starts_blocks_as_the_identity():
+    torch.manual_seed(0)
+    network = EmbeddingNet("iresnet18", embedding_dim=32, head="fc_bn", zero_init_residual=True)
+    for size in ((112, 112), (64, 56)):
+        out = network(torch.randn(3, 3, *size))
+        assert out.shape == (3, 32)
+        torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    out.sum().backward()
+    assert network.backbone[0].weight.grad.abs().sum() > 0
+    same = [m for m in network.backbone if isinstance(m, model_module.IBasicBlock)][1].eval()
+    x = torch.randn(2, 64, 8, 8)
+    torch.testing.assert_close(same(x), x)  # identity shortcut + a branch that starts at zero
+    with pytest.raises(ValueError):
+        EmbeddingNet("iresnet18", pretrained=True)

@@ -1,0 +1,22 @@
+# The field's standard large-scale face recipe (insightface arcface_torch's IResNet-50 on MS1MV3): 112x112 aligned
+# faces, IResNet-50 with its FC-BN 512-d embedding layer, ArcFace with scale 64 and margin 0.5, SGD at 0.1 with
+# polynomial decay to 0, weight decay 5e-4, mixed precision (train.py's CUDA default), 20 epochs, 128 images per
+# GPU in P x K batches of 32 people x 4 photos. Aligned identity folders (prepare.py align), on GPUs under torchrun:
+#   torchrun --standalone --nproc_per_node=8 train.py configs/ms1m_iresnet50.py --data_dir=data/ms1mv3
+# Not measured here: no GPU, and none of the field's training sets, was at hand when it was written.
+data_dir = "data/ms1mv3"
+backbone = "iresnet50"
+zero_init_residual = False
+head = "fc_bn"
+embedding_dim = 512
+image_size = 112
+loss = "arcface"
+arcface_scale = 64.0
+arcface_margin = 0.5
+batch_size = 128
+images_per_identity = 4
+optimizer = "sgd"
+lr = 0.1
+weight_decay = 5e-4
+lr_schedule = "poly"
+epochs = 20
