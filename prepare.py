@@ -5,6 +5,7 @@ each with one folder per identity) out. The source is only read.
                                     [--min_images=0] [--max_images=0] [--identity_depth=1] [--seed=0] [--force]
     python prepare.py fetch-att DST [--seed=0] [--force]
     python prepare.py align SRC DST [--size=112] [--missing=skip|centre] [--upsample=0]
+    python prepare.py pack FOLDER OUT.rec      # insightface's train.rec/.idx/property (recordio.py)
 
 `split` copies SRC's images per identity, so that every identity with images enough appears in every split, and
 can hold people out whole (DST/unseen: people never trained on; --valid_people: people to choose a checkpoint on);
@@ -14,6 +15,7 @@ what it could not align in DST/align_report.tsv, and going on where a stopped ru
 scripts too: train.py calls ensure_att to fetch AT&T on a first run without data.
 """
 import argparse
+import io
 import os
 import shutil
 import sys
@@ -29,6 +31,7 @@ from align import ALIGNMENT_FILE, AlignmentUnavailable, FaceAligner, alignment_r
 from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image, some_names
 from figures import save_alignment_grid
 from files import atomic_write, save_json
+from recordio import RecordWriter, index_path, pack_payload
 
 TRAIN_ONLY_FOLDER = "distortion"  # extra copies of training images: never held out by `split`
 
@@ -286,6 +289,68 @@ def _read_report(path):
 
 
 # -----------------------------------------------------------------------------
+# RecordIO
+
+RAW_FORMATS = ("JPEG", "PNG")  # what insightface's readers decode: stored as they are, anything else as PNG
+
+
+def pack_dataset(src, out_rec, log=print):
+    """Pack SRC's identity folders (one level, in FaceFolder's order, which gives the labels 0, 1, ...) into OUT.rec,
+    OUT.idx and OUT.rec's folder's `property`, in insightface's layout: record 0 the header [a, b], records 1..a-1
+    the images (their identity's label, JPEG and PNG files byte for byte, other formats as PNG), records a..b-1 one
+    per identity with the [first, end) keys of its images; property "identities,height,width" of the first image.
+    Files Pillow cannot decode are listed and left out. Returns (images, identities, unreadable paths)."""
+    if not os.path.isdir(src):
+        raise DatasetError(f"{src}: no such folder")
+    # two passes, so that record 0 can name the key ranges before the images: check every image, then write
+    kept, unreadable, size = [], [], None
+    for name, folder in identity_folders(src).items():
+        paths = []
+        for path in find_images(folder):
+            try:
+                with Image.open(path) as img:
+                    raw = img.format in RAW_FORMATS
+                image = load_image(path)  # decoded through, so that a truncated file is caught here
+            except UNREADABLE_IMAGE:
+                unreadable.append(path)
+                continue
+            paths.append((path, raw))
+            size = size or image.size
+        if paths:
+            kept.append(paths)
+    if not kept:
+        raise DatasetError(f"{src}: no readable images in identity folders (expected {src}/<identity>/<image>)")
+    count = sum(len(paths) for paths in kept)
+    first_identity = count + 1
+    with RecordWriter(out_rec) as writer:
+        writer.write(0, pack_payload([first_identity, first_identity + len(kept)], b""))
+        key = 1
+        for label, paths in enumerate(kept):
+            for path, raw in paths:
+                writer.write(key, pack_payload(label, _encoded(path, raw), id=key))
+                key += 1
+        start = 1
+        for label, paths in enumerate(kept):
+            writer.write(first_identity + label, pack_payload([start, start + len(paths)], b"", id=label))
+            start += len(paths)
+    atomic_write(os.path.join(os.path.dirname(os.path.abspath(out_rec)), "property"),
+                 lambda f: f.write(f"{len(kept)},{size[1]},{size[0]}\n"), mode="w")
+    log(f"packed {count} images of {len(kept)} identities from {src} into {out_rec} and {index_path(out_rec)}; "
+        f"{len(unreadable)} unreadable left out" + (f": {some_names(unreadable)}" if unreadable else ""))
+    return count, len(kept), unreadable
+
+
+def _encoded(path, raw):
+    """The bytes to store for the image at `path`: the file's own when `raw`, else its pixels as PNG."""
+    if raw:
+        with open(path, "rb") as f:
+            return f.read()
+    buffer = io.BytesIO()
+    load_image(path).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def main(argv=None):
@@ -319,6 +384,10 @@ def main(argv=None):
     align.add_argument("--missing", default="skip", choices=("skip", "centre"),
                        help="a photo without a usable face: leave it out, or keep its centre crop")
     align.add_argument("--upsample", type=int, default=0, help="enlarge photos N times to find small faces (slower)")
+    pack = commands.add_parser("pack", help="pack identity folders into insightface's train.rec/.idx/property",
+                               allow_abbrev=False)
+    pack.add_argument("src", help="identity folders of aligned images")
+    pack.add_argument("out", help="the .rec to write; its .idx and property are written beside")
     args = parser.parse_args(argv)
     try:
         if args.command == "split":
@@ -326,6 +395,8 @@ def main(argv=None):
                           args.seed, args.force, args.identity_depth, args.unseen, args.valid_people)
         elif args.command == "align":
             align_dataset(args.src, args.dst, args.size, args.missing, args.upsample)
+        elif args.command == "pack":
+            pack_dataset(args.src, args.out)
         else:
             fetch_att(args.dst, args.seed, args.force)
     except (DatasetError, AlignmentUnavailable) as err:
