@@ -18,7 +18,7 @@ from data_utils import as_hw
 from evaluation import (cosine_similarity_pairs, identification_accuracy, pair_decisions, relabel, triplet_accuracy,
                         verification_metrics)
 from inference import device_batch, embed
-from losses import batch_rows, gather_batch
+from losses import MARGIN_SOFTMAX, batch_rows, gather_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "onecycle", "poly")
@@ -34,7 +34,7 @@ def check_config(config):
     rules = [
         ("mining", c["loss"] == "pair_bce" and c["mining"] != "none",
          "--loss=pair_bce trains on balanced pairs: use it with --mining=none"),
-        ("anchor_pattern", c["anchor_pattern"] and (c["mining"] != "none" or c["loss"] == "arcface"),
+        ("anchor_pattern", c["anchor_pattern"] and (c["mining"] != "none" or c["loss"] in MARGIN_SOFTMAX),
          "chooses the anchors of random triplets and pairs: use it with --mining=none and a triplet, contrastive "
          "or pair_bce loss"),
         ("device", not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c["device"]), "choose auto, cpu, cuda or cuda:N"),

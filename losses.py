@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-OBJECTIVES = ("triplet", "contrastive", "pair_bce", "arcface")
+OBJECTIVES = ("triplet", "contrastive", "pair_bce", "arcface", "cosface")
+MARGIN_SOFTMAX = ("arcface", "cosface")  # classify over the training identities, whatever the mining
 MINING = ("none", "batch_all", "batch_hard", "semihard")
 
 
@@ -280,6 +281,13 @@ class ArcFaceLoss(nn.Module):
         self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
         self.threshold, self.fallback = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
 
+    def target_logit(self, cos_t):
+        """The label's logit for the cosines `cos_t` (N, 1) of the embeddings with their own centres."""
+        # clamped away from 0, where the square root's gradient is infinite (an embedding on its centre)
+        sin_t = (1 - cos_t.pow(2)).clamp_min(1e-7).sqrt()
+        phi = cos_t * self.cos_m - sin_t * self.sin_m  # cos(theta + margin)
+        return torch.where(cos_t > self.threshold, phi, cos_t - self.fallback)
+
     def forward(self, embeddings, labels, rows=None):
         check_batch(embeddings, labels)
         num_classes, dim = self.weight.shape
@@ -292,14 +300,24 @@ class ArcFaceLoss(nn.Module):
             raise ValueError(f"labels must lie in [0, {num_classes}), got {low} to {high}")
         cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
         labels = labels.to(cos.device)
-        cos_t = cos.gather(1, labels[:, None])
-        # clamped away from 0, where the square root's gradient is infinite (an embedding on its centre)
-        sin_t = (1 - cos_t.pow(2)).clamp_min(1e-7).sqrt()
-        phi = cos_t * self.cos_m - sin_t * self.sin_m  # cos(theta + margin)
-        phi = torch.where(cos_t > self.threshold, phi, cos_t - self.fallback)
-        logits = cos.scatter(1, labels[:, None], phi)
+        logits = cos.scatter(1, labels[:, None], self.target_logit(cos.gather(1, labels[:, None])))
         accuracy = (cos.argmax(dim=1) == labels).float().mean().item()
         return F.cross_entropy(self.scale * logits, labels), {"accuracy": accuracy}
+
+
+class CosFaceLoss(ArcFaceLoss):
+    """Additive cosine margin softmax (CosFace, Wang et al. 2018; the margin of insightface's Glint360K and
+    WebFace recipes): ArcFaceLoss with the label's logit cos(theta) - margin, `margin` a cosine in [0, 2).
+    The same contract, centres and stats as ArcFaceLoss."""
+
+    def __init__(self, embedding_dim, num_classes, scale=64.0, margin=0.35):
+        if not 0 <= margin < 2:
+            raise ValueError(f"margin must be a cosine margin in [0, 2), got {margin}")
+        super().__init__(embedding_dim, num_classes, scale)
+        self.margin = margin
+
+    def target_logit(self, cos_t):
+        return cos_t - self.margin
 
 
 def batch_rows(loss, mining="none"):
@@ -311,10 +329,11 @@ def batch_rows(loss, mining="none"):
 
 
 def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim=128, num_classes=0,
-                    arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64):
+                    arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35):
     """The training objective `loss` (one of OBJECTIVES) with `mining` (one of MINING): "none" trains the triplet
     and contrastive losses on given rows, the others mine labelled batches. pair_bce trains on given pairs only;
-    arcface classifies labelled batches whatever the mining, over `num_classes` training identities."""
+    arcface and cosface classify labelled batches whatever the mining, over `num_classes` training identities
+    (arcface_scale is the scale of both)."""
     if loss not in OBJECTIVES:
         raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     check_mining(mining)
@@ -327,6 +346,8 @@ def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim
         return ContrastiveLoss(margin, mining)
     if loss == "pair_bce":
         return PairClassifierLoss(embedding_dim, pair_hidden_dim)
+    if loss == "cosface":
+        return CosFaceLoss(embedding_dim, num_classes, arcface_scale, cosface_margin)
     return ArcFaceLoss(embedding_dim, num_classes, arcface_scale, arcface_margin)
 
 

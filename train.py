@@ -65,12 +65,13 @@ head = "mlp"  # mlp: Linear(features, hidden_dim)-BatchNorm-ReLU-Linear(hidden_d
 hidden_dim = 512  # width of the mlp head
 embedding_dim = 128  # size of the L2-normalised embedding
 # loss
-loss = "arcface"  # triplet | contrastive (siamese pairs) | pair_bce (pair classifier) | arcface
+loss = "arcface"  # triplet | contrastive (siamese pairs) | pair_bce (pair classifier) | arcface | cosface
 mining = "none"  # none: random triplets / balanced pairs; else mined in P x K batches (semihard: FaceNet's)
 margin = 0.2  # triplet: in units of the distance below; contrastive: Euclidean distance
 squared = True  # triplet: squared Euclidean distances (FaceNet); False: plain Euclidean
-arcface_scale = 30.0  # arcface: logit scale
+arcface_scale = 30.0  # arcface and cosface: logit scale
 arcface_margin = 0.5  # arcface: additive angular margin, radians
+cosface_margin = 0.35  # cosface: additive cosine margin
 pair_hidden_dim = 64  # pair_bce: width of the pair classifier
 # optimiser
 optimizer = "adam"  # adamw: decoupled weight decay; sgd: momentum 0.9
@@ -208,7 +209,7 @@ try:
         print(f"network initialised from {init_from}: its {' and '.join(init_weights(model, init_from))}")
     model = model.to(device, memory_format=memory_format)
     objective = build_objective(loss, mining, margin, squared, embedding_dim, len(train_faces.classes), arcface_scale,
-                                arcface_margin, pair_hidden_dim).to(device)
+                                arcface_margin, pair_hidden_dim, cosface_margin).to(device)
 except CheckpointError as err:
     sys.exit(f"error: --init_from: {err}")
 except (PretrainedUnavailable, ValueError) as err:

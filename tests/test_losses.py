@@ -7,8 +7,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from losses import (MINING, OBJECTIVES, ArcFaceLoss, CollapseDetector, ContrastiveLoss, PairClassifierLoss,
-                    TripletLoss, build_objective, embedding_spread, gather_batch, pair_distance, pairwise_distances)
+from losses import (MINING, OBJECTIVES, ArcFaceLoss, CollapseDetector, ContrastiveLoss, CosFaceLoss,
+                    PairClassifierLoss, TripletLoss, build_objective, embedding_spread, gather_batch, pair_distance,
+                    pairwise_distances)
 
 
 def embeddings(n=16, d=8, seed=0):
@@ -523,6 +524,29 @@ def test_arcface_is_computed_in_float32_ignores_rows_and_checks_its_inputs():
 
 
 # -----------------------------------------------------------------------------
+# CosFace
+
+def test_cosface_subtracts_its_margin_from_the_label_cosine():
+    embeddings_, labels = labelled_batch(p=5, k=2, d=6, seed=9)
+    cosface = CosFaceLoss(6, 5, scale=64.0, margin=0.35)
+    loss, stats = cosface(embeddings_, labels)
+    cos = F.normalize(embeddings_, dim=1) @ F.normalize(cosface.weight.detach(), dim=1).T
+    expected = F.cross_entropy(64.0 * (cos - 0.35 * F.one_hot(labels, 5)), labels)
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
+    assert stats["accuracy"] == pytest.approx((cos.argmax(dim=1) == labels).float().mean().item())
+    loss.backward()
+    assert torch.isfinite(cosface.weight.grad).all() and cosface.weight.grad.abs().sum() > 0
+    plain = CosFaceLoss(6, 5, scale=64.0, margin=0.0)
+    with torch.no_grad():
+        plain.weight.copy_(cosface.weight)
+    assert plain(embeddings_, labels)[0] < loss  # the margin makes the same centres cost more
+    assert isinstance(build_objective("cosface", embedding_dim=6, num_classes=5, cosface_margin=0.2), CosFaceLoss)
+    for options in (dict(margin=-0.1), dict(margin=2.0), dict(scale=0)):
+        with pytest.raises(ValueError):
+            CosFaceLoss(4, 3, **options)
+
+
+# -----------------------------------------------------------------------------
 # one interface: build_objective
 
 COMBINATIONS = [(loss, mining) for loss in OBJECTIVES for mining in MINING
@@ -548,7 +572,8 @@ def interface_batch(rows_kind, n=0):
 @pytest.mark.parametrize("loss,mining", COMBINATIONS)
 def test_every_objective_obeys_the_one_interface(loss, mining):
     objective = build_objective(loss, mining, embedding_dim=8, num_classes=4)
-    expected_rows = {"triplet": "triplets", "contrastive": "pairs", "pair_bce": "pairs", "arcface": None}[loss]
+    expected_rows = {"triplet": "triplets", "contrastive": "pairs", "pair_bce": "pairs", "arcface": None,
+                     "cosface": None}[loss]
     assert objective.rows == (expected_rows if mining == "none" else None)
     assert objective.figure == ("active" if loss in ("triplet", "contrastive") else "accuracy")
     for n in (12, 0):  # an empty batch too: a zero that still backpropagates
