@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from losses import (MINING, OBJECTIVES, ArcFaceLoss, CollapseDetector, ContrastiveLoss, CosFaceLoss,
-                    PairClassifierLoss, TripletLoss, build_objective, embedding_spread, gather_batch, pair_distance,
-                    pairwise_distances)
+                    PairClassifierLoss, PartialFC, TripletLoss, build_objective, embedding_spread, gather_batch,
+                    pair_distance, pairwise_distances, partial_fc_shard)
 
 
 def embeddings(n=16, d=8, seed=0):
@@ -691,3 +691,93 @@ def test_gather_batch_outside_a_distributed_run_returns_its_inputs():
     embeddings, labels = torch.randn(4, 3), torch.arange(4)
     gathered = gather_batch(embeddings, labels)
     assert gathered[0] is embeddings and gathered[1] is labels
+
+
+# -----------------------------------------------------------------------------
+# PartialFC: class centres sharded across the processes
+
+def margin_softmax(kind, dim, classes):
+    return (ArcFaceLoss if kind == "arcface" else CosFaceLoss)(dim, classes, scale=16.0, margin=0.3)
+
+
+@pytest.mark.parametrize("kind", ["arcface", "cosface"])
+def test_partial_fc_on_one_process_at_sample_rate_1_is_the_margin_softmax(kind):
+    torch.manual_seed(0)
+    full = margin_softmax(kind, 6, 5)
+    partial = PartialFC(margin_softmax(kind, 6, 5), num_classes=5)
+    with torch.no_grad():
+        partial.margin.weight.copy_(full.weight)
+    embeddings_, labels = labelled_batch(p=5, k=2, d=6, seed=3)
+    mine, theirs = embeddings_.clone().requires_grad_(), embeddings_.clone().requires_grad_()
+    (loss, stats), (reference, reference_stats) = partial(mine, labels), full(theirs, labels)
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    assert stats == pytest.approx(reference_stats)
+    (loss + reference).backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(partial.margin.weight.grad, full.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_fc_samples_the_batch_classes_and_a_share_of_the_others():
+    torch.manual_seed(0)
+    partial = PartialFC(ArcFaceLoss(4, 100), num_classes=100, sample_rate=0.1)
+    labels = torch.tensor([3, 3, 50, 97])
+    index, target = partial.sampled(labels)
+    assert len(index) == 10 and {3, 50, 97} <= set(index.tolist()) and index.tolist() == sorted(index.tolist())
+    assert index[target].tolist() == labels.tolist()
+    crowded = torch.arange(20)  # more classes in the batch than the share: all of them
+    assert len(partial.sampled(crowded)[0]) == 20
+    inputs = torch.randn(4, 4, requires_grad=True)
+    torch.manual_seed(5)
+    index, _ = partial.sampled(labels)
+    torch.manual_seed(5)  # the forward draws the same share
+    loss, _ = partial(inputs, labels)
+    loss.backward()
+    unused = torch.ones(100, dtype=torch.bool)
+    unused[index] = False
+    assert partial.margin.weight.grad[unused].abs().sum() == 0 and partial.margin.weight.grad[index].abs().sum() > 0
+    with pytest.raises(ValueError):
+        PartialFC(ArcFaceLoss(4, 100), num_classes=100, sample_rate=0)
+    with pytest.raises(ValueError):
+        PartialFC(ArcFaceLoss(4, 60), num_classes=100, rank=0, world_size=2)  # holds 50 of 100
+
+
+CLASSES, SHARDED_DIM = 10, 6
+
+
+def sharded_reference():
+    """The full margin softmax's centres, a global batch of 16 over the 10 classes, and its loss and gradients."""
+    torch.manual_seed(1)
+    full = ArcFaceLoss(SHARDED_DIM, CLASSES, scale=16.0, margin=0.3)
+    inputs = torch.randn(16, SHARDED_DIM, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 9, 4, 5, 2, 7])
+    loss, stats = full(inputs, labels)
+    loss.backward()
+    return full.weight.detach(), inputs.detach(), labels, loss.item(), stats, inputs.grad, full.weight.grad
+
+
+def sharded_worker(rank, world_size, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    weight, inputs, labels, *_ = sharded_reference()
+    start, end = partial_fc_shard(CLASSES, rank, world_size)
+    partial = PartialFC(ArcFaceLoss(SHARDED_DIM, end - start, scale=16.0, margin=0.3), CLASSES, 1.0, rank, world_size)
+    with torch.no_grad():
+        partial.margin.weight.copy_(weight[start:end])
+    mine = inputs[rank * 8:(rank + 1) * 8].clone().requires_grad_()
+    loss, stats = partial(*gather_batch(mine, labels[rank * 8:(rank + 1) * 8]))
+    loss.backward()
+    torch.save(dict(loss=loss.item(), stats=stats, grad=mine.grad, weight_grad=partial.margin.weight.grad,
+                    centres=partial.margin.weight.numel()), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sharded_centres_on_two_processes_give_the_full_softmax_and_its_gradients(tmp_path):
+    mp.spawn(sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    weight, _, _, loss, stats, input_grad, weight_grad = sharded_reference()
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        start, end = partial_fc_shard(CLASSES, rank, 2)
+        assert result["centres"] == weight.numel() // 2  # half the centres' memory on each process
+        assert result["loss"] == pytest.approx(loss, abs=1e-5) and result["stats"] == pytest.approx(stats)
+        torch.testing.assert_close(result["weight_grad"], weight_grad[start:end], atol=1e-5, rtol=1e-5)
+        # world_size times the embeddings' gradient: DistributedDataParallel's average brings it back
+        torch.testing.assert_close(result["grad"], 2 * input_grad[rank * 8:(rank + 1) * 8], atol=1e-5, rtol=1e-5)
