@@ -9,10 +9,10 @@ each with one folder per identity) out. The source is only read.
 
 `split` copies SRC's images per identity, so that every identity with images enough appears in every split, and
 can hold people out whole (DST/unseen: people never trained on; --valid_people: people to choose a checkpoint on);
-`fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 8/2; `align` detects the face each
-photo is of and warps it onto the five-point template (align.py), keeping SRC's folders and file names, listing
-what it could not align in DST/align_report.tsv, and going on where a stopped run left off. The functions serve other
-scripts too: train.py calls ensure_att to fetch AT&T on a first run without data.
+`fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 7/1/2; `align` detects the face
+each photo is of and warps it onto the five-point template (align.py), keeping SRC's folders and file names, listing
+what it could not align in DST/align_report.tsv, and going on where a stopped run left off. The functions serve
+other scripts too: train.py calls ensure_att to fetch AT&T on a first run without data.
 """
 import argparse
 import io
@@ -169,8 +169,9 @@ def _held_out(pool, held, rng):
 
 def fetch_att(dst, seed=0, force=False, log=print):
     """The AT&T (ORL) faces through scikit-learn's Olivetti copy (400 images, 64x64, cached by scikit-learn),
-    written as identity folders s1..s40 and split 8/2 into DST/train and DST/valid. Raises DatasetError, in one
-    line that says how to use a local copy instead, when the download fails."""
+    written as identity folders s1..s40 and split 7/1/2 into DST/train, DST/valid (which chooses train.py's best
+    epoch) and DST/test (which test.py reports). Raises DatasetError, in one line that says how to use a local copy
+    instead, when the download fails."""
     from sklearn.datasets import fetch_olivetti_faces
     try:
         with warnings.catch_warnings():  # its retry warnings; the failure is reported below in one line
@@ -178,8 +179,8 @@ def fetch_att(dst, seed=0, force=False, log=print):
             faces = fetch_olivetti_faces(n_retries=1)
     except OSError as err:
         reason = " ".join(str(err).split())
-        raise DatasetError(f"could not download the AT&T (Olivetti) faces ({reason}); with a local copy of "
-                           f"att_faces run: python prepare.py split /path/to/att_faces {dst} --valid=0.2") from None
+        raise DatasetError(f"could not download the AT&T (Olivetti) faces ({reason}); with a local copy of att_faces "
+                           f"run: python prepare.py split /path/to/att_faces {dst} --valid=0.1 --test=0.2") from None
     with tempfile.TemporaryDirectory() as raw:
         count = {}
         for image, target in zip(faces.images, faces.target):
@@ -188,12 +189,12 @@ def fetch_att(dst, seed=0, force=False, log=print):
             os.makedirs(os.path.join(raw, person), exist_ok=True)
             pixels = np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)
             Image.fromarray(pixels, "L").save(os.path.join(raw, person, f"{count[person]}.pgm"))
-        return split_dataset(raw, dst, valid=0.2, seed=seed, force=force, log=log)
+        return split_dataset(raw, dst, valid=0.1, test=0.2, seed=seed, force=force, log=log)
 
 
 def ensure_att(data_dir, log=print):
     """Make `data_dir` a prepared dataset if it is none yet: a `data_dir/train` folder is used as it is;
-    without one, the AT&T faces are fetched through scikit-learn and split 8/2 (seed 0) into `data_dir`.
+    without one, the AT&T faces are fetched through scikit-learn and split 7/1/2 (seed 0) into `data_dir`.
     Raises fetch_att's one-line DatasetError when offline."""
     if os.path.isdir(os.path.join(data_dir, "train")):
         return
@@ -371,7 +372,7 @@ def main(argv=None):
     split.add_argument("--identity_depth", type=int, default=1, help="folder level of the identities")
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--force", action="store_true", help="replace DST's train/valid/test/unseen folders")
-    fetch = commands.add_parser("fetch-att", help="download AT&T faces (via scikit-learn) and split them 8/2",
+    fetch = commands.add_parser("fetch-att", help="download AT&T faces (via scikit-learn) and split them 7/1/2",
                                 allow_abbrev=False)
     fetch.add_argument("dst")
     fetch.add_argument("--seed", type=int, default=0)

@@ -115,8 +115,9 @@ def test_split_rejects_bad_arguments(tmp_path):
 
 def test_fetch_att_writes_identity_folders_from_the_olivetti_array(tmp_path, olivetti):
     counts = fetch_att(str(tmp_path / "att"), log=quiet)
-    assert counts == {"train": 32, "valid": 8}
-    assert sorted(os.listdir(tmp_path / "att" / "valid")) == ["s1", "s2", "s3", "s4"]
+    assert counts == {"train": 28, "valid": 4, "test": 8}
+    assert sorted(os.listdir(tmp_path / "att" / "valid")) == sorted(os.listdir(tmp_path / "att" / "test")) == [
+        "s1", "s2", "s3", "s4"]
     image = Image.open(next((tmp_path / "att" / "train" / "s2").iterdir()))
     assert image.size == (64, 64) and image.mode == "L"
 
@@ -137,8 +138,8 @@ def test_ensure_att_leaves_an_existing_dataset_alone(tmp_path, offline):
 
 def test_ensure_att_fetches_a_missing_dataset(tmp_path, olivetti):
     ensure_att(str(tmp_path / "data"), log=quiet)
-    assert sorted(os.listdir(tmp_path / "data")) == ["train", "valid"]
-    assert len(listing(tmp_path / "data" / "train")) == 32 and len(listing(tmp_path / "data" / "valid")) == 8
+    assert sorted(os.listdir(tmp_path / "data")) == ["test", "train", "valid"]
+    assert [len(listing(tmp_path / "data" / split)) for split in ("train", "valid", "test")] == [28, 4, 8]
     before = listing(tmp_path / "data")
     ensure_att(str(tmp_path / "data"), log=quiet)  # a second run finds it
     assert listing(tmp_path / "data") == before
@@ -192,7 +193,7 @@ def test_bad_command_lines_are_usage_errors(argv, capsys):
 def test_fetch_att_command(tmp_path, olivetti, capsys):
     prepare.main(["fetch-att", str(tmp_path / "att"), "--seed=1"])
     seed1 = listing(tmp_path / "att")
-    assert len(listing(tmp_path / "att" / "valid")) == 8
+    assert len(listing(tmp_path / "att" / "valid")) == 4 and len(listing(tmp_path / "att" / "test")) == 8
     with pytest.raises(SystemExit) as info:
         prepare.main(["fetch-att", str(tmp_path / "att")])  # not empty now
     assert exit_status(info.value) == 1 and "--force" in str(info.value.code)
