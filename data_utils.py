@@ -165,7 +165,41 @@ def loader_workers(num_workers, device, processes=1):
 # -----------------------------------------------------------------------------
 # datasets
 
-class FaceFolder(Dataset):
+class LabelledImages(Dataset):
+    """What a dataset of identities' images holds and does, whatever stores the images (FaceFolder: files,
+    recordio.RecordFaces: records): `classes`, `targets` (a label per item), `by_label` (the items of each label),
+    `skipped` (what could not be read, each warned about once), (image, label) items from the subclass's `load`,
+    and the order in which `load` falls back on the other images of an item's identity. `unit` names what a
+    warning skips."""
+
+    unit = "image"
+
+    def _label_items(self, targets):
+        """Set `targets` and `by_label` from a label per item."""
+        self.targets = list(targets)
+        self.by_label = [[] for _ in self.classes]
+        for i, label in enumerate(self.targets):
+            self.by_label[label].append(i)
+
+    def _skip(self, name, err):
+        if name not in self.skipped:
+            self.skipped.append(name)
+            warnings.warn(f"skipping unreadable {self.unit} {name}: {err}")
+
+    def same_identity(self, index):
+        """The items of `index`'s identity from `index` on, then round: the order `load` tries them in."""
+        candidates = self.by_label[self.targets[index]]
+        start = candidates.index(index)
+        return candidates[start:] + candidates[:start]
+
+    def single_image_identities(self):
+        return [self.classes[y] for y, idx in enumerate(self.by_label) if len(idx) == 1]
+
+    def __getitem__(self, index):
+        return self.load(index), self.targets[index]
+
+
+class FaceFolder(LabelledImages):
     """Labelled images of an identity-folder tree. Yields (image, label).
 
     Files that are not images (by extension, case-insensitive) and hidden files are ignored. Files whose
@@ -190,10 +224,7 @@ class FaceFolder(Dataset):
         if not self.samples:
             raise DatasetError(f"{root}: no images found in identity folders "
                                f"(expected {root}/<identity>/<image>, e.g. {root}/s1/1.pgm)")
-        self.targets = [label for _, label in self.samples]
-        self.by_label = [[] for _ in self.classes]
-        for i, label in enumerate(self.targets):
-            self.by_label[label].append(i)
+        self._label_items(label for _, label in self.samples)
         if self.skipped:
             warnings.warn(f"{root}: skipped {len(self.skipped)} unreadable file(s): " + ", ".join(self.skipped))
 
@@ -239,14 +270,6 @@ class FaceFolder(Dataset):
             except UNREADABLE_IMAGE as err:
                 self._skip(path, err)
 
-    def _skip(self, path, err):
-        if path not in self.skipped:
-            self.skipped.append(path)
-            warnings.warn(f"skipping unreadable image {path}: {err}")
-
-    def single_image_identities(self):
-        return [self.classes[y] for y, idx in enumerate(self.by_label) if len(idx) == 1]
-
     def __len__(self):
         return len(self.samples)
 
@@ -255,10 +278,7 @@ class FaceFolder(Dataset):
         image of its identity if that file is unreadable."""
         if self.cached is not None and index in self.cached:
             return self.after_cache(self.cached[index])
-        label = self.targets[index]
-        candidates = self.by_label[label]
-        start = candidates.index(index)
-        for i in candidates[start:] + candidates[:start]:
+        for i in self.same_identity(index):
             if self.cached is not None:
                 if i in self.cached:
                     return self.after_cache(self.cached[i])
@@ -270,10 +290,7 @@ class FaceFolder(Dataset):
                 self._skip(path, err)
                 continue
             return self.transform(image) if self.transform else image
-        raise DatasetError(f"no readable image left for identity {self.classes[label]!r} in {self.root}")
-
-    def __getitem__(self, index):
-        return self.load(index), self.targets[index]
+        raise DatasetError(f"no readable image left for identity {self.classes[self.targets[index]]!r} in {self.root}")
 
 
 def draw_triplets(targets, by_label, rng, anchors=None):

@@ -21,9 +21,7 @@ import tempfile
 import warnings
 
 import numpy as np
-from torch.utils.data import Dataset
-
-from data_utils import UNREADABLE_IMAGE, DatasetError, load_image, some_names
+from data_utils import UNREADABLE_IMAGE, DatasetError, LabelledImages, load_image, some_names
 from files import FILE_MODE, atomic_write
 
 MAGIC = 0xCED7230A
@@ -299,9 +297,10 @@ def read_property(folder):
     return values if len(values) == 3 else None
 
 
-class RecordFaces(Dataset):
+class RecordFaces(LabelledImages):
     """Labelled images of an insightface-style ROOT/NAME.rec (and NAME.idx, optional `property`). Yields (image,
-    label) as FaceFolder does: `classes` are the record labels as strings, in label order, and `targets` index them.
+    label) as FaceFolder does (LabelledImages): `classes` are the record labels as strings, in label order, and
+    `targets` index them.
 
     Labels are read from the record headers once and cached in ROOT/NAME.labels.npz, valid while the .rec and .idx
     keep their size and modification time. Records whose header cannot be read (bad magic, truncated) are left out;
@@ -309,6 +308,8 @@ class RecordFaces(Dataset):
     about and kept in `skipped` as "PATH.rec#KEY". `ranges` holds the identity records' [first, end) image keys, by
     label (None without insightface's header record).
     """
+
+    unit = "record"
 
     def __init__(self, root, transform=None, name="train", log=print):
         if not os.path.isdir(root):
@@ -332,11 +333,8 @@ class RecordFaces(Dataset):
         self.ranges = None if ranges.size == 0 else [tuple(r) for r in ranges.tolist()]
         label_values, targets = np.unique(values, return_inverse=True)
         self.classes = [str(v) for v in label_values.tolist()]
-        self.targets = targets.tolist()
-        self.samples = [(f"{self.rec_path}#{key}", label) for key, label in zip(self.keys, self.targets)]
-        self.by_label = [[] for _ in self.classes]
-        for i, label in enumerate(self.targets):
-            self.by_label[label].append(i)
+        self._label_items(targets.tolist())
+        self.samples = [(self.record_name(key), label) for key, label in zip(self.keys, self.targets)]
         if self.skipped:
             warnings.warn(f"{self.rec_path}: skipped {len(self.skipped)} unreadable record(s): "
                           + some_names(self.skipped))
@@ -378,17 +376,12 @@ class RecordFaces(Dataset):
                 values.append(int(self.reader.read_header(key)[1][0]))
                 keys.append(key)
             except RecordError as err:
-                self._skip(key, err)
+                self._skip(self.record_name(key), err)
         return np.array(keys, np.int64), np.array(values, np.int64), np.array(ranges, np.int64).reshape(-1, 2)
 
-    def _skip(self, key, err):
-        name = f"{self.rec_path}#{key}"
-        if name not in self.skipped:
-            self.skipped.append(name)
-            warnings.warn(f"skipping unreadable record {name}: {err}")
-
-    def single_image_identities(self):
-        return [self.classes[y] for y, idx in enumerate(self.by_label) if len(idx) == 1]
+    def record_name(self, key):
+        """How `skipped` and `samples` name the record `key`: "PATH.rec#KEY"."""
+        return f"{self.rec_path}#{key}"
 
     def __len__(self):
         return len(self.keys)
@@ -400,17 +393,12 @@ class RecordFaces(Dataset):
     def load(self, index):
         """The transformed image at `index` (decoded as load_image does), or another image of its identity if that
         record cannot be read or decoded."""
-        label = self.targets[index]
-        candidates = self.by_label[label]
-        start = candidates.index(index)
-        for i in candidates[start:] + candidates[:start]:
+        for i in self.same_identity(index):
             try:
                 image = load_image(io.BytesIO(self.image_bytes(i)))
             except (RecordError, *UNREADABLE_IMAGE) as err:
-                self._skip(self.keys[i], err)
+                self._skip(self.record_name(self.keys[i]), err)
                 continue
             return self.transform(image) if self.transform else image
-        raise DatasetError(f"no readable image left for identity {self.classes[label]!r} in {self.rec_path}")
-
-    def __getitem__(self, index):
-        return self.load(index), self.targets[index]
+        raise DatasetError(f"no readable image left for identity {self.classes[self.targets[index]]!r} in "
+                           f"{self.rec_path}")
