@@ -211,24 +211,35 @@ if results["verification"] and trained.get("loss") == "pair_bce" and pair_images
                                                                         ("precision", "recall", "f1"))))
 
 
+def score_pairs(name, sources, pair_rows, fold_ids, data_transform, mirror, counted):
+    """Verification figures (verify's, or None) of pairs (i, j, same) of `pair_rows`, i and j indices into
+    `sources` (image paths or file objects), each image embedded once; pairs with an unreadable image are left out
+    and the rest scored over their `fold_ids`. A summary row says how many were scored (`counted(scored)`, before
+    the figures). Returns (figures, the indices of the pairs scored, the indices of the sources read)."""
+    emb, readable = embed_files(model, sources, data_transform, device, autocast, batch_size, mirror)
+    row_of = {i: row for row, i in enumerate(readable)}
+    scored = [k for k, (i, j, _) in enumerate(pair_rows) if i in row_of and j in row_of]
+    index_rows = np.array([(row_of[i], row_of[j], same) for i, j, same in (pair_rows[k] for k in scored)],
+                          dtype=np.int64).reshape(-1, 3)
+    rows.append((f"{name}: pairs scored", counted(len(scored))))
+    figures = verify(name, index_rows[:, 2], cosine_similarity_pairs(emb, index_rows),
+                     np.asarray(fold_ids)[scored]) if scored else None
+    return figures, scored, readable
+
+
 def score_pairs_file(pair_list):
     """results["pairs"] for an LFW-style pairs file: its images embedded, its pairs scored with its own folds."""
     for line, path in pair_list["missing"]:
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
-    pair_emb, readable = embed_files(model, files, aligned_as_trained(transform, aligner, size, pairs_root),
-                                     device, autocast, batch_size, flip)
-    row_of = {files[i]: row for row, i in enumerate(readable)}
-    scored = [i for i, (a, b, _) in enumerate(pair_list["pairs"]) if a in row_of and b in row_of]
-    index_rows = np.array([(row_of[a], row_of[b], same) for a, b, same in (pair_list["pairs"][i] for i in scored)],
-                          dtype=np.int64).reshape(-1, 3)
-    rows.append((f"{os.path.basename(pairs)}: pairs scored",
-                 f"{len(index_rows)} (missing images: {len(pair_list['missing'])})"))
-    figures = verify(os.path.basename(pairs), index_rows[:, 2], cosine_similarity_pairs(pair_emb, index_rows),
-                     np.asarray(pair_list["fold_ids"])[scored]) if len(index_rows) else None
-    return dict(file=os.path.abspath(pairs), pairs_scored=len(index_rows), **(figures or {}),
+    position = {path: i for i, path in enumerate(files)}
+    figures, scored, readable = score_pairs(
+        os.path.basename(pairs), files, [(position[a], position[b], same) for a, b, same in pair_list["pairs"]],
+        pair_list["fold_ids"], aligned_as_trained(transform, aligner, size, pairs_root), flip,
+        lambda count: f"{count} (missing images: {len(pair_list['missing'])})")
+    return dict(file=os.path.abspath(pairs), pairs_scored=len(scored), **(figures or {}),
                 missing_images=[dict(line=line, path=path) for line, path in pair_list["missing"]],
-                unreadable_images=sorted(set(files) - set(row_of)))
+                unreadable_images=sorted(set(files) - {files[i] for i in readable}))
 
 
 results["pairs"] = score_pairs_file(pair_list) if pair_list else None
@@ -237,14 +248,10 @@ results["pairs"] = score_pairs_file(pair_list) if pair_list else None
 def score_bin(name, images, same):
     """results["bins"][name] for an insightface verification set: its aligned images embedded with their mirror
     images, its pairs scored over insightface's 10 folds (consecutive tenths of the pairs)."""
-    emb, readable = embed_files(model, [io.BytesIO(image) for image in images], transform, device, autocast,
-                                batch_size, flip=True)
-    row_of = {i: row for row, i in enumerate(readable)}
-    scored = [k for k in range(len(same)) if 2 * k in row_of and 2 * k + 1 in row_of]
-    index_rows = np.array([(row_of[2 * k], row_of[2 * k + 1], same[k]) for k in scored], dtype=np.int64)
-    rows.append((f"{name}: pairs scored", f"{len(scored)} of {len(same)}"))
-    figures = verify(name, index_rows[:, 2], cosine_similarity_pairs(emb, index_rows),
-                     np.arange(len(same))[scored] * 10 // len(same)) if scored else None
+    figures, scored, _ = score_pairs(name, [io.BytesIO(image) for image in images],
+                                     [(2 * k, 2 * k + 1, s) for k, s in enumerate(same)],
+                                     np.arange(len(same)) * 10 // len(same), transform, True,
+                                     lambda count: f"{count} of {len(same)}")
     return dict(figures or {}, pairs_in_file=len(same), pairs_scored=len(scored))
 
 
