@@ -26,7 +26,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.data import DataLoader
 
 import configurator
-from align import AlignmentUnavailable, FaceAligner, aligned_as_trained
+from align import AlignmentUnavailable, FaceAligner, aligned_as_trained, read_alignment
 from checkpoint import load_checkpoint
 from data_utils import (DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file,
                         read_verification_bin)
@@ -88,7 +88,9 @@ if pairs and not pairs_root:  # LFW keeps its photos in images/ beside its pairs
     beside = os.path.dirname(pairs)
     pairs_root = os.path.join(beside, "images") if os.path.isdir(os.path.join(beside, "images")) else beside
 try:
-    aligner = FaceAligner() if alignment else None
+    # dlib is needed only for photos that prepare.py align did not write (a GPU server may lack it)
+    unaligned = [f for f in (data_dir, unknown_dir, pairs and pairs_root) if f and not read_alignment(f)]
+    aligner = FaceAligner() if alignment and unaligned else None
     data_transform = aligned_as_trained(transform, aligner, size, data_dir)
     gallery = FaceFolder(os.path.join(data_dir, "train"), data_transform, identity_depth, gallery_pattern)
     if probe_split == "auto":

@@ -3,6 +3,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import prepare
 from align import (FaceAligner, MainFace, aligned_as_trained, main_face, photo_faces, read_alignment,
                    similarity_transform, template, warp)
 from checkpoint import load_checkpoint
-from conftest import run_script, write_image
+from conftest import ROOT, run_script, write_image
 
 PEOPLE = ("Aaron_Peirsol", "Ai_Sugiyama", "Abdoulaye_Wade")
 
@@ -177,6 +179,14 @@ def test_a_network_trained_on_aligned_faces_names_every_face_of_a_photo(photos, 
     run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={tmp_path / 'unaligned'}",
                f"--out_dir={tmp_path / 'eval'}")
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["aligned_here"] is True
+    no_dlib = tmp_path / "no_dlib"  # a machine without dlib still evaluates the photos prepare.py align wrote
+    no_dlib.mkdir()
+    (no_dlib / "dlib.py").write_text("raise ImportError('no dlib on this machine')\n")
+    proc = subprocess.run([sys.executable, "test.py", f"--checkpoint={out / 'tb_model.pth'}",
+                           f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'eval_aligned'}"], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(no_dlib)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "eval_aligned" / "results.json").read_text())["aligned_here"] is False
     verified = run_script("predict.py", f"--checkpoint={out / 'tb_model.pth'}", "--verify", str(two),
                           lfw_photo(lfw_faces, PEOPLE[1]), "--threshold=0.5")
     assert re.search(r"cosine similarity -?[0-9.]+: (same person|different people)$", verified.stdout, re.M)
