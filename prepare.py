@@ -6,17 +6,21 @@ each with one folder per identity) out. The source is only read.
     python prepare.py fetch-att DST [--seed=0] [--force]
     python prepare.py align SRC DST [--size=112] [--missing=skip|centre] [--upsample=0]
     python prepare.py pack FOLDER OUT.rec      # insightface's train.rec/.idx/property (recordio.py)
+    python prepare.py bin FOLDER OUT.bin [--pairs=6000] [--seed=0]   # an insightface verification set
 
 `split` copies SRC's images per identity, so that every identity with images enough appears in every split, and
 can hold people out whole (DST/unseen: people never trained on; --valid_people: people to choose a checkpoint on);
 `fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 7/1/2; `align` detects the face
 each photo is of and warps it onto the five-point template (align.py), keeping SRC's folders and file names, listing
 what it could not align in DST/align_report.tsv, and going on where a stopped run left off. The functions serve
-other scripts too: train.py calls ensure_att to fetch AT&T on a first run without data.
+other scripts too: train.py calls ensure_att to fetch AT&T on a first run without data. `pack` and `bin` write
+the insightface layout: a training set of records, and verification pairs of people held out (say DST/valid of
+`split --valid_people`) that train.py --val_bins chooses its checkpoint on.
 """
 import argparse
 import io
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -29,6 +33,7 @@ from tqdm import tqdm
 
 from align import ALIGNMENT_FILE, AlignmentUnavailable, FaceAligner, alignment_record, centre_crop
 from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image, some_names
+from evaluation import verification_pairs
 from figures import save_alignment_grid
 from files import atomic_write, save_json
 from recordio import RecordWriter, index_path, pack_payload
@@ -341,6 +346,43 @@ def pack_dataset(src, out_rec, log=print):
     return count, len(kept), unreadable
 
 
+def bin_dataset(src, out_bin, pairs=6000, seed=0, log=print):
+    """Write an insightface verification set OUT.bin (a pickled (image bytes, two a pair; is-same flags), read by
+    data_utils.read_verification_bin) of up to `pairs` pairs among the images of SRC's identity folders: half of
+    them of the same person, drawn with `seed` (evaluation.verification_pairs), ordered so that each tenth of the
+    file (insightface's ten folds of consecutive pairs) holds a tenth of each kind. Images are stored as
+    pack_dataset stores them. Returns (pairs written, same pairs)."""
+    images, labels, unreadable = [], [], []
+    for label, folder in enumerate(identity_folders(src).values() if os.path.isdir(src) else ()):
+        for path in find_images(folder):
+            try:
+                with Image.open(path) as img:
+                    raw = img.format in RAW_FORMATS
+                load_image(path)
+            except UNREADABLE_IMAGE:
+                unreadable.append(path)
+                continue
+            images.append((path, raw))
+            labels.append(label)
+    rng = np.random.default_rng(seed)
+    rows = verification_pairs(np.array(labels, dtype=np.int64), rng, max_same=pairs // 2)
+    same, different = rows[rows[:, 2] == 1], rows[rows[:, 2] == 0]
+    if not len(same) or not len(different):
+        raise DatasetError(f"{src}: verification pairs need an identity folder with two readable images and two "
+                           f"identities (expected {src}/<identity>/<image>)")
+    folds = [np.concatenate(chunks) for chunks in zip(np.array_split(rng.permutation(same), 10),
+                                                       np.array_split(rng.permutation(different), 10))]
+    rows = np.concatenate(folds)
+    encoded = {}
+    for i in np.unique(rows[:, :2]):
+        encoded[i] = _encoded(*images[i])
+    content = ([encoded[i] for a, b, _ in rows for i in (a, b)], [bool(flag) for flag in rows[:, 2]])
+    atomic_write(out_bin, lambda f: pickle.dump(content, f, protocol=4))
+    log(f"wrote {len(rows)} pairs ({len(same)} of the same person) of {len(set(labels))} identities from {src} into "
+        f"{out_bin}; {len(unreadable)} unreadable left out" + (f": {some_names(unreadable)}" if unreadable else ""))
+    return len(rows), len(same)
+
+
 def _encoded(path, raw):
     """The bytes to store for the image at `path`: the file's own when `raw`, else its pixels as PNG."""
     if raw:
@@ -389,7 +431,15 @@ def main(argv=None):
                                allow_abbrev=False)
     pack.add_argument("src", help="identity folders of aligned images")
     pack.add_argument("out", help="the .rec to write; its .idx and property are written beside")
+    pairs = commands.add_parser("bin", help="write an insightface verification set (.bin) of pairs among the "
+                                "images of identity folders", allow_abbrev=False)
+    pairs.add_argument("src", help="identity folders of aligned images (people held out of training)")
+    pairs.add_argument("out", help="the .bin to write")
+    pairs.add_argument("--pairs", type=int, default=6000, help="at most this many pairs, half of the same person")
+    pairs.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "bin" and args.pairs < 20:
+        parser.error("--pairs: at least 20 (ten folds of both kinds)")
     try:
         if args.command == "split":
             split_dataset(args.src, args.dst, args.valid, args.test, args.min_images, args.max_images,
@@ -398,6 +448,8 @@ def main(argv=None):
             align_dataset(args.src, args.dst, args.size, args.missing, args.upsample)
         elif args.command == "pack":
             pack_dataset(args.src, args.out)
+        elif args.command == "bin":
+            bin_dataset(args.src, args.out, args.pairs, args.seed)
         else:
             fetch_att(args.dst, args.seed, args.force)
     except (DatasetError, AlignmentUnavailable) as err:

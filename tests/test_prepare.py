@@ -10,7 +10,7 @@ from PIL import Image
 
 import prepare
 from conftest import make_faces, write_image
-from data_utils import DatasetError
+from data_utils import DatasetError, read_verification_bin
 from prepare import ensure_att, fetch_att, split_dataset
 
 
@@ -207,3 +207,33 @@ def test_fetch_att_command_offline_exits_1_with_one_line(tmp_path, offline, caps
         prepare.main(["fetch-att", str(tmp_path / "att")])
     assert exit_status(info.value) == 1
     assert "\n" not in str(info.value.code) and "prepare.py split" in str(info.value.code)
+
+
+def test_bin_writes_balanced_folds_of_pairs_that_read_back_as_the_source_images(tmp_path):
+    src = make_faces(tmp_path / "held_out", identities=6, images=5, ext=".jpg")
+    os.makedirs(src / "one")
+    write_image(str(src / "one" / "0.jpg"), seed=999)  # a person of one photo: in different pairs only
+    (src / "p0" / "broken.jpg").write_bytes(b"not an image")
+    count, same = prepare.bin_dataset(str(src), str(tmp_path / "v.bin"), pairs=40, seed=0, log=lambda line: None)
+    images, issame = read_verification_bin(str(tmp_path / "v.bin"))
+    assert len(images) == 2 * count == 80 and len(issame) == count and sum(issame) == same == 20
+    by_bytes = {(src / p / n).read_bytes(): p for p in os.listdir(src) for n in os.listdir(src / p) if n[0] != "b"}
+    people = [by_bytes[image] for image in images]  # every image is a source file, byte for byte
+    assert [people[2 * k] == people[2 * k + 1] for k in range(count)] == list(issame)
+    assert all(sum(fold) == 2 for fold in np.array_split(np.array(issame), 10))  # each tenth: 2 same, 2 different
+    again = prepare.bin_dataset(str(src), str(tmp_path / "w.bin"), pairs=40, seed=0, log=lambda line: None)
+    assert again == (count, same) and (tmp_path / "w.bin").read_bytes() == (tmp_path / "v.bin").read_bytes()
+
+
+def test_bin_refuses_folders_without_pairs_of_both_kinds(tmp_path, capsys):
+    single = make_faces(tmp_path / "single", identities=3, images=1)
+    with pytest.raises(DatasetError):
+        prepare.bin_dataset(str(single), str(tmp_path / "v.bin"), log=lambda line: None)
+    with pytest.raises(DatasetError):
+        prepare.bin_dataset(str(tmp_path / "nonesuch"), str(tmp_path / "v.bin"), log=lambda line: None)
+    with pytest.raises(SystemExit) as exit:
+        prepare.main(["bin", str(single), str(tmp_path / "v.bin")])
+    assert exit.value.code.startswith("error: ") and not (tmp_path / "v.bin").exists()
+    with pytest.raises(SystemExit) as exit:
+        prepare.main(["bin", str(single), str(tmp_path / "v.bin"), "--pairs=4"])
+    assert exit.value.code == 2 and "--pairs" in capsys.readouterr().err
