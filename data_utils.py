@@ -1,5 +1,6 @@
 """Face datasets in identity folders: image files and decoding, transforms, triplet and pair sampling, P x K
-batches, and LFW-style pairs files.
+batches, LFW-style pairs files and insightface's .bin verification sets (--val_bins). The base of the datasets,
+LabelledImages, serves recordio.RecordFaces too.
 
 Layout: ROOT/<identity>/.../<image>. Every image anywhere below an identity folder (a `distortion/`
 sub-folder of extra copies too) belongs to that identity. prepare.py makes such folders (train/valid splits).
@@ -16,6 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import transforms as T
 
+from configurator import ConfigError
+from evaluation import verifiable
 from files import atomic_write, reported
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -168,11 +171,17 @@ def loader_workers(num_workers, device, processes=1):
 class LabelledImages(Dataset):
     """What a dataset of identities' images holds and does, whatever stores the images (FaceFolder: files,
     recordio.RecordFaces: records): `classes`, `targets` (a label per item), `by_label` (the items of each label),
-    `skipped` (what could not be read, each warned about once), (image, label) items from the subclass's `load`,
-    and the order in which `load` falls back on the other images of an item's identity. `unit` names what a
-    warning skips."""
+    `samples` ((name, label) per item: a path, or "PATH.rec#KEY"), `skipped` (the names of what could not be read,
+    each warned about once), (image, label) items, and what loading them does: decode (the subclass's `read`),
+    fall back on the other images of an item's identity when one cannot be read, and the optional in-memory cache.
+    `unit` names what a warning skips, `source` (a folder or a .rec) what a dataset error names."""
 
     unit = "image"
+    cached = None  # {index: image after the transform's deterministic steps}, once cache() has run
+
+    def read(self, index):
+        """The decoded image of item `index` (load_image's). Raises DatasetError or UNREADABLE_IMAGE's errors."""
+        raise NotImplementedError
 
     def _label_items(self, targets):
         """Set `targets` and `by_label` from a label per item."""
@@ -186,6 +195,14 @@ class LabelledImages(Dataset):
             self.skipped.append(name)
             warnings.warn(f"skipping unreadable {self.unit} {name}: {err}")
 
+    def why_unreadable(self, name):
+        """What reading the skipped `name` says now (only names are kept of what was skipped)."""
+        try:
+            load_rgb(name)
+        except Exception as err:  # any: it only describes the file
+            return f"{type(err).__name__}: {err}"
+        return "readable now"
+
     def same_identity(self, index):
         """The items of `index`'s identity from `index` on, then round: the order `load` tries them in."""
         candidates = self.by_label[self.targets[index]]
@@ -194,6 +211,59 @@ class LabelledImages(Dataset):
 
     def single_image_identities(self):
         return [self.classes[y] for y, idx in enumerate(self.by_label) if len(idx) == 1]
+
+    def _split_transform(self):
+        """(the transform's leading resizes, the rest). Only resizes are kept in the cache, so that the training
+        images and a gallery of the same images, which differ from there on, can share it."""
+        steps = self.transform.transforms if isinstance(self.transform, T.Compose) else []
+        n = next((i for i, step in enumerate(steps) if not isinstance(step, T.Resize)), len(steps))
+        return T.Compose(steps[:n]), T.Compose(steps[n:])
+
+    def cache_bytes(self):
+        """Memory the decoded images would take in cache() (at most: grayscale ones take a third), or None when the
+        transform does not fix their size."""
+        sizes = [step.size for step in self._split_transform()[0].transforms]
+        if not sizes or not isinstance(sizes[-1], (tuple, list)) or len(sizes[-1]) != 2:
+            return None
+        return len(self) * 3 * sizes[-1][0] * sizes[-1][1]
+
+    def cache(self, like=None):
+        """Decode every image once and keep it in memory resized (uint8); items then apply only the rest of the
+        transform (cropping, random augmentation, tensor conversion). Unreadable images are skipped as when loading.
+        DataLoader workers share the filled cache (they fork after it). `like`: a cached dataset of the same images
+        whose transform resizes alike (train.py's training images for its gallery) lends its cache instead."""
+        prepare, self.after_cache = self._split_transform()
+        if (like is not None and like.cached is not None and like.samples == self.samples
+                and repr(like._split_transform()[0]) == repr(prepare)):
+            self.cached = like.cached
+            return
+        self.cached = {}
+        for i in range(len(self)):
+            try:
+                self.cached[i] = prepare(self.read(i))
+            except (DatasetError, *UNREADABLE_IMAGE) as err:
+                self._skip(self.samples[i][0], err)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """The transformed image at `index`, or another image of its identity if that one cannot be read."""
+        if self.cached is not None and index in self.cached:
+            return self.after_cache(self.cached[index])
+        for i in self.same_identity(index):
+            if self.cached is not None:
+                if i in self.cached:
+                    return self.after_cache(self.cached[i])
+                continue
+            try:
+                image = self.read(i)
+            except (DatasetError, *UNREADABLE_IMAGE) as err:
+                self._skip(self.samples[i][0], err)
+                continue
+            return self.transform(image) if self.transform else image
+        raise DatasetError(f"no readable {self.unit} left for identity {self.classes[self.targets[index]]!r} in "
+                           f"{self.source}")
 
     def __getitem__(self, index):
         return self.load(index), self.targets[index]
@@ -212,8 +282,8 @@ class FaceFolder(LabelledImages):
     def __init__(self, root, transform=None, identity_depth=1, name_pattern=""):
         if not os.path.isdir(root):
             raise DatasetError(f"{root}: no such folder")
-        self.root, self.transform, self.skipped = root, transform, []
-        self.cached = None  # {index: image after the transform's deterministic steps}, once cache() has run
+        self.root = self.source = root
+        self.transform, self.skipped = transform, []
         self.classes, self.samples = [], []
         for name, folder in identity_folders(root, identity_depth).items():
             paths = [p for p in find_images(folder)
@@ -238,59 +308,9 @@ class FaceFolder(LabelledImages):
             self.skipped.append(path)
             return False
 
-    def _split_transform(self):
-        """(the transform's leading resizes, the rest). Only resizes are kept in the cache, so that the training
-        images and a gallery of the same files, which differ from there on, can share it."""
-        steps = self.transform.transforms if isinstance(self.transform, T.Compose) else []
-        n = next((i for i, step in enumerate(steps) if not isinstance(step, T.Resize)), len(steps))
-        return T.Compose(steps[:n]), T.Compose(steps[n:])
-
-    def cache_bytes(self):
-        """Memory the decoded images would take in cache() (at most: grayscale ones take a third), or None when the
-        transform does not fix their size."""
-        sizes = [step.size for step in self._split_transform()[0].transforms]
-        if not sizes or not isinstance(sizes[-1], (tuple, list)) or len(sizes[-1]) != 2:
-            return None
-        return len(self.samples) * 3 * sizes[-1][0] * sizes[-1][1]
-
-    def cache(self, like=None):
-        """Decode every image once and keep it in memory resized (uint8); items then apply only the rest of the
-        transform (cropping, random augmentation, tensor conversion). Unreadable images are skipped as when loading.
-        DataLoader workers share the filled cache (they fork after it). `like`: a cached FaceFolder of the same files
-        whose transform resizes alike (train.py's training images for its gallery) lends its cache instead."""
-        prepare, self.after_cache = self._split_transform()
-        if (like is not None and like.cached is not None and like.samples == self.samples
-                and repr(like._split_transform()[0]) == repr(prepare)):
-            self.cached = like.cached
-            return
-        self.cached = {}
-        for i, (path, _) in enumerate(self.samples):
-            try:
-                self.cached[i] = prepare(load_image(path))
-            except UNREADABLE_IMAGE as err:
-                self._skip(path, err)
-
-    def __len__(self):
-        return len(self.samples)
-
-    def load(self, index):
-        """The transformed image at `index` (read by load_image: a grayscale file gives an 'L' image), or another
-        image of its identity if that file is unreadable."""
-        if self.cached is not None and index in self.cached:
-            return self.after_cache(self.cached[index])
-        for i in self.same_identity(index):
-            if self.cached is not None:
-                if i in self.cached:
-                    return self.after_cache(self.cached[i])
-                continue
-            path = self.samples[i][0]
-            try:
-                image = load_image(path)
-            except UNREADABLE_IMAGE as err:
-                self._skip(path, err)
-                continue
-            return self.transform(image) if self.transform else image
-        raise DatasetError(f"no readable image left for identity {self.classes[self.targets[index]]!r} in {self.root}")
+    def read(self, index):
+        """The image file of item `index`, read by load_image (a grayscale file gives an 'L' image)."""
+        return load_image(self.samples[index][0])
 
 
 def draw_triplets(targets, by_label, rng, anchors=None):
@@ -490,6 +510,29 @@ def read_verification_bin(path):
     return [bytes(i) for i in images], np.array(same, dtype=bool)
 
 
+def read_verification_bins(val_bins, data_dir):
+    """{name: read_verification_bin's (images, same)} of the insightface verification sets of `val_bins` (the
+    --val_bins of train.py and test.py): comma-separated names of data_dir's sets (lfw: data_dir/lfw.bin) or paths
+    of .bin files, each named by its file's stem; {} for "". Raises ConfigError naming val_bins for a set that is
+    missing, unreadable, named twice, or has too few pairs to measure (evaluation.verifiable)."""
+    bins = {}
+    for entry in filter(None, (part.strip() for part in val_bins.split(","))):
+        path = entry if entry.endswith(".bin") else os.path.join(data_dir, f"{entry}.bin")
+        name = os.path.basename(path)[:-len(".bin")]
+        if name in bins:
+            raise ConfigError("val_bins", f"two sets named {name!r}: name each set once")
+        if not os.path.isfile(path):
+            raise ConfigError("val_bins", f"{path}: no such file (a name NAME stands for data_dir/NAME.bin)")
+        try:
+            bins[name] = read_verification_bin(path)
+        except DatasetError as err:
+            raise ConfigError("val_bins", str(err)) from None
+        if not verifiable(bins[name][1]):
+            raise ConfigError("val_bins", f"{path}: {len(bins[name][1])} pairs, {int(bins[name][1].sum())} of one "
+                                          f"person: verification needs 4 pairs or more, of both kinds")
+    return bins
+
+
 def read_pairs_file(path, root, extensions=IMAGE_EXTENSIONS, name_format="{name}_{index:04d}"):
     """The verification pairs of an LFW-style pairs.txt, with their images below `root`.
 
@@ -615,24 +658,20 @@ def train_loader_for(faces, rows, batch_size, images_per_identity=4, seed=0, fil
                        generator=torch.Generator().manual_seed(seed), **loader_args), [dataset])
 
 
-def why_unreadable(path):
-    """What Pillow says about `path` now (FaceFolder keeps only the paths of the files it skipped)."""
-    try:
-        load_rgb(path)
-    except Exception as err:  # any: it only describes the file
-        return f"{type(err).__name__}: {err}"
-    return "readable now"
-
-
 def write_skipped(folders, path, listed=None):
-    """Rewrite `path` (skipped_files.txt) if the unreadable files of the FaceFolders `folders` differ from those
-    `listed` before: one `path<TAB>reason` line per file skipped at the scan or found unreadable while loading
-    since (empty: none). With num_workers > 0 the loading happens in the workers: only their warnings name the
-    files they find. A failed write is reported, not raised. Returns the files the file lists."""
-    skipped = list(dict.fromkeys(p for folder in folders for p in folder.skipped))
+    """Rewrite `path` (skipped_files.txt) if the unreadable images of the datasets `folders` (LabelledImages)
+    differ from those `listed` before: one `name<TAB>reason` line per image (a path, or PATH.rec#KEY) skipped at
+    the scan or found unreadable while loading since (empty: none). With num_workers > 0 the loading happens in
+    the workers: only their warnings name the images they find. A failed write is reported, not raised. Returns
+    the images the file lists."""
+    owner = {}  # name -> the first dataset that skipped it, which can say why
+    for folder in folders:
+        for name in folder.skipped:
+            owner.setdefault(name, folder)
+    skipped = list(owner)
     if skipped == listed:
         return listed
 
     def write(f):
-        f.writelines(f"{p}\t{why_unreadable(p)}\n" for p in skipped)
+        f.writelines(f"{p}\t{owner[p].why_unreadable(p)}\n" for p in skipped)
     return skipped if reported(path, lambda: atomic_write(path, write, mode="w")) else listed

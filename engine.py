@@ -2,6 +2,7 @@
 the evaluation of an epoch, and how a run stops (a stop signal, a non-finite loss), each with explicit arguments so
 that it can be called and tested on its own. train.py puts them together."""
 import gc
+import io
 import math
 import os
 import re
@@ -9,15 +10,16 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from configurator import ConfigError
 from data_utils import as_hw
-from evaluation import (cosine_similarity_pairs, identification_accuracy, pair_decisions, relabel, triplet_accuracy,
-                        verification_metrics)
-from inference import device_batch, embed
+from evaluation import (bin_pairs, cosine_similarity_pairs, identification_accuracy, pair_decisions, relabel,
+                        score_pairs, triplet_accuracy, verification_metrics)
+from inference import device_batch, embed, embed_files
 from losses import MARGIN_SOFTMAX, batch_rows, gather_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -268,15 +270,22 @@ def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=Fals
 # -----------------------------------------------------------------------------
 # evaluation
 
-SELECTED = dict(valid_identification="valid top-1", valid_pairs_accuracy="held-out pairs accuracy")  # select_on's
+SELECTED = dict(valid_identification="valid top-1", valid_pairs_accuracy="held-out pairs accuracy",
+                bins_accuracy="mean .bin accuracy")  # select_on's metrics, as the final line names them
 
 
-def selection_key(select_on, probe_targets, probe_classes, train_classes, held_out):
-    """The key of evaluate's metrics that chooses tb_model.pth: "valid_identification" for select_on "top1",
+def selection_key(select_on, probe_targets, probe_classes, train_classes, held_out, bins=()):
+    """The key of the evaluation's metrics that chooses tb_model.pth: "valid_identification" for select_on "top1",
     "valid_pairs_accuracy" for "pairs" (`held_out`: held_out_pairs' rows of the valid people never trained on),
-    for "auto" the second when there are such pairs. Raises ConfigError when the valid images cannot measure it."""
+    "bins_accuracy" for "bins" (`bins`: the names of the .bin verification sets, evaluate_bins'); for "auto" bins
+    when there are sets, else pairs when there are such pairs, else top1. Raises ConfigError when the valid images
+    or the sets cannot measure it (without valid/, `probe_targets` and `probe_classes` are empty)."""
     if select_on == "auto":
-        select_on = "pairs" if len(held_out) else "top1"
+        select_on = "bins" if len(bins) else "pairs" if len(held_out) else "top1"
+    if select_on == "bins":
+        if not len(bins):
+            raise ConfigError("select_on", "bins needs insightface verification sets: --val_bins=lfw,cfp_fp,...")
+        return "bins_accuracy"
     if select_on == "pairs" and not len(held_out):
         raise ConfigError("select_on", "pairs needs valid/ people absent from train/ (two or more, one of them with "
                                        "two images or more): prepare.py split --valid_people=...")
@@ -284,6 +293,24 @@ def selection_key(select_on, probe_targets, probe_classes, train_classes, held_o
     if select_on == "top1" and not any(probe_classes[t] in trained for t in probe_targets):
         raise ConfigError("select_on", "top1 needs valid/ images of people in train/; valid/ has none")
     return "valid_identification" if select_on == "top1" else "valid_pairs_accuracy"
+
+
+@torch.inference_mode()
+def evaluate_bins(model, bins, transform, device, autocast, batch_size=64):
+    """insightface's verification of the sets of `bins` ({name: (images, same)}, data_utils.read_verification_bins'),
+    scored as test.py --val_bins scores them: each image through `transform` and embedded with its mirror image
+    (the two added), 10 folds of consecutive pairs (evaluation.bin_pairs, score_pairs). Returns
+    {f"bin_{name}_accuracy": the mean fold accuracy (NaN when too few of its images could be read)} and
+    bins_accuracy, their mean; {} without sets."""
+    result = {}
+    for name, (images, same) in bins.items():
+        embeddings, readable = embed_files(model, [io.BytesIO(image) for image in images], transform, device,
+                                           autocast, batch_size, flip=True)
+        figures, _ = score_pairs(embeddings, readable, *bin_pairs(same))
+        result[f"bin_{name}_accuracy"] = figures["accuracy_mean"] if figures else float("nan")
+    if result:
+        result["bins_accuracy"] = float(np.mean(list(result.values())))
+    return result
 
 
 @torch.inference_mode()
@@ -337,11 +364,12 @@ def valid_objective(objective, embeddings, labels, classes, train_classes, valid
 
 def epoch_summary(epoch, epochs, figures, metrics, figure, seconds, improved):
     """The line printed after each epoch: training figures (none for epoch 0), the evaluation when there was one
-    (`metrics`), the seconds of training so far, and whether it is the best epoch yet."""
+    (`metrics`: evaluate's when there are valid images, evaluate_bins' when there are .bin sets), the seconds of
+    training so far, and whether it is the best epoch yet."""
     parts = [f"epoch {epoch}/{epochs}", "train loss " + ("-" if not epoch else f"{figures['train_loss']:.4f}")]
     if epoch:
         parts.append(f"{figure} {100 * figures[f'train_{figure}']:.0f}%")
-    if metrics:
+    if metrics and "valid_loss" in metrics:
         parts += [f"valid loss {metrics['valid_loss']:.4f}",
                   f"valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}%"]
         if "valid_pair_f1" in metrics:
@@ -351,6 +379,11 @@ def epoch_summary(epoch, epochs, figures, metrics, figure, seconds, improved):
         if "valid_pairs_accuracy" in metrics:
             parts.append(f"held-out pairs {100 * metrics['valid_pairs_accuracy']:.2f}% "
                          f"(AUC {metrics['valid_pairs_auc']:.4f})")
+    sets = {key[len("bin_"):-len("_accuracy")]: value for key, value in (metrics or {}).items()
+            if key.startswith("bin_") and key.endswith("_accuracy")}
+    parts += [f"{name} {100 * value:.2f}%" for name, value in sets.items()]
+    if len(sets) > 1:
+        parts.append(f"bins mean {100 * metrics['bins_accuracy']:.2f}%")
     return " | ".join(parts + [f"{seconds:.0f}s"] + (["best"] if improved else []))
 
 

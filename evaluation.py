@@ -286,6 +286,36 @@ def verification_metrics(scores, same, folds=10, seed=0, fold_ids=None, fars=(1e
         roc=dict(fpr=fpr.tolist(), tpr=tpr.tolist()))
 
 
+def verifiable(same):
+    """Whether pairs with truth `same` give verification figures: 4 pairs or more, same-identity and different."""
+    same = np.asarray(same, dtype=bool)
+    return len(same) >= 4 and bool(same.any()) and not same.all()
+
+
+def score_pairs(embeddings, readable, pair_rows, fold_ids, seed=0):
+    """(verification_metrics of the pairs (i, j, same) of `pair_rows` whose two images were read, or None unless
+    they are verifiable; the indices into `pair_rows` of those pairs). i and j index the sources of an embedding
+    pass of which those listed in `readable` were read, one row of `embeddings` each in that order
+    (inference.embed_files'). The pairs scored keep their `fold_ids`; fewer than two folds among them (a pairs file
+    of one set, or none) fall back to stratified random folds of `seed`."""
+    row_of = {i: row for row, i in enumerate(readable)}
+    scored = [k for k, (i, j, _) in enumerate(pair_rows) if i in row_of and j in row_of]
+    index_rows = np.array([(row_of[i], row_of[j], same) for i, j, same in (pair_rows[k] for k in scored)],
+                          dtype=np.int64).reshape(-1, 3)
+    if not verifiable(index_rows[:, 2]):
+        return None, scored
+    folds = np.asarray(fold_ids)[scored]
+    return verification_metrics(cosine_similarity_pairs(embeddings, index_rows), index_rows[:, 2], seed=seed,
+                                fold_ids=folds if len(np.unique(folds)) >= 2 else None), scored
+
+
+def bin_pairs(same, folds=10):
+    """(pair rows (2k, 2k + 1, same[k]), fold of each pair) of an insightface verification set of len(same) pairs
+    (data_utils.read_verification_bin's): its images two a pair, its folds consecutive tenths of the pairs, as
+    insightface's unshuffled 10-fold split."""
+    return [(2 * k, 2 * k + 1, bool(s)) for k, s in enumerate(same)], np.arange(len(same)) * folds // len(same)
+
+
 def _ratio(numerator, denominator):
     """numerator / denominator as a float; 0.0 when the denominator is 0 (nothing to count)."""
     return float(numerator / denominator) if denominator else 0.0

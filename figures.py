@@ -94,19 +94,26 @@ def save_triplet_grid(anchor, positive, negative, anchor_labels, negative_labels
 
 def plot_history(history, path, x="epoch", best_by="valid_identification"):
     """Loss and accuracy against epochs or optimiser steps (x='step'); the untrained network at 0, the best
-    epoch by `best_by` marked. Epochs without an evaluation (train.py's eval_every) have training figures only."""
+    epoch by `best_by` marked. Epochs without an evaluation (train.py's eval_every) have training figures only;
+    the accuracy of each .bin verification set (bin_<name>_accuracy) is drawn beside the valid images' figures."""
     plt = _pyplot()
-    evaluated = [h for h in history if h.get("valid_identification") is not None]
+    evaluated = [h for h in history if h.get(best_by) is not None]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     trained = [h for h in history if h.get("train_loss") is not None]
     if trained:
         loss_ax.plot([h[x] for h in trained], [h["train_loss"] for h in trained], "o-", label="train")
-    loss_ax.plot([h[x] for h in evaluated], [h["valid_loss"] for h in evaluated], "s-", label="valid")
+    valid = [h for h in history if h.get("valid_loss") is not None]
+    if valid:
+        loss_ax.plot([h[x] for h in valid], [h["valid_loss"] for h in valid], "s-", label="valid")
     loss_ax.set(xlabel=x, ylabel="loss", title="training loss")
-    for key, label in (("valid_identification", "valid identification (top-1)"),
-                       ("valid_triplet_accuracy", "valid triplets d(a,p) < d(a,n)"),
-                       ("valid_pair_f1", "valid pair F1"), ("train_accuracy", "train batch accuracy"),
-                       ("valid_pairs_accuracy", "held-out people: pair accuracy")):
+    curves = [("valid_identification", "valid identification (top-1)"),
+              ("valid_triplet_accuracy", "valid triplets d(a,p) < d(a,n)"), ("valid_pair_f1", "valid pair F1"),
+              ("train_accuracy", "train batch accuracy"), ("valid_pairs_accuracy", "held-out people: pair accuracy")]
+    sets = dict.fromkeys(k for h in history for k in h if k.startswith("bin_") and k.endswith("_accuracy"))
+    curves += [(key, f"{key[len('bin_'):-len('_accuracy')]}.bin: 10-fold accuracy") for key in sets]
+    if len(sets) > 1:
+        curves.append(("bins_accuracy", ".bin sets: mean accuracy"))
+    for key, label in curves:
         points = [(h[x], 100 * h[key]) for h in history if h.get(key) is not None]
         if points:
             acc_ax.plot(*zip(*points), "o-", label=label)
@@ -115,7 +122,8 @@ def plot_history(history, path, x="epoch", best_by="valid_identification"):
     acc_ax.set(xlabel=x, ylabel="%", title="accuracy", ylim=(0, 101))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # (no loss to draw before the first epoch without valid images)
+            ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
     save_figure(fig, path)
 

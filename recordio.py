@@ -21,7 +21,7 @@ import tempfile
 import warnings
 
 import numpy as np
-from data_utils import UNREADABLE_IMAGE, DatasetError, LabelledImages, load_image, some_names
+from data_utils import UNREADABLE_IMAGE, DatasetError, FaceFolder, LabelledImages, load_image, some_names
 from files import FILE_MODE, atomic_write
 
 MAGIC = 0xCED7230A
@@ -299,8 +299,8 @@ def read_property(folder):
 
 class RecordFaces(LabelledImages):
     """Labelled images of an insightface-style ROOT/NAME.rec (and NAME.idx, optional `property`). Yields (image,
-    label) as FaceFolder does (LabelledImages): `classes` are the record labels as strings, in label order, and
-    `targets` index them.
+    label) as FaceFolder does (LabelledImages, whose cache() keeps the decoded images in memory when asked): `classes`
+    are the record labels as strings, in label order, and `targets` index them.
 
     Labels are read from the record headers once and cached in ROOT/NAME.labels.npz, valid while the .rec and .idx
     keep their size and modification time. Records whose header cannot be read (bad magic, truncated) are left out;
@@ -315,7 +315,7 @@ class RecordFaces(LabelledImages):
         if not os.path.isdir(root):
             raise DatasetError(f"{root}: no such folder")
         self.root, self.transform, self.skipped = root, transform, []
-        self.rec_path = os.path.join(root, f"{name}.rec")
+        self.rec_path = self.source = os.path.join(root, f"{name}.rec")
         self.reader = RecordReader(self.rec_path, log=log)
         self.property = read_property(root)
         cache = os.path.join(root, f"{name}.labels.npz")
@@ -383,22 +383,34 @@ class RecordFaces(LabelledImages):
         """How `skipped` and `samples` name the record `key`: "PATH.rec#KEY"."""
         return f"{self.rec_path}#{key}"
 
-    def __len__(self):
-        return len(self.keys)
-
     def image_bytes(self, index):
         """The encoded image of item `index`, as stored. Raises RecordError when its record cannot be read."""
         return unpack_payload(self.reader.read(self.keys[index]))[2]
 
-    def load(self, index):
-        """The transformed image at `index` (decoded as load_image does), or another image of its identity if that
-        record cannot be read or decoded."""
-        for i in self.same_identity(index):
-            try:
-                image = load_image(io.BytesIO(self.image_bytes(i)))
-            except (RecordError, *UNREADABLE_IMAGE) as err:
-                self._skip(self.record_name(self.keys[i]), err)
-                continue
-            return self.transform(image) if self.transform else image
-        raise DatasetError(f"no readable image left for identity {self.classes[self.targets[index]]!r} in "
-                           f"{self.rec_path}")
+    def read(self, index):
+        """The image of item `index`, decoded as load_image does. Raises RecordError or UNREADABLE_IMAGE's errors."""
+        return load_image(io.BytesIO(self.image_bytes(index)))
+
+    def why_unreadable(self, name):
+        """What reading the skipped record `name` ("PATH.rec#KEY") says now."""
+        try:
+            load_image(io.BytesIO(unpack_payload(self.reader.read(int(name.rpartition("#")[2])))[2]))
+        except (RecordError, *UNREADABLE_IMAGE) as err:
+            return f"{type(err).__name__}: {err}"
+        return "readable now"
+
+
+def training_images(data_dir, transform=None, identity_depth=1, log=print):
+    """The training images of a prepared dataset: identity folders data_dir/train/ (a FaceFolder), or insightface's
+    data_dir/train.rec (a RecordFaces; the layout of faces_emore/ and the like, whose .bin verification sets lie
+    beside it). Raises DatasetError when data_dir holds both (which one is meant cannot be guessed) or neither."""
+    folder, records = os.path.join(data_dir, "train"), os.path.join(data_dir, "train.rec")
+    if os.path.isdir(folder) and os.path.isfile(records):
+        raise DatasetError(f"--data_dir={data_dir} holds both train/ (identity folders) and train.rec (records): "
+                           f"keep one of them there, or move train.rec and its .idx to a folder of their own")
+    if os.path.isfile(records):
+        return RecordFaces(data_dir, transform, log=log)
+    if not os.path.isdir(folder):
+        raise DatasetError(f"--data_dir={data_dir} holds neither train/ (identity folders) nor train.rec "
+                           f"(insightface's records): prepare one with prepare.py split or prepare.py pack")
+    return FaceFolder(folder, transform, identity_depth)

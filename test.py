@@ -6,14 +6,16 @@
     python test.py --data_dir=data/faces_emore --val_bins=lfw,cfp_fp,agedb_30    # + insightface's .bin sets
 
 The gallery is data_dir/train, the probes data_dir/test (images that chose nothing), or data_dir/valid when there
-is no test/; every image is embedded once. The protocol is stated with the figures: whether the probes' people were
-trained on, and whether the probes chose the checkpoint (train.py's valid/). Identification: each
-gallery identity is the normalised mean of its normalised embeddings, each probe goes to the most cosine-similar
-one (top-1, top-5, report, confusion matrix). Verification: same/different pairs of probes, ROC, EER, TAR@FAR,
-10-fold accuracy. Open set: a similarity threshold for a target false-accept rate, checked on people outside the
-gallery. Retrieval: probes ranked against gallery images. Writes results.json, confusion_matrix.png, roc.png and
-embeddings.png, and prints a summary table last. A network trained on aligned faces (the checkpoint says so)
-sees every folder's photos aligned alike: photos of a folder that prepare.py align did not write are aligned here.
+is no test/; every image is embedded once. A data_dir without train/ (insightface's train.rec and .bin sets, as
+train.py trains on them) with --val_bins gives the figures of the .bin sets alone. The protocol is stated with the
+figures: whether the probes' people were trained on, and whether the probes chose the checkpoint (train.py's
+valid/). Identification: each gallery identity is the normalised mean of its normalised embeddings, each probe
+goes to the most cosine-similar one (top-1, top-5, report, confusion matrix). Verification: same/different pairs of
+probes, ROC, EER, TAR@FAR, 10-fold accuracy. Open set: a similarity threshold for a target false-accept rate,
+checked on people outside the gallery. Retrieval: probes ranked against gallery images. Writes results.json,
+confusion_matrix.png, roc.png and embeddings.png, and prints a summary table last. A network trained on aligned
+faces (the checkpoint says so) sees every folder's photos aligned alike: photos of a folder that prepare.py align did
+not write are aligned here.
 """
 import io
 import os
@@ -29,10 +31,10 @@ import configurator
 from align import AlignmentUnavailable, FaceAligner, aligned_as_trained, read_alignment
 from checkpoint import load_checkpoint
 from data_utils import (DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file,
-                        read_verification_bin)
-from evaluation import (cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
-                        open_set_evaluation, pair_decisions, relabel, retrieval_metrics, verification_metrics,
-                        verification_pairs)
+                        read_verification_bins)
+from evaluation import (bin_pairs, cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
+                        open_set_evaluation, pair_decisions, relabel, retrieval_metrics, score_pairs, verifiable,
+                        verification_metrics, verification_pairs)
 from figures import plot_confusion_matrix, plot_embeddings_2d, plot_roc
 from files import save_json
 from inference import embed, embed_files
@@ -51,7 +53,8 @@ pairs = ""  # an LFW-style pairs.txt to score with its own 10 folds; empty: none
 pairs_root = ""  # folder of the pairs file's identity folders; empty: the pairs file's folder (its images/, as LFW)
 pairs_name_format = "{name}_{index:04d}"  # image file name in a pairs file's identity folder (AT&T: {index})
 val_bins = ""  # insightface verification sets, comma-separated: paths of .bin files, or names of data_dir's
-#   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...); scored as insightface does, 10 folds, mirror images added
+#   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...); scored as insightface does, 10 folds, mirror images added; alone
+#   when data_dir has no train/ (a .rec dataset)
 # metrics
 target_far = 1e-2  # open set: false-accept rate the unknown-person threshold is calibrated for
 pair_images = "auto"  # verification pairs among: probes | all (gallery and probes; people with one or two photos
@@ -92,19 +95,84 @@ try:
     unaligned = [f for f in (data_dir, unknown_dir, pairs and pairs_root) if f and not read_alignment(f)]
     aligner = FaceAligner() if alignment and unaligned else None
     data_transform = aligned_as_trained(transform, aligner, size, data_dir)
-    gallery = FaceFolder(os.path.join(data_dir, "train"), data_transform, identity_depth, gallery_pattern)
-    if probe_split == "auto":
-        probe_split = "test" if os.path.isdir(os.path.join(data_dir, "test")) else "valid"
-    probes = FaceFolder(os.path.join(data_dir, probe_split), data_transform, identity_depth)
+    bins = read_verification_bins(val_bins, data_dir)
+    folders = os.path.isdir(os.path.join(data_dir, "train")) or not bins  # else a dataset of records: bins only
+    if folders:
+        gallery = FaceFolder(os.path.join(data_dir, "train"), data_transform, identity_depth, gallery_pattern)
+        if probe_split == "auto":
+            probe_split = "test" if os.path.isdir(os.path.join(data_dir, "test")) else "valid"
+        probes = FaceFolder(os.path.join(data_dir, probe_split), data_transform, identity_depth)
     unknowns = (FaceFolder(unknown_dir, aligned_as_trained(transform, aligner, size, unknown_dir), identity_depth)
                 if unknown_dir else None)
     pair_list = read_pairs_file(pairs, pairs_root, name_format=pairs_name_format) \
         if pairs else None
-    bins = {os.path.basename(path)[:-len(".bin")]: read_verification_bin(path) for path in (
-        name if name.endswith(".bin") else os.path.join(data_dir, f"{name}.bin")
-        for name in filter(None, val_bins.split(",")))}
-except (DatasetError, AlignmentUnavailable) as err:
+except (DatasetError, AlignmentUnavailable, configurator.ConfigError) as err:
     sys.exit(f"error: {err}")
+results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir), flip=flip)
+rows, roc_curves = [], []  # (figure, value) of the summary table; (name, fpr, tpr, auc, eer) of roc.png
+
+
+def percent(value):
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def verify(name, figures, same):
+    """Summary rows of verification figures (verification_metrics'), and their ROC curve for roc.png; None, with a
+    warning, when there are none (`same`: the truth of the pairs there were: too few, or of one kind)."""
+    if figures is None:
+        same = np.asarray(same, dtype=bool)
+        print(f"warning: {name}: no verification figures: they need 4 pairs or more, same-identity and different "
+              f"ones, and there are {int(same.sum())} same and {int(len(same) - same.sum())} different")
+        return None
+    roc = figures.pop("roc")
+    roc_curves.append((name, roc["fpr"], roc["tpr"], figures["auc"], figures["eer"]))
+    unresolved = f" (FAR below 1/{figures['different_pairs']} different pairs: unresolved)"
+    rows.extend([(f"{name}: ROC AUC", f"{figures['auc']:.4f}"), (f"{name}: EER", percent(figures["eer"]))])
+    rows.extend((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < figures["far_floor"] else ""))
+                for far, tar in figures["tar_at_far"].items())
+    rows.append((f"{name}: {figures['folds']}-fold accuracy",
+                 f"{percent(figures['accuracy_mean'])} ± {100 * figures['accuracy_std']:.2f}"))
+    return figures
+
+
+def embed_and_score(name, sources, pair_rows, fold_ids, data_transform, mirror, counted):
+    """Verification figures (verify's, or None) of pairs (i, j, same) of `pair_rows`, i and j indices into
+    `sources` (image paths or file objects), each image embedded once; pairs with an unreadable image are left out
+    and the rest scored over their `fold_ids` (evaluation.score_pairs). A summary row says how many were scored
+    (`counted(scored)`, before the figures). Returns (figures, the indices of the pairs scored, the indices of the
+    sources read)."""
+    emb, readable = embed_files(model, sources, data_transform, device, autocast, batch_size, mirror)
+    figures, scored = score_pairs(emb, readable, pair_rows, fold_ids, seed)
+    rows.append((f"{name}: pairs scored", counted(len(scored))))
+    return verify(name, figures, [pair_rows[k][2] for k in scored]), scored, readable
+
+
+def score_bin(name, images, same):
+    """results["bins"][name] for an insightface verification set: its aligned images embedded with their mirror
+    images, its pairs scored over insightface's 10 folds (consecutive tenths of the pairs)."""
+    figures, scored, _ = embed_and_score(name, [io.BytesIO(image) for image in images], *bin_pairs(same), transform,
+                                         True, lambda count: f"{count} of {len(same)}")
+    return dict(figures or {}, pairs_in_file=len(same), pairs_scored=len(scored))
+
+
+def finish(written):
+    """roc.png, results.json and the summary table; `written`: the other figures written to out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    if roc_curves:
+        plot_roc(roc_curves, os.path.join(out_dir, "roc.png"))
+    save_json(results, os.path.join(out_dir, "results.json"))
+    print(f"wrote {', '.join(['results.json'] + ['roc.png'] * bool(roc_curves) + written)} to {out_dir}")
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'figure':<{width}} | value\n{'-' * width}-|------")
+    print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))
+
+
+if not folders:
+    print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "
+          f"{data_dir} has no train/ gallery (a dataset of records): scoring {', '.join(bins)}.bin alone")
+    results["bins"] = {name: score_bin(name, *data) for name, data in bins.items()}
+    finish([])
+    sys.exit(0)
 print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "
       f"gallery {len(gallery)} images of {len(gallery.classes)} identities, probes {len(probes)} images"
       + (f", {len(unknowns)} images of {len(unknowns.classes)} unknown identities" if unknowns else ""))
@@ -120,14 +188,8 @@ protocol = evaluation_protocol(probes, state["classes"], trained.get("data_dir")
 if protocol["probes_chose_checkpoint"]:
     print(f"warning: {probes.root} chose this checkpoint (train.py's best epoch on it): its figures are optimistic; "
           f"measure on images that chose nothing (test/, or people held out by prepare.py split --unseen)")
-results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir), protocol=protocol,
-               flip=flip, aligned_here=data_transform is not transform)  # data_dir's photos aligned by this run
-rows = [("protocol", protocol["summary"])]  # (figure, value) of the summary table
-
-
-def percent(value):
-    return "-" if value is None else f"{100 * value:.2f} %"
-
+results.update(protocol=protocol, aligned_here=data_transform is not transform)  # data_dir's photos aligned here
+rows.append(("protocol", protocol["summary"]))
 
 # identification -----------------------------------------------------------------
 found = identification_accuracy(gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels, probes.classes)
@@ -158,32 +220,8 @@ os.makedirs(out_dir, exist_ok=True)
 plot_confusion_matrix(confusion_matrix(truth[known], predicted[known], labels=labels), gallery.classes,
                       os.path.join(out_dir, "confusion_matrix.png"))
 
+
 # verification -------------------------------------------------------------------
-roc_curves = []
-
-
-def verify(name, same, similarity, fold_ids=None):
-    """Verification figures of scored pairs, a summary row each, and the ROC curve for roc.png; None, with a
-    warning, unless there are at least 4 pairs of both kinds. Fewer than two folds in `fold_ids` (a pairs file
-    of one set, or none) fall back to seeded random folds."""
-    if len(same) < 4 or same.all() or not same.any():
-        print(f"warning: {name}: no verification figures: they need 4 pairs or more, same-identity and different "
-              f"ones, and there are {int(same.sum())} same and {int(len(same) - same.sum())} different")
-        return None
-    if fold_ids is not None and len(np.unique(fold_ids)) < 2:
-        fold_ids = None
-    figures = verification_metrics(similarity, same, seed=seed, fold_ids=fold_ids)
-    roc = figures.pop("roc")
-    roc_curves.append((name, roc["fpr"], roc["tpr"], figures["auc"], figures["eer"]))
-    unresolved = f" (FAR below 1/{figures['different_pairs']} different pairs: unresolved)"
-    rows.extend([(f"{name}: ROC AUC", f"{figures['auc']:.4f}"), (f"{name}: EER", percent(figures["eer"]))])
-    rows.extend((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < figures["far_floor"] else ""))
-                for far, tar in figures["tar_at_far"].items())
-    rows.append((f"{name}: {figures['folds']}-fold accuracy",
-                 f"{percent(figures['accuracy_mean'])} ± {100 * figures['accuracy_std']:.2f}"))
-    return figures
-
-
 def pair_classifier_decisions(probe_pairs):
     """The pair classifier recipe's own decisions on the probe pairs: precision, recall and F1."""
     head = build_objective("pair_bce", embedding_dim=model.config["embedding_dim"],
@@ -203,8 +241,9 @@ if pair_images == "all":  # the gallery's and the probes' images, their identiti
 else:
     pair_emb, pair_labels = probe_emb, probe_labels.numpy()
 probe_pairs = verification_pairs(pair_labels, np.random.default_rng(seed), max_same_pairs or None)
-results["verification"] = verify(f"{'all' if pair_images == 'all' else 'probe'} pairs", probe_pairs[:, 2],
-                                 cosine_similarity_pairs(pair_emb, probe_pairs))
+same = probe_pairs[:, 2]
+results["verification"] = verify(f"{'all' if pair_images == 'all' else 'probe'} pairs", verification_metrics(
+    cosine_similarity_pairs(pair_emb, probe_pairs), same, seed=seed) if verifiable(same) else None, same)
 if results["verification"]:
     results["verification"]["images"] = pair_images
 if results["verification"] and trained.get("loss") == "pair_bce" and pair_images == "probes":
@@ -213,29 +252,13 @@ if results["verification"] and trained.get("loss") == "pair_bce" and pair_images
                                                                         ("precision", "recall", "f1"))))
 
 
-def score_pairs(name, sources, pair_rows, fold_ids, data_transform, mirror, counted):
-    """Verification figures (verify's, or None) of pairs (i, j, same) of `pair_rows`, i and j indices into
-    `sources` (image paths or file objects), each image embedded once; pairs with an unreadable image are left out
-    and the rest scored over their `fold_ids`. A summary row says how many were scored (`counted(scored)`, before
-    the figures). Returns (figures, the indices of the pairs scored, the indices of the sources read)."""
-    emb, readable = embed_files(model, sources, data_transform, device, autocast, batch_size, mirror)
-    row_of = {i: row for row, i in enumerate(readable)}
-    scored = [k for k, (i, j, _) in enumerate(pair_rows) if i in row_of and j in row_of]
-    index_rows = np.array([(row_of[i], row_of[j], same) for i, j, same in (pair_rows[k] for k in scored)],
-                          dtype=np.int64).reshape(-1, 3)
-    rows.append((f"{name}: pairs scored", counted(len(scored))))
-    figures = verify(name, index_rows[:, 2], cosine_similarity_pairs(emb, index_rows),
-                     np.asarray(fold_ids)[scored]) if scored else None
-    return figures, scored, readable
-
-
 def score_pairs_file(pair_list):
     """results["pairs"] for an LFW-style pairs file: its images embedded, its pairs scored with its own folds."""
     for line, path in pair_list["missing"]:
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
     position = {path: i for i, path in enumerate(files)}
-    figures, scored, readable = score_pairs(
+    figures, scored, readable = embed_and_score(
         os.path.basename(pairs), files, [(position[a], position[b], same) for a, b, same in pair_list["pairs"]],
         pair_list["fold_ids"], aligned_as_trained(transform, aligner, size, pairs_root), flip,
         lambda count: f"{count} (missing images: {len(pair_list['missing'])})")
@@ -245,21 +268,7 @@ def score_pairs_file(pair_list):
 
 
 results["pairs"] = score_pairs_file(pair_list) if pair_list else None
-
-
-def score_bin(name, images, same):
-    """results["bins"][name] for an insightface verification set: its aligned images embedded with their mirror
-    images, its pairs scored over insightface's 10 folds (consecutive tenths of the pairs)."""
-    figures, scored, _ = score_pairs(name, [io.BytesIO(image) for image in images],
-                                     [(2 * k, 2 * k + 1, s) for k, s in enumerate(same)],
-                                     np.arange(len(same)) * 10 // len(same), transform, True,
-                                     lambda count: f"{count} of {len(same)}")
-    return dict(figures or {}, pairs_in_file=len(same), pairs_scored=len(scored))
-
-
 results["bins"] = {name: score_bin(name, *data) for name, data in bins.items()}
-if roc_curves:
-    plot_roc(roc_curves, os.path.join(out_dir, "roc.png"))
 
 # open set: a threshold calibrated on the known probes as if each were a stranger, checked on people really absent
 # from the gallery ------------------------------------------------------------------------------------------------
@@ -284,9 +293,4 @@ method = plot_embeddings_2d(probe_emb, probe_labels, probes.classes, os.path.joi
 embedded = len(gallery) + len(probes) + (len(unknowns) if unknowns else 0)
 results["seconds"] = dict(embedding=round(embed_seconds, 2), images_embedded=embedded,
                           images_per_second=round(embedded / embed_seconds, 2), total=round(time.time() - started, 2))
-save_json(results, os.path.join(out_dir, "results.json"))
-print(f"wrote results.json, confusion_matrix.png, {'roc.png, ' if roc_curves else ''}embeddings.png ({method}) "
-      f"to {out_dir}")
-width = max(len(name) for name, _ in rows)
-print(f"\n{'figure':<{width}} | value\n{'-' * width}-|------")
-print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))
+finish(["confusion_matrix.png", f"embeddings.png ({method})"])

@@ -31,20 +31,23 @@ from align import read_alignment
 from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, init_weights, resume_config,
                         resume_training, training_state)
 from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs, draw_triplets,
-                        loader_workers, make_transform, some_names, train_loader_for, write_skipped)
+                        loader_workers, make_transform, read_verification_bins, some_names, train_loader_for,
+                        write_skipped)
 from engine import (OPTIMIZERS, SCHEDULES, SELECTED, NonFinite, StopRequested, StopSignals, TrainingStep, agreed,
-                    build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, poisoned,
-                    selection_key, shut_down, train_one_epoch, worker_signals)
+                    build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, evaluate_bins,
+                    poisoned, selection_key, shut_down, train_one_epoch, worker_signals)
 from figures import plot_history, save_triplet_examples
 from evaluation import held_out_pairs
 from files import reported, save_json
 from losses import MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
 from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_device
 from prepare import ensure_att
+from recordio import training_images
 
 # -----------------------------------------------------------------------------
 # data
-data_dir = "data/att_faces"  # prepared dataset: train/ and valid/ identity folders; its test/ is never read here
+data_dir = "data/att_faces"  # prepared dataset: train/ and valid/ identity folders (its test/ is never read here),
+#   or insightface's train.rec (+ train.idx) with .bin verification sets beside it (faces_emore/), no valid/ needed
 out_dir = "out"  # checkpoints, history, curves and the run config go here
 identity_depth = 1  # folder level of the identity folders below train/ and valid/ (1: train/<identity>/...)
 anchor_pattern = ""  # only images whose file name contains this are anchors (e.g. "script" for ID photos)
@@ -54,7 +57,10 @@ images_per_identity = 4  # K of a P x K batch (P = batch_size // K)
 fill = "repeat"  # P x K: identities with fewer than K images: repeat their images | drop them
 num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 on CUDA) | 0 (the main process) | N
 grayscale = 0.0  # share of training images shown in grayscale (a colour-trained network that must serve grey photos)
-cache_images = "auto"  # decode each image once, keep it resized in memory: auto (when all fit in 2 GiB)
+cache_images = "auto"  # decode each image once, keep it resized in memory: auto (when all fit in 2 GiB; else
+#   images, records too, are read as the batches want them)
+val_bins = ""  # insightface verification sets scored at each evaluation, comma-separated: names of data_dir's
+#   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...) or paths of .bin files; they make valid/ optional
 # model
 backbone = "resnet50"  # a torchvision ResNet, VGG16, AlexNet, or smallcnn for small grayscale data
 pretrained = False  # start from torchvision's ImageNet weights (downloads once into the torch cache)
@@ -84,7 +90,8 @@ gamma = 0.1
 # logging
 verbosity = 0  # 0: summary lines | 1: + architecture | 2: + optimiser | 3: + parameter counts per module
 select_on = "auto"  # tb_model.pth is the epoch best by: top1 of valid/ probes of trained people | pairs: 10-fold
-#   verification of valid/ people absent from train/ (never trained on) | auto: pairs when valid/ has such people
+#   verification of valid/ people absent from train/ (never trained on) | bins: the mean 10-fold accuracy of the
+#   val_bins sets | auto: bins when val_bins is given, else pairs when valid/ has such people, else top1
 eval_every = 1  # evaluate, keep the best and save last.pth every N epochs (and before the first, after the last)
 save_every = 0  # also keep epoch_N.pth every N evaluated epochs (0: only tb_model.pth and last.pth)
 plot_x = "epoch"  # x axis of curves.png: epoch | step (iterations)
@@ -100,7 +107,7 @@ resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out
 # -----------------------------------------------------------------------------
 CHOICES = dict(fill=("repeat", "drop"), cache_images=configurator.TRISTATE, backbone=BACKBONES, head=HEADS,
                loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS, lr_schedule=SCHEDULES, plot_x=("epoch", "step"),
-               channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs"))
+               channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs", "bins"))
 defaults = configurator.constants(globals())
 config = configurator.parse(globals(), description=__doc__.split("\n")[0], choices=CHOICES)
 
@@ -151,37 +158,46 @@ torch.manual_seed(seed + rank)
 # data ------------------------------------------------------------------------
 image_size = as_hw(image_size)
 rows = batch_rows(loss, mining)  # what batches train: "triplets", "pairs" or None (P x K batches)
+# images travel as uint8 (a quarter of the float32 bytes to collate, pin and copy to the GPU) and are normalised on
+# the device
+evaluation_transform = make_transform(image_size, train=False, pixels=True)
 try:
-    # images travel as uint8 (a quarter of the float32 bytes to collate, pin and copy to the GPU) and are normalised
-    # on the device
-    train_faces = FaceFolder(os.path.join(data_dir, "train"),
-                             make_transform(image_size, train=True, pixels=True, grayscale=grayscale), identity_depth)
+    train_faces = training_images(data_dir, make_transform(image_size, train=True, pixels=True, grayscale=grayscale),
+                                  identity_depth)  # train/ identity folders, or train.rec
     triplet_view = TripletFaceDataset(train_faces, seed, anchor_pattern)  # shown in triplets.png
-    gallery = FaceFolder(train_faces.root, make_transform(image_size, train=False, pixels=True), identity_depth)
-    probes = FaceFolder(os.path.join(data_dir, "valid"), make_transform(image_size, train=False, pixels=True),
-                        identity_depth)
-except DatasetError as err:
+    bins = read_verification_bins(val_bins, data_dir)  # read once; embedded anew at each evaluation
+    # valid/ (a .rec dataset has none) is optional when .bin sets can choose the checkpoint
+    has_valid = os.path.isdir(os.path.join(data_dir, "valid")) or not bins
+    probes = FaceFolder(os.path.join(data_dir, "valid"), evaluation_transform, identity_depth) if has_valid else None
+    gallery = training_images(data_dir, evaluation_transform, identity_depth) if has_valid else None
+except (DatasetError, configurator.ConfigError) as err:
     sys.exit(f"error: {err}")
+datasets = [faces for faces in (train_faces, gallery, probes) if faces is not None]
 if checkpoint and train_faces.classes != checkpoint["classes"]:
-    sys.exit(f"error: --resume: the identities of {train_faces.root} ({len(train_faces.classes)}) are not those the "
-             f"run trained on ({len(checkpoint['classes'])}); resume on the same data")
-cache_size = sum(folder.cache_bytes() or float("inf") for folder in (train_faces, probes))  # the gallery: shared
+    sys.exit(f"error: --resume: the identities of {train_faces.source} ({len(train_faces.classes)}) are not those "
+             f"the run trained on ({len(checkpoint['classes'])}); resume on the same data")
+cache_size = sum(faces.cache_bytes() or float("inf") for faces in datasets if faces is not gallery)  # (it shares)
 if cache_images == "true" or (cache_images == "auto" and cache_size <= 2 ** 31):
     train_faces.cache()
-    gallery.cache(like=train_faces)  # the same files, decoded once
-    probes.cache()
+    if has_valid:
+        gallery.cache(like=train_faces)  # the same images, decoded once
+        probes.cache()
     print(f"cached the decoded images: {cache_size / 2 ** 20:.0f} MiB")
 lonely = train_faces.single_image_identities()
 if lonely and rows:  # (P x K batches repeat their image: the sampler says so)
     print(f"warning: {len(lonely)} identities have a single training image and serve only as negatives: "
           f"{some_names(lonely)}")
-valid_rng = np.random.default_rng(seed)  # the same valid triplets and pairs every epoch
-valid_rows = dict(triplets=draw_triplets(probes.targets, probes.by_label, valid_rng))
-valid_rows["pairs"] = draw_pairs(probes.targets, probes.by_label, valid_rng)
-# valid/ people absent from train/: the checkpoint can be chosen on people never trained on
-valid_rows["held_out"] = held_out_pairs(probes.targets, probes.classes, train_faces.classes, valid_rng)
+valid_rows, probe_targets, probe_classes = dict(held_out=()), [], []
+if has_valid:
+    valid_rng = np.random.default_rng(seed)  # the same valid triplets and pairs every epoch
+    valid_rows = dict(triplets=draw_triplets(probes.targets, probes.by_label, valid_rng))
+    valid_rows["pairs"] = draw_pairs(probes.targets, probes.by_label, valid_rng)
+    # valid/ people absent from train/: the checkpoint can be chosen on people never trained on
+    valid_rows["held_out"] = held_out_pairs(probes.targets, probes.classes, train_faces.classes, valid_rng)
+    probe_targets, probe_classes = probes.targets, probes.classes
 try:
-    select_key = selection_key(select_on, probes.targets, probes.classes, train_faces.classes, valid_rows["held_out"])
+    select_key = selection_key(select_on, probe_targets, probe_classes, train_faces.classes, valid_rows["held_out"],
+                               list(bins))
 except configurator.ConfigError as err:
     sys.exit(f"error: {err}")
 loader_args = dict(num_workers=workers, pin_memory=device.startswith("cuda"), worker_init_fn=worker_signals,
@@ -194,11 +210,15 @@ except ValueError as err:
     sys.exit(f"error: --batch_size={batch_size} --images_per_identity={images_per_identity}: {err}")
 # evaluation draws nothing from the training's random streams (a loader takes its seed from its generator)
 loader_args.update(batch_size=max(batch_size, 64), generator=torch.Generator())
-gallery_loader, probe_loader = DataLoader(gallery, **loader_args), DataLoader(probes, **loader_args)
-print(f"data: {len(train_faces.classes)} identities, {len(train_faces)} train images, {len(probes)} valid images "
-      f"of {len(probes.classes)} identities; training on {rows or 'P x K batches'}; choosing the checkpoint on "
-      + ("the top-1 of valid images of trained people" if select_key == "valid_identification" else
-         f"{len(valid_rows['held_out'])} verification pairs of valid people never trained on")
+gallery_loader, probe_loader = ((DataLoader(gallery, **loader_args), DataLoader(probes, **loader_args)) if has_valid
+                                else (None, None))
+chosen_on = dict(valid_identification="the top-1 of valid images of trained people",
+                 valid_pairs_accuracy=f"{len(valid_rows['held_out'])} verification pairs of valid people never "
+                                      f"trained on", bins_accuracy=f"the mean accuracy of {', '.join(bins)}.bin")
+print(f"data: {len(train_faces.classes)} identities, {len(train_faces)} train {train_faces.unit}s"
+      + (f", {len(probes)} valid images of {len(probes.classes)} identities" if has_valid else "")
+      + "".join(f", {name}.bin {len(same)} pairs" for name, (_, same) in bins.items())
+      + f"; training on {rows or 'P x K batches'}; choosing the checkpoint on {chosen_on[select_key]}"
       + (f" ({len(triplet_view)} anchors matching {anchor_pattern!r})" if anchor_pattern else ""))
 
 # model, objective, optimiser -------------------------------------------------
@@ -256,7 +276,7 @@ if checkpoint:
 saver = Checkpointer(out_dir, model, objective, config, train_faces.classes, image_size, read_alignment(data_dir))
 last_path = saver.path("last.pth")
 stop = StopSignals(distributed, f"stopping after the current step to save {last_path}" if master else None).install()
-loaders = (train_loader, gallery_loader, probe_loader)
+loaders = [loader for loader in (train_loader, gallery_loader, probe_loader) if loader is not None]
 
 
 def stop_at_nan(err):
@@ -314,7 +334,9 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         started = time.time()
         if evaluating:
             metrics = evaluate(model, objective, gallery_loader, probe_loader, train_faces.classes, valid_rows,
-                               device, autocast)
+                               device, autocast) if has_valid else {}
+            metrics.update(evaluate_bins(model, bins, evaluation_transform, device, autocast,
+                                         loader_args["batch_size"]))
         run.history.append(dict(epoch=epoch, step=run.step, **figures, **(metrics if evaluating else {}),
                                 train_seconds=round(run.train_seconds, 1), lr=opt.param_groups[0]["lr"],
                                 valid_seconds=round(time.time() - started, 3), save_seconds=None))
@@ -326,7 +348,7 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
                                           save_every)
             reported(saver.path("curves.png"),
                      lambda: plot_history(run.history, saver.path("curves.png"), x=plot_x, best_by=select_key))
-        listed = write_skipped((train_faces, gallery, probes), saver.path("skipped_files.txt"), listed)
+        listed = write_skipped(datasets, saver.path("skipped_files.txt"), listed)
         run.history[-1]["save_seconds"] = round(time.time() - started - run.history[-1]["valid_seconds"], 3)
         reported(saver.path("history.json"), lambda: save_json(run.history, saver.path("history.json")))
         print(epoch_summary(epoch, epochs, figures, metrics if evaluating else None, objective.figure,
@@ -337,5 +359,6 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
 if master:
     print(f"best {SELECTED[select_key]} {100 * run.best[select_key]:.2f}% at epoch {run.best['epoch']}; "
           f"{run.train_seconds:.0f}s of training. Saved {saver.path('tb_model.pth')}\n"
-          f"evaluate it with: python test.py --checkpoint={saver.path('tb_model.pth')}")
+          f"evaluate it with: python test.py --checkpoint={saver.path('tb_model.pth')}"
+          + (f" --val_bins={shlex.quote(val_bins)}" if val_bins else ""))
 shut_down(loaders, step, distributed)

@@ -1,4 +1,5 @@
 import os
+import pickle
 import subprocess
 import sys
 
@@ -25,6 +26,16 @@ def make_faces(root, identities=3, images=4, ext=".png"):
         for j in range(images):
             write_image(os.path.join(root, f"p{i}", f"{j}{ext}"), seed=100 * i + j)
     return root
+
+
+def write_verification_bin(path, pairs):
+    """An insightface verification set at `path` (a pickled (image bytes, two a pair; is-same flags)), of `pairs`
+    [(image a, image b, same)], each image bytes or the path of an image file (stored byte for byte)."""
+    def raw(image):
+        return image if isinstance(image, bytes) else open(image, "rb").read()
+    with open(path, "wb") as f:
+        pickle.dump(([raw(image) for a, b, _ in pairs for image in (a, b)], [bool(same) for *_, same in pairs]), f)
+    return path
 
 
 def run_script(*args, cwd=ROOT, check=True, timeout=600):

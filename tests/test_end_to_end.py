@@ -9,7 +9,6 @@ other files."""
 import importlib.util
 import json
 import os
-import pickle
 import re
 import shlex
 import signal
@@ -25,7 +24,7 @@ import torch
 from PIL import Image
 
 from checkpoint import load_checkpoint
-from conftest import ROOT, make_faces, run_script, write_image
+from conftest import ROOT, make_faces, run_script, write_image, write_verification_bin
 from data_utils import load_rgb, make_transform
 from model import model_from_checkpoint
 from prepare import align_dataset, split_dataset
@@ -395,8 +394,7 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
               for person in os.listdir(data / "unseen" / "train")}
     first, second = (photos[person] for person in sorted(photos))
     pairs = [(a, b, True) for a, b in zip(first, first[1:])] + [(a, b, False) for a, b in zip(first, second)]
-    with open(data / "unseen" / "held.bin", "wb") as f:  # insightface's .bin: (image bytes, is-same flags)
-        pickle.dump(([open(p, "rb").read() for a, b, _ in pairs for p in (a, b)], [s for *_, s in pairs]), f)
+    write_verification_bin(data / "unseen" / "held.bin", pairs)
     run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={data / 'unseen'}", "--flip",
                "--val_bins=held")
     results = json.loads((out / "results.json").read_text())
