@@ -5,6 +5,7 @@
     python bench.py --quick                 # a reduced run (two epochs on six people), under a minute
     python bench.py --recipes=default --seeds=1 --train_flags="--eval_every=2"   # flags for every train.py run
     python bench.py --gpu                   # CUDA: ResNet50 at 224x224 training steps, train.py on real images
+    python bench.py --gpu_rec=data/faces    # CUDA: IResNet-50 on insightface records (train.rec, *.bin)
     python bench.py --docs=docs/results.md  # also write the tables into that file
 
 The raw AT&T folder (s1..s40) comes from --att_dir or the FACE_DATA environment variable; it is split 7/1/2 per
@@ -25,7 +26,7 @@ epoch spent on validation and on saving (checkpoints, history, curves).
 Each table is printed in markdown. With --docs=PATH it is also written into PATH between the lines
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (a pair missing from the file is appended under a `## NAME`
 heading), with the command, the date and the machine beneath it. Tables: att_recipes, att_pipeline, and with
---gpu gpu_step, gpu_pipeline, gpu_embedding.
+--gpu gpu_step, gpu_pipeline, gpu_embedding, with --gpu_rec gpu_records.
 """
 import argparse
 import datetime
@@ -37,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import runpy
 import tempfile
 import time
 from collections import namedtuple
@@ -52,6 +54,7 @@ from inference import embed_batch
 from losses import build_objective
 from model import EmbeddingNet, model_from_checkpoint, select_device
 from prepare import split_dataset
+from recordio import read_property
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {  # name: train.py arguments
@@ -75,7 +78,8 @@ GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile, read_loss) of th
     ("AMP + channels_last, the loss read every step (.item())", True, True, False, True),
     ("AMP + channels_last + compile", True, True, True, False),
 )
-TABLES = ("att_recipes", "att_pipeline", "gpu_step", "gpu_pipeline", "gpu_embedding")
+TABLES = ("att_recipes", "att_pipeline", "gpu_step", "gpu_pipeline", "gpu_embedding", "gpu_records")
+RECORDS_RECIPE = "configs/ms1m_iresnet50.py"  # --gpu_rec: the field's standard recipe, on insightface-layout data
 # a table of the results: `name` (its markers in --docs), `title` (the line above it), column titles, rows of cells
 Table = namedtuple("Table", "name title header rows")
 
@@ -162,18 +166,19 @@ def steady_speed(history):
 # the bare figures: what train.py and test.py do, on random tensors
 
 def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu", amp=False, channels_last=False,
-                     compile=False, read_loss=False):
-    """Images/s of train.py's whole training step (engine.TrainingStep: forward, ArcFace loss in float32 over 40
-    identities, backward, fused Adam update, schedule) of EmbeddingNet(**model_config) on random uint8 images
-    (batch, 3, *image_size) already on `device`, normalised by the step as in training, and random labels. With
-    train.py's autocast (`amp`), memory format and compiler options; with `read_loss` the loss read on the CPU after
-    each step, as train.py does (on a GPU the CPU then waits for the step to finish before it queues the next).
-    Two warm-up steps (and the compilation), then steps until `seconds` have passed (at least three)."""
+                     compile=False, read_loss=False, num_classes=40):
+    """Images/s of train.py's whole training step (engine.TrainingStep: forward, ArcFace loss in float32 over
+    `num_classes` identities, backward, fused Adam update, schedule) of EmbeddingNet(**model_config) on random
+    uint8 images (batch, 3, *image_size) already on `device`, normalised by the step as in training, and random
+    labels. With train.py's autocast (`amp`), memory format and compiler options; with `read_loss` the loss read on
+    the CPU after each step, as train.py does (on a GPU the CPU then waits for the step to finish before it queues
+    the next). Two warm-up steps (and the compilation), then steps until `seconds` have passed (at least three)."""
     torch.manual_seed(0)
     device, autocast, fp16_scaling = select_device(device, amp)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = EmbeddingNet(**model_config).to(device, memory_format=memory_format).train()
-    objective = build_objective("arcface", embedding_dim=model_config["embedding_dim"], num_classes=40).to(device)
+    objective = build_objective("arcface", embedding_dim=model_config["embedding_dim"], num_classes=num_classes)
+    objective = objective.to(device)
     optimizer = build_optimizer("adam", [*model.parameters(), *objective.parameters()], lr=2e-3, weight_decay=0.0)
     # train.py's default schedule (the learning rate does not change the cost of a step)
     scheduler = build_schedule("onecycle", optimizer, steps_per_epoch=1000, epochs=1)
@@ -181,7 +186,7 @@ def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu",
     step = TrainingStep(torch.compile(model) if compile else model, objective, optimizer, scheduler, scaler, device,
                         autocast, memory_format)
     images = torch.randint(0, 256, (batch, 3, *as_hw(image_size)), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 40, (batch,), device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     torch.backends.cudnn.benchmark = device.startswith("cuda")  # as train.py: time the kernels for fixed shapes
 
@@ -380,6 +385,34 @@ def gpu_pipeline(data_dir, work, workers, batch, size, reference):
     return Table("gpu_pipeline", title, header, rows), os.path.join(out, "tb_model.pth")
 
 
+def gpu_records(rec_dir, work, workers, epochs=6, seconds=10.0):
+    """The gpu_records table: images/s of RECORDS_RECIPE's training step (its network, image size and batch) on
+    random tensors in float32 and with AMP + channels_last, then of train.py with that recipe on the insightface-
+    layout folder `rec_dir` (train.rec, checkpoint chosen on its .bin sets) through the whole pipeline (records read
+    and decoded by the DataLoader `workers` each epoch, --cache_images=false), against the AMP step."""
+    recipe = runpy.run_path(os.path.join(HERE, RECORDS_RECIPE))
+    network = {k: recipe[k] for k in ("backbone", "embedding_dim", "head")}
+    size, batch = as_hw(recipe["image_size"]), recipe["batch_size"]
+    classes = read_property(rec_dir)
+    bare = {label: bare_train_speed(network, size, batch, seconds, "cuda", amp, amp, num_classes=classes[0] if classes
+                                    else 1000) for label, amp in (("float32", False), ("AMP + channels_last", True))}
+    rows = [[f"the step on random tensors, {label}", cell(speed), ""] for label, speed in bare.items()]
+    bins = ",".join(sorted(os.path.splitext(n)[0] for n in os.listdir(rec_dir) if n.endswith(".bin")))
+    for count in workers:
+        out = os.path.join(work, f"records_workers{count}")
+        run(["train.py", RECORDS_RECIPE, f"--data_dir={rec_dir}", f"--val_bins={bins}", f"--out_dir={out}",
+             f"--epochs={epochs}", f"--eval_every={epochs}", "--cache_images=false", f"--num_workers={count}"],
+            out + "_train.log")
+        speed = steady_speed(read_json(out, "history.json"))
+        print(f"train.py on the records, num_workers={count}: {speed:.0f} images/s", flush=True)
+        rows.append([f"train.py on the records, num_workers={count}", cell(speed),
+                     cell(speed / bare["AMP + channels_last"], " %", 0, 100)])
+    title = (f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}: {RECORDS_RECIPE} "
+             f"({network['backbone']} + {network['head']} -> {network['embedding_dim']}-d at {size[0]}x{size[1]}, "
+             f"batches of {batch}) on {rec_dir} ({classes[0] if classes else '?'} identities)")
+    return Table("gpu_records", title, ["what trains", "images/s", "against the AMP step"], rows)
+
+
 def gpu_embedding(checkpoint, data_dir, workers):
     """The gpu_embedding table: test.py's embedding pass over `data_dir` without and with each number of
     DataLoader `workers`, against bare inference."""
@@ -459,6 +492,8 @@ def parse_args(argv):
     parser.add_argument("--train_flags", default="", help="train.py flags added to every run (after the recipe's)")
     parser.add_argument("--gpu", action="store_true", help="the CUDA figures instead: ResNet50 at 224x224 on random "
                                                            "tensors and train.py on real images")
+    parser.add_argument("--gpu_rec", default="", help="--gpu: IResNet-50 (configs/ms1m_iresnet50.py) on this "
+                        "insightface-layout folder (train.rec and .bin sets) instead of ResNet50 on AT&T")
     parser.add_argument("--gpu_workers", default="4,8,12", type=int_list,
                         help="--gpu: train.py's num_workers to try, comma-separated")
     parser.add_argument("--docs", default="", help="also write the tables into this markdown file, between markers")
@@ -468,6 +503,9 @@ def parse_args(argv):
         sys.exit(f"error: --recipes: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
     if not os.path.isdir(os.path.join(args.att_dir, "s1")):
         sys.exit(f"error: {args.att_dir} is not the AT&T folder (s1..s40); pass --att_dir or set FACE_DATA")
+    if args.gpu_rec and not os.path.isfile(os.path.join(args.gpu_rec, "train.rec")):
+        sys.exit(f"error: --gpu_rec: {args.gpu_rec} holds no train.rec (prepare.py pack FOLDER DIR/train.rec)")
+    args.gpu = args.gpu or bool(args.gpu_rec)
     if args.gpu and not torch.cuda.is_available():
         sys.exit("error: --gpu needs a CUDA GPU, and torch.cuda.is_available() is False here")
     try:  # checked now rather than after an hour of runs
@@ -481,7 +519,8 @@ def parse_args(argv):
 
 def recipes_caption(args):
     """The line above the att_recipes table: the conditions of the runs."""
-    return (f"AT&T faces, 7/1/2 split (top-1 on the 80 test images, which chose nothing), random initialisation, "
+    start = "from the network of --init_from" if "--init_from" in args.train_flags else "random initialisation"
+    return (f"AT&T faces, 7/1/2 split (top-1 on the 80 test images, which chose nothing), {start}, "
             f"{os.cpu_count()} CPU cores"
             + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {args.seeds} seed(s)")
             + (f", train.py {args.train_flags}" if args.train_flags else ""))
@@ -493,11 +532,13 @@ def main(argv=None):
     note = provenance(argv, args.gpu)
     work = args.keep or tempfile.mkdtemp(prefix="bench_")
     try:
-        data_dir = prepare_data(args.att_dir, work, args.quick)
+        data_dir = None if args.gpu_rec else prepare_data(args.att_dir, work, args.quick)
     except DatasetError as err:
         sys.exit(f"error: --att_dir: {err}")
     lines = []
-    if args.gpu:
+    if args.gpu_rec:
+        tables = [gpu_records(args.gpu_rec, work, args.gpu_workers)]
+    elif args.gpu:
         tables = gpu_tables(data_dir, work, args.gpu_workers)
     else:
         names = args.recipes.split(",")

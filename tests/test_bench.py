@@ -118,3 +118,23 @@ def test_bad_flags_exit_naming_the_flag(att_faces, tmp_path):
     with pytest.raises(SystemExit) as exit:
         bench.main([f"--att_dir={att_faces}", f"--docs={tmp_path / 'results.md'}"])
     assert "--docs" in str(exit.value.code)
+    with pytest.raises(SystemExit) as exit:  # a folder without records
+        bench.main([f"--att_dir={att_faces}", f"--gpu_rec={tmp_path}"])
+    assert "--gpu_rec" in str(exit.value.code)
+
+
+def test_the_recipes_caption_says_where_the_networks_started(att_faces):
+    plain = bench.recipes_caption(bench.parse_args([f"--att_dir={att_faces}"]))
+    initialised = bench.recipes_caption(bench.parse_args([f"--att_dir={att_faces}",
+                                                          "--train_flags=--init_from=lfw/tb_model.pth"]))
+    assert "random initialisation" in plain and "random initialisation" not in initialised
+    assert "--init_from=lfw/tb_model.pth" in initialised
+
+
+def test_the_bare_step_scores_as_many_identities_as_asked(monkeypatch):
+    built = []
+    monkeypatch.setattr(bench, "build_objective", lambda *args, **kwargs: built.append(kwargs["num_classes"]) or
+                        build_objective(*args, **kwargs))
+    network = dict(backbone="smallcnn", embedding_dim=8, head="mlp", hidden_dim=16)
+    bench.bare_train_speed(network, 32, batch=4, seconds=0, num_classes=3009)
+    assert built == [3009]
