@@ -5,7 +5,8 @@ A checkpoint is a dict of tensors and plain values. Every one holds what test.py
 `model_config`, `image_size`, `classes`, `epoch` (the last evaluated epoch), `metrics` (its evaluation), `config`
 (the run's settings) and `loss_state` (the objective's parameters: ArcFace's centres, the pair classifier).
 last.pth also holds all that --resume continues from: `optimizer`, `scheduler`, `scaler`, `world_size` and the
-RunState's fields (`step`, `history`, `best`, `train_seconds`, `rng`, `position`).
+RunState's fields (`step`, `history`, `best`, `train_seconds`, `rng`, `position`). PartialFC's centres, sharded
+over the processes, are saved whole (ShardedCentres), as an unsharded run's.
 """
 import os
 import pickle
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from configurator import ConfigError
 from files import atomic_write, reported
+from losses import partial_fc_shard
 
 # what a resumed run may be given anew: nothing that shapes the model, the data or the optimisation
 RESUMABLE = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "eval_every", "save_every",
@@ -163,38 +165,109 @@ class RandomState:
             self.generator.set_state(state["loader"])
 
 
+class ShardedCentres:
+    """PartialFC's class centres (`objective`, a losses.PartialFC: each process holds the rows of its share) and the
+    `optimizer`'s state of them (SGD's momentum, Adam's moments), as checkpoints hold them: whole, in the layout of
+    the unsharded margin softmax (loss_state {"weight": (C, D)}, the optimiser's state of its (C, D) centres), so
+    that a checkpoint does not depend on the process that saved it, and a run resumes on any number of
+    processes."""
+
+    def __init__(self, objective, optimizer):
+        self.objective, self.optimizer = objective, optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.index = next(i for i, p in enumerate(params) if p is objective.margin.weight)  # its key in state_dict
+
+    def local(self):
+        """This process's rows: {"weight": its centres, and each of the optimiser's states of them by name}."""
+        weight = self.objective.margin.weight
+        state = self.optimizer.state.get(weight, {})
+        return dict(weight=weight.detach(), **{name: value for name, value in sorted(state.items())
+                                               if torch.is_tensor(value) and value.shape == weight.shape})
+
+    def gather(self):
+        """On process 0, whole()'s checkpoint parts; None on the others. Every process must call it at once."""
+        world_size = self.objective.world_size
+        if world_size == 1:
+            return self.whole({name: [rows] for name, rows in self.local().items()})
+        sizes = [end - start for start, end in (partial_fc_shard(self.objective.num_classes, rank, world_size)
+                                                for rank in range(world_size))]
+        shards = {name: _gather_rows(rows, sizes) for name, rows in self.local().items()}
+        return None if dist.get_rank() else self.whole(shards)
+
+    def whole(self, shards):
+        """dict(loss_state=the whole centres, optimizer=the optimiser's state_dict with their whole state) from
+        `shards`: {name: every process's rows of it, in rank order} (local()'s names)."""
+        tensors = {name: torch.cat([rows.cpu() for rows in parts]) for name, parts in shards.items()}
+        optimizer = self.optimizer.state_dict()
+        moments = {name: tensor for name, tensor in tensors.items() if name != "weight"}
+        if moments:  # (new dicts: state_dict's inner ones are the optimiser's own)
+            optimizer["state"] = {**optimizer["state"], self.index: {**optimizer["state"][self.index], **moments}}
+        return dict(loss_state=dict(weight=tensors["weight"]), optimizer=optimizer)
+
+    def shard(self, checkpoint):
+        """`checkpoint` (whole centres) with this process's rows of them, in its loss_state and optimizer."""
+        whole, start, end = checkpoint["loss_state"]["weight"], self.objective.start, self.objective.end
+
+        def rows(value):  # a copy: the whole layer is not kept alive behind a view
+            return value[start:end].clone() if torch.is_tensor(value) and value.shape == whole.shape else value
+
+        optimizer = checkpoint["optimizer"]
+        if self.index in optimizer["state"]:
+            state = {name: rows(value) for name, value in optimizer["state"][self.index].items()}
+            optimizer = {**optimizer, "state": {**optimizer["state"], self.index: state}}
+        return {**checkpoint, "loss_state": {"margin.weight": rows(whole)}, "optimizer": optimizer}
+
+
+def _gather_rows(tensor, sizes):
+    """Every process's rows of `tensor` (sizes[r] of them on process r), a list in rank order on process 0 (on the
+    CPU), None on the others. All the processes call it at once."""
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # (gather takes tensors of one shape)
+    padded[:len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes] if dist.get_rank() == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return [part[:size].cpu() for part, size in zip(parts, sizes)] if parts else None
+
+
 class Checkpointer:
     """Writes a run's checkpoints into `out_dir`, each atomically (files.atomic_write), a failure reported. `model`
     and `objective` are the plain modules (not their distributed or compiled wrappers); `identity` holds the
     values every checkpoint repeats: model_config, image_size, classes, config, and `alignment` (the record of
     the dataset's alignment, align.read_alignment's; None for unaligned data), by which test.py and predict.py
-    prepare photos as the training data was."""
+    prepare photos as the training data was. `centres`: the ShardedCentres of a PartialFC objective, or None."""
 
-    def __init__(self, out_dir, model, objective, config, classes, image_size, alignment=None):
-        self.out_dir, self.model, self.objective = out_dir, model, objective
+    def __init__(self, out_dir, model, objective, config, classes, image_size, alignment=None, centres=None):
+        self.out_dir, self.model, self.objective, self.centres = out_dir, model, objective, centres
         self.identity = dict(model_config=model.config, image_size=list(image_size), classes=classes, config=config,
                              alignment=alignment)
 
     def path(self, name):
         return os.path.join(self.out_dir, name)
 
-    def save(self, name, epoch, metrics, training=None):
+    def gather(self):
+        """What save's `whole` wants: PartialFC's centres and their optimiser state, whole, on the master (None on
+        the others, and without PartialFC). Every process calls it at once, before the master saves."""
+        return self.centres.gather() if self.centres else None
+
+    def save(self, name, epoch, metrics, training=None, whole=None):
         """Write `name` for the evaluated `epoch` and its `metrics`; returns whether it saved. Without `training`,
-        all that test.py needs; with it (training_state's dict), all that --resume continues from."""
+        all that test.py needs; with it (training_state's dict), all that --resume continues from. `whole`: gather's,
+        replacing this process's share of sharded centres."""
         state = dict(model=self.model.state_dict(), loss_state=self.objective.state_dict(), epoch=epoch,
                      metrics=metrics, **self.identity, **(training or {}))
+        if whole:
+            state.update(loss_state=whole["loss_state"], **(dict(optimizer=whole["optimizer"]) if training else {}))
         path = self.path(name)
         return reported(path, lambda: atomic_write(path, lambda f: torch.save(state, f)))
 
-    def save_epoch(self, run, epoch, metrics, training, save_every=0):
+    def save_epoch(self, run, epoch, metrics, training, save_every=0, whole=None):
         """The saves after an evaluated epoch: tb_model.pth when it is the best so far (`run.best` is this
-        epoch's entry), last.pth with the training state, epoch_N.pth every `save_every` epochs. Returns whether
-        last.pth saved."""
+        epoch's entry), last.pth with the training state, epoch_N.pth every `save_every` epochs (`whole`: see
+        save). Returns whether last.pth saved."""
         if run.best is not None and run.best["epoch"] == epoch:
-            self.save("tb_model.pth", epoch, metrics)
-        saved = self.save("last.pth", epoch, metrics, training)
+            self.save("tb_model.pth", epoch, metrics, whole=whole)
+        saved = self.save("last.pth", epoch, metrics, training, whole)
         if save_every and epoch and epoch % save_every == 0:
-            self.save(f"epoch_{epoch}.pth", epoch, metrics)
+            self.save(f"epoch_{epoch}.pth", epoch, metrics, whole=whole)
         return saved
 
 
@@ -204,11 +277,14 @@ def training_state(run, optimizer, scheduler, scaler, world_size):
                 world_size=world_size, **run.state_dict())
 
 
-def resume_training(checkpoint, parts, randomness, world_size, best_path, log=print):
+def resume_training(checkpoint, parts, randomness, world_size, best_path, log=print, centres=None):
     """Load a resumed checkpoint into the built `parts` (model, objective, optimizer, scheduler, grad scaler) and
     the random generators (RandomState `randomness`); returns its RunState. The best epoch is forgotten when
     `best_path` (tb_model.pth, rewritten only by a better epoch) is missing. A run of another number of processes
-    starts its random augmentation anew, which a run stopped mid-epoch cannot (CheckpointError)."""
+    starts its random augmentation anew, which a run stopped mid-epoch cannot (CheckpointError). `centres`: the
+    ShardedCentres of a PartialFC objective, which takes its share of the saved centres."""
+    if centres:
+        checkpoint = centres.shard(checkpoint)
     model, objective, optimizer, scheduler, scaler = parts
     model.load_state_dict(checkpoint["model"])
     objective.load_state_dict(checkpoint["loss_state"])

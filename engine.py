@@ -49,6 +49,9 @@ def check_config(config):
         ("save_every", c["save_every"] < 0, "must be 0 (never) or more"),
         ("lr", not c["lr"] > 0, "must be positive"),
         ("embedding_dim", c["embedding_dim"] < 1, "must be positive"),
+        ("partial_fc", not 0 <= c["partial_fc"] <= 1, "is a sample rate: 0 (off) or above 0 up to 1"),
+        ("partial_fc", c["partial_fc"] and c["loss"] not in MARGIN_SOFTMAX,
+         "shards the class centres of a margin softmax: use it with --loss=arcface or cosface"),
     ]
     for flag, broken, message in rules:
         if broken:
@@ -343,7 +346,10 @@ def evaluate(model, objective, gallery_loader, probe_loader, train_classes, vali
 
 
 def valid_objective(objective, embeddings, labels, classes, train_classes, valid_rows):
-    """evaluate's loss (and the pair classifier's decisions) on the probes' embeddings."""
+    """evaluate's loss (and the pair classifier's decisions) on the probes' embeddings. Nothing (the loss stays NaN)
+    for PartialFC's centres sharded over the processes: the master evaluates alone and holds only its share."""
+    if getattr(objective, "sharded", False):
+        return {}
     device = embeddings.device
     if objective.rows is None:
         labels = relabel(labels, classes, train_classes)

@@ -335,7 +335,12 @@ class PartialFC(nn.Module):
     DistributedDataParallel: no two processes hold the same centres); the embeddings get world_size times theirs,
     which gather_batch's backward and DistributedDataParallel's averaging of the network's gradients bring back to
     the loss's. stats: {"accuracy": share of embeddings whose label's centre is the most similar of those scored}.
-    Outside a distributed run it is the margin softmax on one process (with sampling below sample_rate 1)."""
+    Outside a distributed run it is the margin softmax on one process (with sampling below sample_rate 1).
+
+    The centres start uniform in +-sqrt(6 / (C + D)), Xavier's bound of the whole (C, D) layer, whatever the share:
+    as normalised centres, their norm sets how fast they turn, which must not depend on the number of processes.
+    In eval mode every centre of this process is scored (nothing is drawn); a `sharded` one (world_size > 1) needs
+    every process at each call."""
 
     rows, figure = None, "accuracy"
 
@@ -348,15 +353,28 @@ class PartialFC(nn.Module):
             raise ValueError(f"the margin softmax holds {margin.weight.shape[0]} centres; process {rank} of "
                              f"{world_size} holds classes {self.start}..{end - 1}")
         self.margin, self.num_classes, self.sample_rate, self.world_size = margin, num_classes, sample_rate, world_size
+        self.end, self.sharded = end, world_size > 1
+        dim = margin.weight.shape[1]
+        with torch.no_grad():  # the margin softmax drew them with the bound of its share's (end - start, D) layer
+            margin.weight.mul_(math.sqrt((end - self.start + dim) / (num_classes + dim)))
+
+    def summary(self):
+        """The startup line: the centres' memory per process against the unsharded layer's."""
+        dim, size = self.margin.weight.shape[1], self.margin.weight.element_size()
+        largest = max(b - a for a, b in (partial_fc_shard(self.num_classes, r, self.world_size)
+                                         for r in range(self.world_size)))
+        return (f"centres: {self.num_classes:,} x {dim}, {_megabytes(largest * dim * size)} per process of "
+                f"{self.world_size} ({_megabytes(self.num_classes * dim * size)} unsharded; as much again per "
+                f"optimiser moment), each step scoring the batch's classes and {self.sample_rate:.0%} of the others")
 
     def sampled(self, labels):
         """(the indices into this process's centres scored this step, each label's position among them or -1):
-        the batch's classes of this share, then a random `sample_rate` share of the rest."""
+        the batch's classes of this share, then a random `sample_rate` share of the rest (in eval mode, all)."""
         local = labels - self.start
         mine = (local >= 0) & (local < self.margin.weight.shape[0])
         count = self.margin.weight.shape[0]
         positives = torch.unique(local[mine])
-        keep = max(int(self.sample_rate * count), len(positives))
+        keep = max(int(self.sample_rate * count), len(positives)) if self.training else count
         if keep >= count:
             index = torch.arange(count, device=labels.device)
         else:  # the positives rank first, then the others at random
@@ -403,6 +421,10 @@ def partial_fc_shard(num_classes, rank, world_size):
     return rank * num_classes // world_size, (rank + 1) * num_classes // world_size
 
 
+def _megabytes(count):
+    return f"{count / 1e6:,.0f} MB" if count >= 1e7 else f"{count / 1e6:.2g} MB"
+
+
 def _all_reduce(tensor, op):
     tensor = tensor.clone()
     dist.all_reduce(tensor, op)
@@ -446,26 +468,37 @@ def batch_rows(loss, mining="none"):
 
 
 def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim=128, num_classes=0,
-                    arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35):
+                    arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35, partial_fc=0.0,
+                    rank=0, world_size=1):
     """The training objective `loss` (one of OBJECTIVES) with `mining` (one of MINING): "none" trains the triplet
     and contrastive losses on given rows, the others mine labelled batches. pair_bce trains on given pairs only;
     arcface and cosface classify labelled batches whatever the mining, over `num_classes` training identities
-    (arcface_scale is the scale of both)."""
+    (arcface_scale is the scale of both); with `partial_fc` > 0, as PartialFC of that sample rate, process `rank` of
+    `world_size` holding its share of the centres."""
     if loss not in OBJECTIVES:
         raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     check_mining(mining)
     if loss == "pair_bce" and mining != "none":
         raise ValueError(f"loss='pair_bce' trains on given pairs, not on mined ones: use mining='none', not "
                          f"{mining!r}")
+    if partial_fc and loss not in MARGIN_SOFTMAX:
+        raise ValueError(f"partial_fc shards the centres of a margin softmax ({', '.join(MARGIN_SOFTMAX)}), not "
+                         f"of loss={loss!r}")
+    if partial_fc and num_classes < world_size:
+        raise ValueError(f"partial_fc shares the centres of {num_classes} identities among {world_size} processes: "
+                         f"each needs one at least")
     if loss == "triplet":
         return TripletLoss(margin, squared, mining)
     if loss == "contrastive":
         return ContrastiveLoss(margin, mining)
     if loss == "pair_bce":
         return PairClassifierLoss(embedding_dim, pair_hidden_dim)
+    start, end = partial_fc_shard(num_classes, rank, world_size) if partial_fc else (0, num_classes)
     if loss == "cosface":
-        return CosFaceLoss(embedding_dim, num_classes, arcface_scale, cosface_margin)
-    return ArcFaceLoss(embedding_dim, num_classes, arcface_scale, arcface_margin)
+        softmax = CosFaceLoss(embedding_dim, end - start, arcface_scale, cosface_margin)
+    else:
+        softmax = ArcFaceLoss(embedding_dim, end - start, arcface_scale, arcface_margin)
+    return PartialFC(softmax, num_classes, partial_fc, rank, world_size) if partial_fc else softmax
 
 
 # -----------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 
 import configurator
 from align import read_alignment
-from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, init_weights, resume_config,
-                        resume_training, training_state)
+from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, init_weights,
+                        resume_config, resume_training, training_state)
 from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs, draw_triplets,
                         loader_workers, make_transform, read_verification_bins, some_names, train_loader_for,
                         write_skipped)
@@ -79,6 +79,8 @@ arcface_scale = 30.0  # arcface and cosface: logit scale
 arcface_margin = 0.5  # arcface: additive angular margin, radians
 cosface_margin = 0.35  # cosface: additive cosine margin
 pair_hidden_dim = 64  # pair_bce: width of the pair classifier
+partial_fc = 0.0  # arcface and cosface: PartialFC, the class centres sharded over torchrun's processes, each step
+#   scoring the global batch's classes and this sample rate of the others: 0 off | above 0 up to 1 (1: every class)
 # optimiser
 optimizer = "adam"  # adamw: decoupled weight decay; sgd: momentum 0.9
 lr = 2e-3  # learning rate (peak learning rate for onecycle)
@@ -229,7 +231,8 @@ try:
         print(f"network initialised from {init_from}: its {' and '.join(init_weights(model, init_from))}")
     model = model.to(device, memory_format=memory_format)
     objective = build_objective(loss, mining, margin, squared, embedding_dim, len(train_faces.classes), arcface_scale,
-                                arcface_margin, pair_hidden_dim, cosface_margin).to(device)
+                                arcface_margin, pair_hidden_dim, cosface_margin, partial_fc, rank,
+                                world_size).to(device)
 except CheckpointError as err:
     sys.exit(f"error: --init_from: {err}")
 except (PretrainedUnavailable, ValueError) as err:
@@ -238,10 +241,13 @@ if sync_bn and distributed:
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same modules, their batch norms replaced
 trainable = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
 opt = build_optimizer(optimizer, trainable, lr, weight_decay)
+centres = ShardedCentres(objective, opt) if partial_fc else None  # saved whole, resumed in shares
 scheduler = build_schedule(lr_schedule, opt, len(train_loader), epochs, step_size, gamma)
 print(f"model: {backbone}{' (frozen)' if freeze_backbone else ''} + {head} head -> {embedding_dim}-d, "
       f"{sum(p.numel() for p in trainable) / 1e6:.1f} M trainable parameters, {loss} loss, on {device}"
       + (f" with {autocast.fast_dtype} autocast" if isinstance(autocast, torch.autocast) else ""))
+if centres:
+    print(objective.summary())
 describe(model, objective, opt, lr_schedule, verbosity)
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -249,12 +255,13 @@ if master:
                    channels_last=nhwc, num_workers=workers), os.path.join(out_dir, "config.json"))
     save_triplet_examples(triplet_view, os.path.join(out_dir, "triplets.png"))
 # what trains: the network and the objective, wrapped so that a distributed run averages their gradients over the
-# processes, and compiled on request; model and objective are what evaluates and is saved
+# processes (not PartialFC's: its processes hold different centres), and compiled on request; model and objective
+# are what evaluates and is saved
 network, train_objective = model, objective
 if distributed:
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
     network = DistributedDataParallel(model, device_ids)
-    if any(p.requires_grad for p in objective.parameters()):
+    if any(p.requires_grad for p in objective.parameters()) and not centres:
         train_objective = DistributedDataParallel(objective, device_ids)
 if compile:
     network = torch.compile(network)
@@ -267,13 +274,14 @@ run, metrics = RunState(), None
 if checkpoint:
     try:
         run = resume_training(checkpoint, (model, objective, opt, scheduler, scaler), randomness, world_size,
-                              os.path.join(out_dir, "tb_model.pth"))
+                              os.path.join(out_dir, "tb_model.pth"), centres=centres)
     except CheckpointError as err:
         sys.exit(f"error: --resume: {err}")
-    metrics = checkpoint["metrics"]
+    metrics, checkpoint = checkpoint["metrics"], None  # loaded: PartialFC's whole centres need not stay in memory
     print(f"resuming {resume} at epoch {run.next_epoch()}/{epochs}"
           + (f", step {run.position['batches'] + 1} of {len(train_loader)}" if run.position else ""))
-saver = Checkpointer(out_dir, model, objective, config, train_faces.classes, image_size, read_alignment(data_dir))
+saver = Checkpointer(out_dir, model, objective, config, train_faces.classes, image_size, read_alignment(data_dir),
+                     centres)
 last_path = saver.path("last.pth")
 stop = StopSignals(distributed, f"stopping after the current step to save {last_path}" if master else None).install()
 loaders = [loader for loader in (train_loader, gallery_loader, probe_loader) if loader is not None]
@@ -291,13 +299,13 @@ def stop_for_signal(where, position=None):
     Mid-epoch, last.pth is saved first with the `position` in the epoch; after an epoch, its saves just ran."""
     saved = last_saved
     if position:
-        if poisoned(model, objective):
+        if agreed([poisoned(model, objective)], device, distributed)[0]:  # (PartialFC: each its own centres)
             stop_at_nan(NonFinite("the weights are no longer finite", position["epoch"], position["batches"],
                                   len(train_loader)))
-        run.rng, run.position = randomness.capture(), position
+        run.rng, run.position, whole = randomness.capture(), position, saver.gather()
         if master:
             saved = saver.save("last.pth", run.history[-1]["epoch"], metrics,
-                               training_state(run, opt, scheduler, scaler, world_size))
+                               training_state(run, opt, scheduler, scaler, world_size), whole)
     shut_down(loaders, step, distributed)  # after the master's save: torchrun stops the others when one exits
     launcher = f"torchrun --nproc_per_node={world_size}" if distributed else "python"
     if master:
@@ -324,12 +332,14 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
                             stopped.position)
         except NonFinite as err:
             stop_at_nan(err)
-        if poisoned(model, objective):  # an update can overflow the weights while its own loss was finite
+        # an update can overflow the weights while its own loss was finite (PartialFC: in one process's centres)
+        if agreed([poisoned(model, objective)], device, distributed)[0]:
             stop_at_nan(NonFinite("the weights are no longer finite", epoch, len(train_loader), len(train_loader)))
     # a stop signal gets the epoch evaluated and saved (one during the evaluation stops the next step)
     stop.signum = agreed([stop.signum], device, distributed)[0]
     evaluating = epoch % eval_every == 0 or epoch == epochs or stop.signum
     run.rng = randomness.capture() if evaluating else None
+    whole = saver.gather() if evaluating else None  # PartialFC: every process hands its centres to the master
     if master:  # the others go on to the next epoch's first step, where they wait for it
         started = time.time()
         if evaluating:
@@ -345,7 +355,7 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
             run.best = run.history[-1]
         if evaluating:
             last_saved = saver.save_epoch(run, epoch, metrics, training_state(run, opt, scheduler, scaler, world_size),
-                                          save_every)
+                                          save_every, whole)
             reported(saver.path("curves.png"),
                      lambda: plot_history(run.history, saver.path("curves.png"), x=plot_x, best_by=select_key))
         listed = write_skipped(datasets, saver.path("skipped_files.txt"), listed)

@@ -4,16 +4,19 @@ import os
 import random
 from contextlib import nullcontext
 
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, load_checkpoint, resume_config,
-                        resume_training, training_state)
+from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, load_checkpoint,
+                        resume_config, resume_training, training_state)
 from configurator import ConfigError
 from engine import TrainingStep, build_optimizer, build_schedule
-from losses import build_objective
+from losses import build_objective, partial_fc_shard
 from model import EmbeddingNet
 
 CLASSES = ["p0", "p1", "p2"]
@@ -43,11 +46,12 @@ def assert_same(a, b, where="state"):
         assert a == b, where
 
 
-def tiny_parts(seed=0, scaler=None):
-    """(model, objective, optimizer, schedule, scaler) of a tiny arcface run, as train.py builds them."""
+def tiny_parts(seed=0, scaler=None, **sharding):
+    """(model, objective, optimizer, schedule, scaler) of a tiny arcface run, as train.py builds them; `sharding`:
+    build_objective's partial_fc, rank and world_size."""
     torch.manual_seed(seed)
     model = EmbeddingNet("smallcnn", 16, "mlp", 32)
-    objective = build_objective("arcface", embedding_dim=16, num_classes=len(CLASSES))
+    objective = build_objective("arcface", embedding_dim=16, num_classes=len(CLASSES), **sharding)
     optimizer = build_optimizer("adam", [*model.parameters(), *objective.parameters()], 1e-3, 0.0)
     schedule = build_schedule("onecycle", optimizer, steps_per_epoch=2, epochs=3)
     return model, objective, optimizer, schedule, scaler or torch.amp.GradScaler("cuda", enabled=False)
@@ -412,3 +416,129 @@ def test_resume_training_with_another_number_of_processes(tmp_path):
     checkpoint = saved_run(tmp_path, parts, run_state(trained=1, position=position), world_size=2)
     with pytest.raises(CheckpointError):
         resume_training(checkpoint, parts, RandomState("cpu"), 1, str(tmp_path / "none"), log=said.append)
+
+
+# -----------------------------------------------------------------------------
+# PartialFC's centres: saved whole, resumed in shares
+
+CENTRE_STATE = ["exp_avg", "exp_avg_sq", "weight"]  # local()'s names under Adam
+
+
+def stepped(parts, seed=0):
+    """`parts` after one optimiser step on random gradients, the same for the network of every process, so that
+    the optimiser holds a state of every parameter."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = parts[2]
+    for parameter in (p for group in optimizer.param_groups for p in group["params"]):
+        parameter.grad = torch.randn(parameter.shape, generator=generator)
+    optimizer.step()
+    return parts
+
+
+def test_sharded_centres_of_two_processes_save_whole_and_resume_in_any_number_of_shares(tmp_path):
+    """The two processes of a run faked in one: their shares gathered as process 0 gathers them, saved, and given
+    back to runs of 1, 2 and 3 processes."""
+    shares = [stepped(tiny_parts(seed=0, partial_fc=0.5, rank=rank, world_size=2)) for rank in range(2)]
+    centres = ShardedCentres(shares[0][1], shares[0][2])
+    local = [ShardedCentres(objective, optimizer).local() for _, objective, optimizer, *_ in shares]
+    assert sorted(local[0]) == CENTRE_STATE and [len(rows["weight"]) for rows in local] == [1, 2]
+    whole = centres.whole({name: [rows[name] for rows in local] for name in CENTRE_STATE})
+    model, _, optimizer, schedule, scaler = shares[0]
+    saver = Checkpointer(str(tmp_path), model, shares[0][1], dict(DEFAULTS, partial_fc=0.5), CLASSES, (32, 32),
+                         centres=centres)
+    saver.save_epoch(run_state(trained=1), 1, {}, training_state(run_state(trained=1), optimizer, schedule, scaler,
+                                                                 2), whole=whole)
+    checkpoint, best = load_checkpoint(saver.path("last.pth")), load_checkpoint(saver.path("tb_model.pth"))
+    assert_same(best["loss_state"], checkpoint["loss_state"])
+    unsharded = tiny_parts()[1]  # the layout of the unsharded margin softmax's
+    unsharded.load_state_dict(checkpoint["loss_state"])
+    saved = dict(checkpoint["optimizer"]["state"][centres.index], weight=checkpoint["loss_state"]["weight"])
+    for name in CENTRE_STATE:
+        assert torch.equal(saved[name], torch.cat([rows[name] for rows in local])), name
+
+    for world_size in (1, 2, 3):
+        for rank in range(world_size):
+            fresh = tiny_parts(seed=1, partial_fc=0.5, rank=rank, world_size=world_size)
+            resume_training(checkpoint, fresh, RandomState("cpu"), world_size, str(tmp_path / "tb_model.pth"),
+                            log=lambda *_: None, centres=ShardedCentres(fresh[1], fresh[2]))
+            start, end = partial_fc_shard(len(CLASSES), rank, world_size)
+            rows = ShardedCentres(fresh[1], fresh[2]).local()
+            for name in CENTRE_STATE:
+                assert torch.equal(rows[name], saved[name][start:end]), name
+            if world_size == 2:  # the very state that process had
+                for built, had in zip(fresh[:3], shares[rank][:3]):
+                    assert_same(built.state_dict(), had.state_dict(), type(built).__name__)
+
+
+def test_sharded_centres_of_one_process_are_the_whole_layer_and_no_collective_is_needed(tmp_path):
+    parts = stepped(tiny_parts(partial_fc=0.5))
+    centres = ShardedCentres(parts[1], parts[2])
+    whole = centres.gather()  # no process group: nothing to gather from
+    assert_same(whole["loss_state"], dict(weight=parts[1].margin.weight.detach()))
+    assert_same(whole["optimizer"], parts[2].state_dict())
+    assert whole["loss_state"]["weight"].data_ptr() != parts[1].margin.weight.data_ptr()  # a copy, not the live one
+    assert Checkpointer(str(tmp_path), *parts[:2], DEFAULTS, CLASSES, (32, 32)).gather() is None  # not sharded
+
+
+def initial_centres():
+    torch.manual_seed(1)
+    return build_objective("arcface", embedding_dim=6, num_classes=5).weight.detach()
+
+
+def training_batches():
+    """Two global batches of 16 images (3 x 2 x 2 floats) of the 5 classes; each process of two takes one half."""
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 3, 2, 2, generator=generator), torch.randint(0, 5, (16,), generator=generator))
+            for _ in range(2)]
+
+
+def sgd_training(network, objective, gather):
+    """(TrainingStep, optimiser) as train.py makes them: the insightface recipe's SGD with weight decay."""
+    optimizer = build_optimizer("sgd", [*network.parameters(), *objective.parameters()], 0.5, 5e-4)
+    schedule = build_schedule("step", optimizer, steps_per_epoch=10, epochs=1)
+    return TrainingStep(network, objective, optimizer, schedule, torch.amp.GradScaler("cuda", enabled=False), "cpu",
+                        nullcontext(), gather=gather, figure=objective.figure), optimizer
+
+
+def tiny_network():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
+
+
+def sharded_training_worker(rank, world_size, init_file, out):
+    """train.py's way under torchrun: the network DistributedDataParallel, PartialFC (sample rate 1) not."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    network = torch.nn.parallel.DistributedDataParallel(tiny_network())
+    objective = build_objective("arcface", embedding_dim=6, num_classes=5, partial_fc=1.0, rank=rank,
+                                world_size=world_size)
+    with torch.no_grad():
+        objective.margin.weight.copy_(initial_centres()[objective.start:objective.end])
+    step, optimizer = sgd_training(network, objective, gather=True)
+    mine = slice(rank * 8, (rank + 1) * 8)
+    for images, labels in training_batches():
+        step((images[mine], labels[mine]))
+    whole = ShardedCentres(objective, optimizer).gather()
+    torch.save(dict(network=network.module.state_dict(), whole=whole), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_at_sample_rate_1_train_the_weights_of_the_unsharded_margin_softmax(tmp_path):
+    """Two steps of two processes, each holding half the centres, give the network, the centres and their momentum
+    of one process training the unsharded ArcFace on the global batches; process 0 gathers them whole."""
+    mp.spawn(sharded_training_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    network, objective = tiny_network(), build_objective("arcface", embedding_dim=6, num_classes=5)
+    with torch.no_grad():
+        objective.weight.copy_(initial_centres())
+    step, optimizer = sgd_training(network, objective, gather=False)
+    for batch in training_batches():
+        step(batch)
+    assert not torch.allclose(objective.weight, initial_centres(), atol=1e-3)  # the comparison means something
+    gathered, other = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    assert other["whole"] is None
+    for name, value in network.state_dict().items():
+        torch.testing.assert_close(gathered["network"][name], value, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(gathered["whole"]["loss_state"]["weight"], objective.weight.detach(), atol=1e-5,
+                               rtol=1e-5)
+    index = len(list(network.parameters()))  # the centres follow the network's parameters
+    torch.testing.assert_close(gathered["whole"]["optimizer"]["state"][index]["momentum_buffer"],
+                               optimizer.state[objective.weight]["momentum_buffer"], atol=1e-5, rtol=1e-5)

@@ -4,12 +4,14 @@ The batches of the two processes are checked in tests/test_data.py (disjoint ide
 and the gathered mining in tests/test_losses.py (the loss and gradient of one process on the global batch).
 """
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from checkpoint import load_checkpoint
 from conftest import ROOT, run_script
@@ -87,6 +89,43 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_the_run_resumes(att_
     assert [h["epoch"] for h in history] == list(range(9))
     # 48 anchors, 24 in each process: 3 steps of 8 triplets (24 images) each, 144 images in all
     assert history[1]["step"] == 3 and history[1]["images"] == 144 and history[-1]["step"] == 24
+
+
+def test_partial_fc_shards_the_centres_saves_them_whole_and_a_stopped_run_resumes_exactly(att_subset, tmp_path):
+    """PartialFC at sample rate 0.5 (one sampled class of each process's three, besides the batch's), 4 steps of
+    12 images an epoch (the step schedule: the same learning rates for a run of 3 epochs and one resumed to 3)."""
+    args = [f"--data_dir={att_subset}", "--partial_fc=0.5", "--batch_size=6", "--images_per_identity=2",
+            "--lr_schedule=step", "--epochs=3", *SMALL]
+    whole = torchrun(*args, f"--out_dir={tmp_path / 'whole'}")
+    assert "centres: 6 x 32" in whole.stdout and "per process of 2" in whole.stdout
+    history = json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert [h["step"] for h in history] == [0, 4, 8, 12]
+    assert all(math.isnan(h["valid_loss"]) for h in history)  # the master alone holds half the centres
+    expected = load_checkpoint(str(tmp_path / "whole" / "last.pth"))
+    assert expected["loss_state"]["weight"].shape == (6, 32)  # whole, as an unsharded run's
+    best = load_checkpoint(str(tmp_path / "whole" / "tb_model.pth"))
+    assert best["loss_state"]["weight"].shape == (6, 32)
+
+    out = tmp_path / "stopped"
+    # in epoch 2, where last.pth is saved mid-epoch (or after it, on a slow machine)
+    assert torchrun(*args, f"--out_dir={out}", stop_rank=1).returncode != 0
+    assert load_checkpoint(str(out / "last.pth"))["epoch"] < 3
+    torchrun(f"--resume={out / 'last.pth'}")
+    resumed = load_checkpoint(str(out / "last.pth"))
+    for key in ("model", "loss_state", "optimizer"):
+        assert_same(resumed[key], expected[key], key)
+
+
+def assert_same(a, b, where):
+    """Nested dicts and lists of tensors and plain values are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, (dict, list)):
+        assert (a.keys() if isinstance(a, dict) else len(a)) == (b.keys() if isinstance(b, dict) else len(b)), where
+        for key in (a if isinstance(a, dict) else range(len(a))):
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    else:
+        assert a == b, where
 
 
 def test_sync_bn_on_the_cpu_is_refused_before_training(tmp_path):

@@ -20,7 +20,7 @@ from conftest import make_faces, write_image
 from data_utils import FaceFolder, draw_pairs, draw_triplets, make_transform, normalize, train_loader_for
 from engine import (NonFinite, StopRequested, StopSignals, TrainingStep, agreed, build_optimizer, build_schedule,
                     check_config, describe, epoch_summary, evaluate, poisoned, shut_down, train_one_epoch,
-                    warmup_cosine, worker_signals)
+                    valid_objective, warmup_cosine, worker_signals)
 from evaluation import identification_accuracy, pair_decisions, relabel, triplet_accuracy
 from inference import embed
 from losses import batch_rows, build_objective
@@ -30,7 +30,8 @@ SIZE = (32, 32)
 EMBEDDING = 16
 # train.py's defaults of the settings check_config reads
 VALID = dict(loss="arcface", mining="none", anchor_pattern="", device="auto", num_workers=-1, images_per_identity=4,
-             batch_size=32, epochs=30, eval_every=1, save_every=0, lr=2e-3, embedding_dim=128, image_size=(64, 56))
+             batch_size=32, epochs=30, eval_every=1, save_every=0, lr=2e-3, embedding_dim=128, image_size=(64, 56),
+             partial_fc=0.0)
 # the three kinds of training batches: P x K (labelled), random triplets, balanced pairs; 4 steps an epoch each
 PATHS = {"pk_arcface": ("arcface", "none", 4), "random_triplets": ("triplet", "none", 4),
          "random_pairs": ("contrastive", "none", 8)}
@@ -63,7 +64,8 @@ def test_train_py_defaults_pass_and_edge_values_are_allowed():
                    dict(epochs=0), dict(save_every=0), dict(images_per_identity=2), dict(image_size=8),
                    dict(loss="triplet", mining="none", anchor_pattern="script"),
                    dict(loss="pair_bce", mining="none", anchor_pattern="script"),
-                   dict(loss="triplet", mining="none", images_per_identity=1)):  # K only counts in P x K batches
+                   dict(loss="triplet", mining="none", images_per_identity=1),  # K only counts in P x K batches
+                   dict(partial_fc=1.0), dict(loss="cosface", partial_fc=0.1)):
         check_config(dict(VALID, **change))
 
 
@@ -84,6 +86,11 @@ def test_train_py_defaults_pass_and_edge_values_are_allowed():
     (dict(embedding_dim=0), "embedding_dim"),
     (dict(image_size=(4, 4)), "image_size"),
     (dict(image_size=(64, 56, 3)), "image_size"),
+    (dict(partial_fc=-0.1), "partial_fc"),
+    (dict(partial_fc=1.5), "partial_fc"),
+    (dict(partial_fc=float("nan")), "partial_fc"),
+    (dict(loss="triplet", mining="batch_hard", partial_fc=0.5), "partial_fc"),
+    (dict(loss="contrastive", partial_fc=1.0), "partial_fc"),
 ])
 def test_each_rule_names_its_flag(change, flag):
     with pytest.raises(ConfigError) as info:
@@ -521,6 +528,20 @@ def test_evaluate_without_known_probes_has_no_arcface_loss(train_root, valid_roo
                       ["nobody", "none"], rows, "cpu", nullcontext())
     assert math.isnan(result["valid_loss"]) and math.isnan(result["valid_triplet_accuracy"])
     assert 0 <= result["valid_identification"] <= 1
+
+
+def test_valid_loss_of_partial_fc_in_one_process_is_the_margin_softmax_and_of_sharded_centres_skipped():
+    torch.manual_seed(0)
+    embeddings, labels, classes = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), ["p0", "p1", "p2"]
+    full = build_objective("arcface", embedding_dim=4, num_classes=3).eval()
+    single = build_objective("arcface", embedding_dim=4, num_classes=3, partial_fc=0.4).eval()
+    with torch.no_grad():
+        single.margin.weight.copy_(full.weight)
+    expected = valid_objective(full, embeddings, labels, classes, classes, {})["valid_loss"]
+    assert valid_objective(single, embeddings, labels, classes, classes, {})["valid_loss"] == pytest.approx(expected)
+    # process 0 of 2 evaluating alone holds half the centres: no loss, and no collective that would wait forever
+    sharded = build_objective("arcface", embedding_dim=4, num_classes=3, partial_fc=1.0, rank=0, world_size=2)
+    assert valid_objective(sharded.eval(), embeddings, labels, classes, classes, {}) == {}
 
 
 # -----------------------------------------------------------------------------

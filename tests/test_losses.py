@@ -1,5 +1,6 @@
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -739,6 +740,59 @@ def test_partial_fc_samples_the_batch_classes_and_a_share_of_the_others():
         PartialFC(ArcFaceLoss(4, 100), num_classes=100, sample_rate=0)
     with pytest.raises(ValueError):
         PartialFC(ArcFaceLoss(4, 60), num_classes=100, rank=0, world_size=2)  # holds 50 of 100
+
+
+def test_partial_fc_in_eval_mode_scores_every_centre_and_draws_nothing():
+    torch.manual_seed(0)
+    full, partial = ArcFaceLoss(4, 100), PartialFC(ArcFaceLoss(4, 100), num_classes=100, sample_rate=0.1)
+    with torch.no_grad():
+        partial.margin.weight.copy_(full.weight)
+    inputs, labels = torch.randn(6, 4), torch.tensor([3, 3, 50, 97, 0, 1])
+    partial.eval()
+    generator = torch.get_rng_state()
+    assert partial(inputs, labels)[0].item() == pytest.approx(full(inputs, labels)[0].item(), rel=1e-5)
+    assert torch.equal(torch.get_rng_state(), generator)  # evaluation leaves training's random stream alone
+    partial.train()
+    partial(inputs, labels)
+    assert not torch.equal(torch.get_rng_state(), generator)
+
+
+@pytest.mark.parametrize("loss", ["arcface", "cosface"])
+def test_build_objective_gives_each_process_its_share_started_as_the_whole_layer(loss):
+    classes, dim = 1000, 8
+    bound = math.sqrt(6 / (classes + dim))  # Xavier's, of the whole (classes, dim) layer
+    for world_size in (1, 2, 3):
+        shares = [build_objective(loss, embedding_dim=dim, num_classes=classes, partial_fc=0.3, rank=rank,
+                                  world_size=world_size) for rank in range(world_size)]
+        assert all(isinstance(share, PartialFC) and share.sample_rate == 0.3 for share in shares)
+        assert all(isinstance(share.margin, CosFaceLoss) == (loss == "cosface") for share in shares)
+        assert [(share.start, share.end) for share in shares] == [partial_fc_shard(classes, rank, world_size)
+                                                                  for rank in range(world_size)]
+        assert sum(len(share.margin.weight) for share in shares) == classes
+        for share in shares:
+            largest = share.margin.weight.abs().max().item()
+            assert 0.95 * bound < largest <= bound
+        assert [share.sharded for share in shares] == [world_size > 1] * world_size
+    torch.manual_seed(0)
+    unsharded = build_objective(loss, embedding_dim=dim, num_classes=classes)
+    torch.manual_seed(0)  # one process, every class: the very centres of the margin softmax
+    assert torch.equal(build_objective(loss, embedding_dim=dim, num_classes=classes, partial_fc=1.0).margin.weight,
+                       unsharded.weight)
+
+
+def test_build_objective_refuses_partial_fc_without_a_margin_softmax_or_with_too_few_classes():
+    for loss in ("triplet", "contrastive", "pair_bce"):
+        with pytest.raises(ValueError):
+            build_objective(loss, embedding_dim=8, num_classes=10, partial_fc=0.5)
+    with pytest.raises(ValueError):
+        build_objective("arcface", embedding_dim=8, num_classes=3, partial_fc=0.5, rank=0, world_size=4)
+
+
+def test_partial_fc_summary_reports_the_centres_memory_per_process_and_unsharded():
+    partial = build_objective("arcface", embedding_dim=100, num_classes=10_000, partial_fc=0.5, rank=1,
+                              world_size=2)
+    line = partial.summary()
+    assert "10,000 x 100" in line and re.findall(r"([\d.,]+) MB", line) == ["2", "4"]  # float32: 4 bytes each
 
 
 CLASSES, SHARDED_DIM = 10, 6
