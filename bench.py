@@ -531,6 +531,7 @@ def main(argv=None):
     args = parse_args(argv)
     note = provenance(argv, args.gpu)
     work = args.keep or tempfile.mkdtemp(prefix="bench_")
+    os.makedirs(work, exist_ok=True)
     try:
         data_dir = None if args.gpu_rec else prepare_data(args.att_dir, work, args.quick)
     except DatasetError as err:

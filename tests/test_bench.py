@@ -1,5 +1,6 @@
 """bench.py: it times the repository's own training step and embedding pass (the latter paired batch by batch with
 bare inference), and its tables are valid markdown, written into the documentation section by section."""
+import os
 import re
 import time
 
@@ -138,3 +139,15 @@ def test_the_bare_step_scores_as_many_identities_as_asked(monkeypatch):
     network = dict(backbone="smallcnn", embedding_dim=8, head="mlp", hidden_dim=16)
     bench.bare_train_speed(network, 32, batch=4, seconds=0, num_classes=3009)
     assert built == [3009]
+
+
+def test_gpu_rec_measures_in_the_folder_it_keeps(att_faces, tmp_path, monkeypatch):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "train.rec").write_bytes(b"")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "provenance", lambda argv, gpu=False: "note")
+    seen = []
+    monkeypatch.setattr(bench, "gpu_records", lambda rec, work, workers: seen.append(os.path.isdir(work)) or
+                        bench.Table("gpu_records", "title", ["a"], [["1"]]))
+    bench.main([f"--att_dir={att_faces}", f"--gpu_rec={tmp_path / 'records'}", f"--keep={tmp_path / 'new' / 'runs'}"])
+    assert seen == [True]
