@@ -2,10 +2,12 @@
 # faces, IResNet-50 with its FC-BN 512-d embedding layer, ArcFace with scale 64 and margin 0.5, SGD at 0.1 with
 # polynomial decay to 0, weight decay 5e-4, mixed precision (train.py's CUDA default), 20 epochs, 128 images per
 # GPU in P x K batches of 32 people x 4 photos, the 93,431 ArcFace centres sharded over the GPUs (PartialFC at
-# sample rate 1, as insightface trains MS1MV3: the full softmax). Aligned identity folders (prepare.py align), on
-# GPUs under torchrun:
-#   torchrun --standalone --nproc_per_node=8 train.py configs/ms1m_iresnet50.py --data_dir=data/ms1mv3
-# Not measured here: no GPU, and none of the field's training sets, was at hand when it was written.
+# sample rate 1, as insightface trains MS1MV3: the full softmax). insightface's faces_emore folder (train.rec and
+# lfw.bin, cfp_fp.bin, agedb_30.bin beside it) or aligned identity folders (prepare.py align), on GPUs under torchrun:
+#   torchrun --standalone --nproc_per_node=8 train.py configs/ms1m_iresnet50.py --data_dir=data/faces_emore \
+#       --val_bins=lfw,cfp_fp,agedb_30
+# Its speed on one GPU is measured in docs/results.md; its accuracy on the field's training sets is not (none was
+# at hand).
 data_dir = "data/ms1mv3"
 backbone = "iresnet50"
 zero_init_residual = False
