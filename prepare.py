@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from align import ALIGNMENT_FILE, AlignmentUnavailable, FaceAligner, alignment_record, centre_crop
+from align import ALIGNMENT_FILE, AlignmentUnavailable, FaceAligner, alignment_record, centre_crop, read_alignment
 from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image, some_names
 from evaluation import verification_pairs
 from figures import save_alignment_grid
@@ -304,7 +304,8 @@ def pack_dataset(src, out_rec, log=print):
     """Pack SRC's identity folders (one level, in FaceFolder's order, which gives the labels 0, 1, ...) into OUT.rec,
     OUT.idx and OUT.rec's folder's `property`, in insightface's layout: record 0 the header [a, b], records 1..a-1
     the images (their identity's label, JPEG and PNG files byte for byte, other formats as PNG), records a..b-1 one
-    per identity with the [first, end) keys of its images; property "identities,height,width" of the first image.
+    per identity with the [first, end) keys of its images; property "identities,height,width" of the first image;
+    SRC's alignment record (prepare.py align's), so that networks trained on the records know their faces aligned.
     Files Pillow cannot decode are listed and left out. Returns (images, identities, unreadable paths)."""
     if not os.path.isdir(src):
         raise DatasetError(f"{src}: no such folder")
@@ -339,8 +340,11 @@ def pack_dataset(src, out_rec, log=print):
         for label, paths in enumerate(kept):
             writer.write(first_identity + label, pack_payload([start, start + len(paths)], b"", id=label))
             start += len(paths)
-    atomic_write(os.path.join(os.path.dirname(os.path.abspath(out_rec)), "property"),
-                 lambda f: f.write(f"{len(kept)},{size[1]},{size[0]}\n"), mode="w")
+    folder = os.path.dirname(os.path.abspath(out_rec))
+    atomic_write(os.path.join(folder, "property"), lambda f: f.write(f"{len(kept)},{size[1]},{size[0]}\n"), mode="w")
+    alignment = read_alignment(src)
+    if alignment:
+        save_json(alignment, os.path.join(folder, ALIGNMENT_FILE))
     log(f"packed {count} images of {len(kept)} identities from {src} into {out_rec} and {index_path(out_rec)}; "
         f"{len(unreadable)} unreadable left out" + (f": {some_names(unreadable)}" if unreadable else ""))
     return count, len(kept), unreadable

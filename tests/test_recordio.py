@@ -13,9 +13,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import prepare
+from align import ALIGNMENT_FILE, alignment_record, read_alignment
 import recordio
 from conftest import make_faces, write_image
 from data_utils import DatasetError, FaceFolder, make_transform, train_loader_for
+from files import save_json
+from prepare import split_dataset
 from recordio import (MAGIC, MAGIC_BYTES, RecordError, RecordFaces, RecordReader, RecordWriter, pack_payload,
                       read_index, scan_index, unpack_payload)
 
@@ -195,6 +198,12 @@ def test_pack_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("\n") == 1 and str(tmp_path / "out" / "faces.rec") in printed  # the summary line
     assert sorted(os.listdir(tmp_path / "out")) == ["faces.idx", "faces.rec", "property"]
+    assert read_alignment(str(tmp_path / "out")) is None  # unaligned faces: no alignment record
+    aligned = tmp_path / "aligned"
+    split_dataset(str(src), str(aligned), log=lambda line: None)
+    save_json(alignment_record(112), str(aligned / ALIGNMENT_FILE))  # as prepare.py align, then split, leave it
+    prepare.main(["pack", str(aligned / "train"), str(tmp_path / "rec" / "train.rec")])
+    assert read_alignment(str(tmp_path / "rec")) == alignment_record(112)  # train.py on the records records it
     faces = RecordFaces(str(tmp_path / "out"), name="faces")
     assert faces.targets == [0, 0, 0, 1, 1, 1]
     with pytest.raises(SystemExit):
