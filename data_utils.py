@@ -435,38 +435,67 @@ class PKBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"a P x K batch needs P >= 2 identities and K >= 2 images, got P={p}, K={k}")
         if fill not in ("repeat", "drop"):
             raise ValueError(f"fill must be 'repeat' or 'drop', got {fill!r}")
-        by_label = {}
-        for index, label in enumerate(labels):
-            by_label.setdefault(int(label), []).append(index)
-        self.short = sorted(label for label, idx in by_label.items() if len(idx) < k)
-        if fill == "drop":
-            by_label = {label: idx for label, idx in by_label.items() if len(idx) >= k}
+        labels = np.asarray(labels, dtype=np.int64)
+        identities, sizes = np.unique(labels, return_counts=True)
+        self.short = identities[sizes < k].tolist()
+        kept = sizes >= k if fill == "drop" else np.ones(len(sizes), dtype=bool)
         wanted = p * world_size  # the identities of a global batch
         per_process = f" ({p} in each of {world_size} processes)" if world_size > 1 else ""
-        if len(by_label) < wanted:
-            raise ValueError(f"P={wanted} identities per batch{per_process}, but only {len(by_label)} identities "
+        if kept.sum() < wanted:
+            raise ValueError(f"P={wanted} identities per batch{per_process}, but only {kept.sum()} identities "
                              f"can fill a group of K={k}" if fill == "drop" else
-                             f"P={wanted} identities per batch{per_process}, but the data has only {len(by_label)}")
-        self.by_label, self.p, self.k, self.seed, self.rank, self.world_size = by_label, p, k, seed, rank, world_size
+                             f"P={wanted} identities per batch{per_process}, but the data has only {len(sizes)}")
+        # the kept identities' items side by side (`items`, `sizes` of each) and each item's identity (0, 1, ...)
+        self.items = np.argsort(labels, kind="stable")[np.repeat(kept, sizes)]
+        self.sizes = sizes[kept]
+        self.owner = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        self.p, self.k, self.seed, self.rank, self.world_size = p, k, seed, rank, world_size
         self.set_epoch(0)
 
     def set_epoch(self, epoch):
         rng = np.random.default_rng([self.seed, epoch])
-        groups = {}
-        for label, indices in self.by_label.items():
-            order = [indices[i] for i in rng.permutation(len(indices))]
-            order += [indices[i] for i in rng.integers(len(indices), size=-len(order) % self.k)]
-            groups[label] = [order[i:i + self.k] for i in range(0, len(order), self.k)]
-        self.batches, wanted, mine = [], self.p * self.world_size, slice(self.rank * self.p, (self.rank + 1) * self.p)
-        while True:
-            labels = np.array([label for label, g in groups.items() if g])
-            if len(labels) < wanted:
+        sizes, k, wanted = self.sizes, self.k, self.p * self.world_size
+        # each identity's items in a random order, then random repeats of its own up to a multiple of K, cut into
+        # groups of K (numpy throughout: MS1MV3 has 5.2 million): identity i's are rows first[i], first[i] + 1, ...
+        # (sorted by identity, then a random key: one sort of exact integers, ten times faster than lexsort)
+        shuffled = self.items[np.argsort(self.owner << 32 | rng.integers(2 ** 32, size=len(self.items)))]
+        filler_owner = np.repeat(np.arange(len(sizes)), -sizes % k)
+        fillers = self.items[(np.cumsum(sizes) - sizes)[filler_owner]
+                             + (rng.random(len(filler_owner)) * sizes[filler_owner]).astype(np.int64)]
+        owners = np.concatenate([self.owner, filler_owner])
+        groups = np.concatenate([shuffled, fillers])[np.argsort(owners, kind="stable")].reshape(-1, k)
+        count = np.bincount(owners, minlength=len(sizes)) // k
+        first = (np.cumsum(count) - count).tolist()
+        # each batch takes a group of each of the identities with the most groups left (ties at random), so that all
+        # run out together. In buckets by groups left, a batch costs its own identities, not a pass over all of them
+        # (which made an epoch of 100,000 identities take minutes)
+        buckets = [[] for _ in range(count.max() + 1)]
+        for identity, groups_left in enumerate(count.tolist()):
+            buckets[groups_left].append(identity)
+        top, left, rows = len(buckets) - 1, len(sizes), []  # the most groups left; identities with any left
+        for ties in rng.random((len(groups) // wanted, wanted)).tolist():  # (at most as many batches)
+            if left < wanted:
                 break
-            left = np.array([len(groups[label]) for label in labels])
-            # the identities with the most groups left (ties at random), so that all run out together
-            chosen = labels[np.argsort(rng.random(len(labels)) - left)[:wanted]]
-            drawn = [groups[label].pop() for label in chosen]
-            self.batches.append([i for group in drawn[mine] for i in group])
+            chosen, level = [], top
+            for tie in ties:
+                bucket = buckets[level]
+                while not bucket:
+                    level -= 1
+                    bucket = buckets[level]
+                j = int(tie * len(bucket))  # a random one of the bucket, the bucket's last put in its place
+                chosen.append((bucket[j], level))
+                bucket[j] = bucket[-1]
+                bucket.pop()
+            for identity, groups_left in chosen:  # (moved down after the draw: an identity once per batch)
+                rows.append(first[identity] + groups_left - 1)
+                if groups_left > 1:
+                    buckets[groups_left - 1].append(identity)
+                else:
+                    left -= 1
+            while top and not buckets[top]:
+                top -= 1
+        mine = np.array(rows, dtype=np.int64).reshape(-1, wanted)[:, self.rank * self.p:(self.rank + 1) * self.p]
+        self.batches = groups[mine].reshape(len(mine), self.p * k).tolist()
 
     def __iter__(self):
         return iter(self.batches)

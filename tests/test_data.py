@@ -420,3 +420,34 @@ def test_identities_can_sit_deeper_than_the_first_level(tmp_path):
     assert faces.classes == ["group-a/team-1/ann", "group-a/team-2/bob", "group-b/team-3/cid"]
     assert faces.targets == [0, 0, 1, 2]
     assert FaceFolder(str(tmp_path)).classes == ["group-a", "group-b"]  # depth 1: the groups are identities
+
+
+def test_pk_identities_with_the_most_groups_left_go_first_so_that_all_run_out_together():
+    labels = np.array([0] * 12 + [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6])  # six groups of K = 2, then one each
+    for seed in range(5):
+        batches = list(data_utils.PKBatchSampler(labels, p=2, k=2, seed=seed))
+        assert len(batches) == 6 and all(0 in labels[b] for b in batches)  # identity 0 in every batch
+        assert sorted(i for b in batches for i in b) == list(range(len(labels)))  # so that nothing is left over
+
+
+def test_an_epoch_draws_random_numbers_in_proportion_to_its_images_not_to_identities_times_batches(monkeypatch):
+    """A draw that scores every identity for every batch takes minutes at 100,000 identities; the random numbers an
+    epoch takes tell the two apart without timing (63,750 here for such a draw, 1,500 for this one)."""
+    drawn = []
+    generator = np.random.default_rng
+
+    class Counted:
+        def __init__(self, seed):
+            self.rng = generator(seed)
+
+        def __getattr__(self, name):
+            def counted(*args, **kwargs):
+                values = getattr(self.rng, name)(*args, **kwargs)
+                drawn.append(np.size(values))
+                return values
+            return counted
+    labels = np.repeat(np.arange(500), 2)
+    sampler = data_utils.PKBatchSampler(labels, p=2, k=2, seed=0)
+    monkeypatch.setattr(np.random, "default_rng", Counted)
+    sampler.set_epoch(1)
+    assert len(sampler) == 250 and 0 < sum(drawn) <= 2 * len(labels)
