@@ -6,6 +6,7 @@
     python bench.py --recipes=default --seeds=1 --train_flags="--eval_every=2"   # flags for every train.py run
     python bench.py --gpu                   # CUDA: ResNet50 at 224x224 training steps, train.py on real images
     python bench.py --gpu_rec=data/faces    # CUDA: IResNet-50 on insightface records (train.rec, *.bin)
+    python bench.py --sharded=100000        # CPU: PartialFC's sharded centres of 100,000 identities under torchrun
     python bench.py --docs=docs/results.md  # also write the tables into that file
 
 The raw AT&T folder (s1..s40) comes from --att_dir or the FACE_DATA environment variable; it is split 7/1/2 per
@@ -23,38 +24,54 @@ the loss and the optimiser update. test.py's embedding pass (reading and decodin
 same inference.embed_batch on random tensors, the two timed batch by batch in alternation. And the share of each
 epoch spent on validation and on saving (checkpoints, history, curves).
 
+Sharded centres (--sharded=N): a synthetic insightface .rec of N identities (two tiny JPEGs each) trained for a few
+steps by train.py with its ArcFace centres sharded (--partial_fc) over two torchrun processes on the CPU (gloo), and
+in one process unsharded; each run is stopped by a SIGTERM some seconds after its training began, which saves
+last.pth with the whole centres gathered. The table gives each run's centre memory per process (train.py's startup
+line), its steps, seconds a step, peak resident memory per process and last.pth's size. With it, the seconds the
+P x K sampler takes to draw an epoch's batches at 100,000 identities and at MS1MV3's shape (labels only).
+
 Each table is printed in markdown. With --docs=PATH it is also written into PATH between the lines
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (a pair missing from the file is appended under a `## NAME`
 heading), with the command, the date and the machine beneath it. Tables: att_recipes, att_pipeline, and with
---gpu gpu_step, gpu_pipeline, gpu_embedding, with --gpu_rec gpu_records.
+--gpu gpu_step, gpu_pipeline, gpu_embedding, with --gpu_rec gpu_records, with --sharded sharded_centres and
+pk_sampler.
 """
 import argparse
+import contextlib
 import datetime
+import io
 import json
+import math
 import os
 import platform
+import re
+import runpy
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
-import runpy
 import tempfile
 import time
 from collections import namedtuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
+from align import ALIGNMENT_FILE
 from checkpoint import load_checkpoint
-from data_utils import DatasetError, FaceFolder, as_hw, make_transform
+from data_utils import DatasetError, FaceFolder, PKBatchSampler, as_hw, make_transform
 from engine import TrainingStep, build_optimizer, build_schedule
 from files import atomic_write
 from inference import embed_batch
 from losses import build_objective
 from model import EmbeddingNet, model_from_checkpoint, select_device
-from prepare import split_dataset
-from recordio import read_property
+from prepare import bin_dataset, split_dataset
+from recordio import RecordFaces, RecordWriter, pack_payload, read_property
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {  # name: train.py arguments
@@ -78,8 +95,15 @@ GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile, read_loss) of th
     ("AMP + channels_last, the loss read every step (.item())", True, True, False, True),
     ("AMP + channels_last + compile", True, True, True, False),
 )
-TABLES = ("att_recipes", "att_pipeline", "gpu_step", "gpu_pipeline", "gpu_embedding", "gpu_records")
+TABLES = ("att_recipes", "att_pipeline", "gpu_step", "gpu_pipeline", "gpu_embedding", "gpu_records", "sharded_centres",
+          "pk_sampler")
 RECORDS_RECIPE = "configs/ms1m_iresnet50.py"  # --gpu_rec: the field's standard recipe, on insightface-layout data
+# --sharded: train.py's settings (a small network, the field's 512-d embedding, K = 2: the two photos of each
+# identity; SGD: one momentum per centre, as insightface trains), and the runs: (processes, --partial_fc)
+SHARDED_FLAGS = ("--device=cpu", "--backbone=smallcnn", "--head=linear", "--embedding_dim=512", "--image_size=32",
+                 "--images_per_identity=2", "--optimizer=sgd", "--epochs=1", "--cache_images=false")
+SHARDED_RUNS = ((2, 1.0), (2, 0.1), (1, 0.0))
+MS1MV3_SHAPE = (93_431, 5_179_510)  # identities, images
 # a table of the results: `name` (its markers in --docs), `title` (the line above it), column titles, rows of cells
 Table = namedtuple("Table", "name title header rows")
 
@@ -98,15 +122,19 @@ def peak_rss_mib(pid):
         return None
 
 
-def run(args, log_path):
-    """Run a repository script, its output to `log_path`; returns the peak resident memory in MiB."""
+def run(args, log_path, watch=None, check=True):
+    """Run a repository script (or `-m module`), its output to `log_path`; returns the peak resident memory in MiB.
+    `watch(process)` is called twice a second while it runs; with `check`, an exit status other than 0 ends the
+    bench."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
         peak = None
         while proc.poll() is None:
             peak = max(filter(None, [peak, peak_rss_mib(proc.pid)]), default=None)
+            if watch:
+                watch(proc)
             time.sleep(0.5)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         sys.exit(f"error: {' '.join(args)} failed (exit {proc.returncode}); see {log_path}")
     return peak
 
@@ -247,8 +275,9 @@ def embedding_speeds(checkpoint, data_dir, passes=2, device="cpu", amp=True, num
 # the AT&T recipes
 
 def prepare_data(att_dir, work, quick=False):
-    """The AT&T identity folders of `att_dir` (with `quick`, the first six) linked into work/raw and split 7/1/2
-    per person into work/att_7_1_2, once (a kept folder is reused). Returns the split folder."""
+    """The AT&T identity folders of `att_dir` (with `quick`, the first six) linked into work/raw, with the
+    alignment record of aligned photos, and split 7/1/2 per person into work/att_7_1_2, once (a kept folder is
+    reused). Returns the split folder."""
     raw, data_dir = os.path.join(work, "raw"), os.path.join(work, "att_7_1_2")
     if os.path.isdir(data_dir):
         return data_dir
@@ -257,6 +286,8 @@ def prepare_data(att_dir, work, quick=False):
     for person in people[:6] if quick else people:
         if os.path.isdir(os.path.join(att_dir, person)) and not os.path.exists(os.path.join(raw, person)):
             os.symlink(os.path.abspath(os.path.join(att_dir, person)), os.path.join(raw, person))
+    if os.path.isfile(os.path.join(att_dir, ALIGNMENT_FILE)):  # photos of prepare.py align: the runs say so
+        shutil.copyfile(os.path.join(att_dir, ALIGNMENT_FILE), os.path.join(raw, ALIGNMENT_FILE))
     partial = data_dir + ".partial"  # renamed when complete: an interrupted split is never reused
     with open(os.path.join(work, "split.log"), "w") as log:
         split_dataset(raw, partial, valid=0.1, test=0.2, seed=0, force=True, log=lambda line: print(line, file=log))
@@ -427,6 +458,146 @@ def gpu_embedding(checkpoint, data_dir, workers):
 
 
 # -----------------------------------------------------------------------------
+# --sharded: PartialFC's centres at scale, on the CPU
+
+def synthetic_records(folder, identities, images=2, size=16, patterns=64, seed=0):
+    """`folder` as an insightface-style dataset of `identities` people with `images` photos each: train.rec and
+    train.idx (every key an image, labelled with its person), the photos a few distinct `patterns` of grey noise
+    (size x size JPEGs, encoded once and shared round: 100,000 people take about 60 MB), and check.bin, 40
+    verification pairs among 20 people of such photos (prepare.bin_dataset). The labels are read back once
+    (RecordFaces caches them beside the .rec), so that train.py's processes do not each read every header."""
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for _ in range(patterns):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(buffer, "JPEG", quality=50,
+                                                                                  optimize=True)
+        encoded.append(buffer.getvalue())
+    with RecordWriter(os.path.join(folder, "train.rec")) as writer:
+        for key in range(identities * images):
+            writer.write(key, pack_payload(key // images, encoded[key % patterns], id=key))
+    faces = os.path.join(folder, "pairs_faces")
+    for key in range(20 * images):
+        os.makedirs(os.path.join(faces, str(key // images)), exist_ok=True)
+        with open(os.path.join(faces, str(key // images), f"{key % images}.jpg"), "wb") as f:
+            f.write(encoded[key % patterns])
+    bin_dataset(faces, os.path.join(folder, "check.bin"), pairs=40, seed=seed, log=lambda line: None)
+    RecordFaces(folder, log=lambda line: None)
+    return folder
+
+
+def trainers(launcher):
+    """{rank: pid} of torchrun's train.py processes (the children of the launcher's pid; Linux /proc)."""
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                variables = environ.read().split(b"\0")
+        except (OSError, ValueError):  # gone, or not ours
+            continue
+        rank = next((v[5:] for v in variables if v.startswith(b"RANK=")), None)
+        if parent == launcher and rank is not None:
+            ranks[int(rank)] = int(pid)
+    return ranks
+
+
+class StopAfter:
+    """run()'s watch of train.py in `processes` processes (under torchrun when more than one): each one's peak
+    resident memory (`peaks`, MiB by rank), and a SIGTERM to process 0 `seconds` after training began (epoch 0,
+    the untrained network, evaluated and saved: history.json exists in `out`). The processes then stop together
+    after the step they are in, process 0 saving last.pth with every process's share of the centres."""
+
+    def __init__(self, out, seconds, processes):
+        self.history, self.seconds, self.processes = os.path.join(out, "history.json"), seconds, processes
+        self.peaks, self.stop_at = {}, None
+
+    def __call__(self, proc):
+        ranks = trainers(proc.pid) if self.processes > 1 else {0: proc.pid}
+        for rank, pid in ranks.items():
+            self.peaks[rank] = max(filter(None, [self.peaks.get(rank), peak_rss_mib(pid)]), default=None)
+        if self.stop_at is None and os.path.exists(self.history):
+            self.stop_at = time.monotonic() + self.seconds
+        if self.stop_at is not None and time.monotonic() >= self.stop_at and 0 in ranks:
+            with contextlib.suppress(ProcessLookupError):  # (it ended meanwhile: its epoch was done)
+                os.kill(ranks[0], signal.SIGTERM)
+            self.stop_at = math.inf
+
+
+def sharded_run(data_dir, out, processes, rate, batch, seconds):
+    """train.py on the synthetic `data_dir` in `processes` processes with --partial_fc=`rate` and a global batch of
+    `batch` images, stopped `seconds` after its training began (StopAfter). Returns its figures: the centres'
+    MB per process (the startup line's; one process holds them all) and unsharded, steps trained, seconds a step,
+    peak MiB per process (by rank) and last.pth's MB."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
+    args = [*launcher, "train.py", f"--data_dir={data_dir}", "--val_bins=check", f"--out_dir={out}",
+            f"--batch_size={batch // processes}", f"--partial_fc={rate}", *SHARDED_FLAGS]
+    watch = StopAfter(out, seconds, processes)
+    run(args, out + "_train.log", watch, check=False)  # (a stopped run exits with 143, torchrun then with 1)
+    last = os.path.join(out, "last.pth")
+    state = load_checkpoint(last) if os.path.exists(last) else {}
+    if not state.get("step"):
+        sys.exit(f"error: --sharded: {' '.join(args)} trained no step; see {out}_train.log")
+    centres = max(state["loss_state"].values(), key=torch.numel)  # whole, however many processes held them
+    unsharded = centres.numel() * centres.element_size() / 1e6
+    line = re.search(r"([\d,.]+) MB per process of", read_text(out + "_train.log"))
+    return dict(per_process=float(line[1].replace(",", "")) if line else unsharded, unsharded=unsharded,
+                steps=state["step"], step_seconds=state["train_seconds"] / state["step"],
+                peaks=[watch.peaks.get(rank) for rank in range(processes)], last_mb=os.path.getsize(last) / 1e6)
+
+
+def sharded_table(work, identities, seconds=20.0, runs=SHARDED_RUNS, batch=256):
+    """The sharded_centres table: each of `runs` ((processes, --partial_fc)) on a synthetic .rec of `identities`
+    people (built in `work`), global batches of `batch` images, stopped `seconds` after training began."""
+    started = time.perf_counter()
+    data_dir = synthetic_records(os.path.join(work, f"records_{identities}"), identities)
+    print(f"{identities:,} identities packed in {time.perf_counter() - started:.0f} s: "
+          f"{os.path.getsize(os.path.join(data_dir, 'train.rec')) / 1e6:.0f} MB", flush=True)
+    rows = []
+    for processes, rate in runs:
+        figures = sharded_run(data_dir, os.path.join(work, f"sharded_{processes}x{rate:g}"), processes, rate, batch,
+                              seconds)
+        print(f"{processes} process(es), --partial_fc={rate:g}: {figures['steps']} steps", flush=True)
+        rows.append([f"{identities:,}", processes, f"{rate:g}" if rate else "0 (unsharded)",
+                     cell(figures["per_process"], digits=1), cell(figures["unsharded"], digits=1), figures["steps"],
+                     cell(figures["step_seconds"], digits=2), " / ".join(cell(p) for p in figures["peaks"]),
+                     cell(figures["last_mb"], digits=1)])
+    title = (f"ArcFace centres of {identities:,} identities x 512 (float32) on {os.cpu_count()} CPU cores, torch "
+             f"{torch.__version__}: train.py {' '.join(SHARDED_FLAGS)}, global batches of {batch} images (the batch "
+             f"size per process is {batch} / processes; one thread in each of torchrun's, "
+             f"{torch.get_num_threads()} in a single one), stopped by a SIGTERM {seconds:g} s after training began")
+    header = ["identities", "processes", "--partial_fc", "centres MB per process", "unsharded MB", "steps",
+              "s/step", "peak MiB per process", "last.pth MB"]
+    return Table("sharded_centres", title, header, rows)
+
+
+def shape_labels(identities, images, seed=0):
+    """A label per image for `images` images of `identities` people, their counts spread as a log-normal's (each
+    person at least one): a stand-in for a real dataset's labels."""
+    weights = np.random.default_rng(seed).lognormal(0.0, 0.75, identities)
+    counts = 1 + np.floor(weights / weights.sum() * (images - identities)).astype(np.int64)
+    counts[:images - counts.sum()] += 1  # (what the rounding down left)
+    return np.repeat(np.arange(identities), counts)
+
+
+def sampler_table(identities):
+    """The pk_sampler table: the seconds PKBatchSampler takes to draw an epoch's batches (set_epoch) for
+    `identities` people of two photos each in sharded_table's batches (two processes of 64 x 2), and for MS1MV3's
+    shape (shape_labels) in the MS1M recipe's (one process of 32 x 4). Every process draws the whole global batch."""
+    rows = []
+    for labels, p, k, processes in ((np.repeat(np.arange(identities), 2), 64, 2, 2),
+                                    (shape_labels(*MS1MV3_SHAPE), 32, 4, 1)):
+        sampler = PKBatchSampler(labels, p, k, world_size=processes)
+        started = time.perf_counter()
+        sampler.set_epoch(1)
+        rows.append([f"{labels.max() + 1:,}", f"{len(labels):,}", f"{p} x {k}", processes, f"{len(sampler):,}",
+                     cell(time.perf_counter() - started, digits=2)])
+    return Table("pk_sampler", "P x K batches: the seconds an epoch's draw takes (PKBatchSampler.set_epoch, in this "
+                               "process)", ["identities", "images", "P x K", "processes", "batches", "s"], rows)
+
+
+# -----------------------------------------------------------------------------
 # tables: printed, and written into the documentation
 
 def markdown_table(header, rows):
@@ -496,12 +667,18 @@ def parse_args(argv):
                         "insightface-layout folder (train.rec and .bin sets) instead of ResNet50 on AT&T")
     parser.add_argument("--gpu_workers", default="4,8,12", type=int_list,
                         help="--gpu: train.py's num_workers to try, comma-separated")
+    parser.add_argument("--sharded", default=0, type=int, help="the CPU figures of PartialFC instead: a synthetic "
+                        ".rec of this many identities trained under torchrun with sharded centres, and the P x K "
+                        "sampler's epoch at that scale and MS1MV3's")
     parser.add_argument("--docs", default="", help="also write the tables into this markdown file, between markers")
     args = parser.parse_args(argv)
     unknown = [n for n in args.recipes.split(",") if n not in RECIPES]
     if unknown:
         sys.exit(f"error: --recipes: unknown recipe {unknown[0]!r}; choose from {', '.join(RECIPES)}")
-    if not os.path.isdir(os.path.join(args.att_dir, "s1")):
+    if args.sharded and (args.sharded < 4 or args.gpu or args.gpu_rec):
+        sys.exit(f"error: --sharded={args.sharded}: give 4 identities or more (P x K batches of two processes), "
+                 f"without --gpu or --gpu_rec")
+    if not args.sharded and not os.path.isdir(os.path.join(args.att_dir, "s1")):
         sys.exit(f"error: {args.att_dir} is not the AT&T folder (s1..s40); pass --att_dir or set FACE_DATA")
     if args.gpu_rec and not os.path.isfile(os.path.join(args.gpu_rec, "train.rec")):
         sys.exit(f"error: --gpu_rec: {args.gpu_rec} holds no train.rec (prepare.py pack FOLDER DIR/train.rec)")
@@ -533,11 +710,13 @@ def main(argv=None):
     work = args.keep or tempfile.mkdtemp(prefix="bench_")
     os.makedirs(work, exist_ok=True)
     try:
-        data_dir = None if args.gpu_rec else prepare_data(args.att_dir, work, args.quick)
+        data_dir = None if args.gpu_rec or args.sharded else prepare_data(args.att_dir, work, args.quick)
     except DatasetError as err:
         sys.exit(f"error: --att_dir: {err}")
     lines = []
-    if args.gpu_rec:
+    if args.sharded:
+        tables = [sharded_table(work, args.sharded), sampler_table(args.sharded)]
+    elif args.gpu_rec:
         tables = [gpu_records(args.gpu_rec, work, args.gpu_workers)]
     elif args.gpu:
         tables = gpu_tables(data_dir, work, args.gpu_workers)

@@ -4,15 +4,20 @@ import os
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import bench
-from checkpoint import Checkpointer
-from data_utils import FaceFolder
+from align import ALIGNMENT_FILE, alignment_record, read_alignment
+from checkpoint import Checkpointer, load_checkpoint
+from conftest import make_faces
+from data_utils import FaceFolder, read_verification_bin
 from engine import TrainingStep
+from files import save_json
 from losses import build_objective
 from model import EmbeddingNet
+from recordio import RecordFaces
 
 
 def save_untrained(data_dir, out, image_size=(32, 32)):
@@ -151,3 +156,50 @@ def test_gpu_rec_measures_in_the_folder_it_keeps(att_faces, tmp_path, monkeypatc
                         bench.Table("gpu_records", "title", ["a"], [["1"]]))
     bench.main([f"--att_dir={att_faces}", f"--gpu_rec={tmp_path / 'records'}", f"--keep={tmp_path / 'new' / 'runs'}"])
     assert seen == [True]
+
+
+def test_synthetic_records_read_back_as_the_people_asked_for(tmp_path):
+    folder = bench.synthetic_records(str(tmp_path / "records"), identities=30)
+    faces = RecordFaces(folder)
+    assert len(faces.classes) == 30 and len(faces) == 60 and all(len(items) == 2 for items in faces.by_label)
+    assert faces.read(0).size == (16, 16) and not faces.skipped
+    images, same = read_verification_bin(os.path.join(folder, "check.bin"))
+    assert len(same) == 40 and len(images) == 80 and sum(same) == 20
+
+
+def test_shape_labels_give_every_person_a_photo_and_the_images_asked_for():
+    labels = bench.shape_labels(1000, 55_000)
+    counts = np.bincount(labels)
+    assert len(labels) == 55_000 and len(counts) == 1000 and counts.min() >= 1 and counts.max() > 2 * counts.mean()
+
+
+def test_sharded_flag_is_checked_and_needs_no_att_faces(tmp_path):
+    for flags in (["--sharded=3"], ["--sharded=100", "--gpu"]):
+        with pytest.raises(SystemExit) as exit:
+            bench.parse_args([*flags, f"--att_dir={tmp_path}"])
+        assert "--sharded" in str(exit.value.code)
+    assert bench.parse_args(["--sharded=100", f"--att_dir={tmp_path}"]).sharded == 100
+
+
+@pytest.mark.e2e
+def test_sharded_centres_train_under_torchrun_and_last_pth_holds_them_whole(tmp_path):
+    """Two processes of 100 centres each, stopped a second after training began (or at the end of the epoch, 50
+    steps): the startup line's memory per process, both processes' peak memory, and the 200 centres whole in
+    last.pth."""
+    table = bench.sharded_table(str(tmp_path), 200, seconds=1, runs=((2, 1.0),), batch=8)
+    assert table.name == "sharded_centres" and len(table.rows) == 1
+    identities, processes, rate, per_process, unsharded, steps, step_seconds, peaks, size = table.rows[0]
+    assert (identities, processes, rate) == ("200", 2, "1") and float(per_process) < float(unsharded) == 0.4
+    assert 1 <= steps <= 50 and float(step_seconds) > 0 and len(peaks.split(" / ")) == 2 and float(size) > 0
+    state = load_checkpoint(str(tmp_path / "sharded_2x1" / "last.pth"))
+    assert max(state["loss_state"].values(), key=torch.numel).shape == (200, 512)
+
+
+def test_the_split_of_aligned_photos_keeps_their_alignment_record(tmp_path):
+    for folder, aligned in (("plain", False), ("aligned", True)):
+        make_faces(tmp_path / folder, identities=3, images=10)
+        if aligned:
+            save_json(alignment_record(112), str(tmp_path / folder / ALIGNMENT_FILE))
+        data_dir = bench.prepare_data(str(tmp_path / folder), str(tmp_path / f"work_{folder}"))
+        assert read_alignment(data_dir) == (alignment_record(112) if aligned else None)
+        assert sorted(os.listdir(os.path.join(data_dir, "test"))) == ["p0", "p1", "p2"]

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import bench
 from checkpoint import load_checkpoint
 from conftest import ROOT, run_script
 from model import model_from_checkpoint
@@ -42,18 +43,10 @@ def torchrun(*args, stop_rank=None):
 
 
 def worker(launcher, rank):
-    """The pid of the launcher's child process of that rank (Linux /proc)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/environ", "rb") as environ:
-                variables = environ.read().split(b"\0")
-        except OSError:  # gone, or not ours
-            continue
-        if parent == launcher and f"RANK={rank}".encode() in variables:
-            return int(pid)
-    raise AssertionError(f"no process of rank {rank} under {launcher}")
+    """The pid of the launcher's child process of that rank."""
+    pid = bench.trainers(launcher).get(rank)
+    assert pid, f"no process of rank {rank} under {launcher}"
+    return pid
 
 
 def test_two_processes_mine_the_global_batch_and_the_run_resumes_in_one(att_subset, tmp_path):
