@@ -189,6 +189,12 @@ class StopSignals:
         if self.announce:  # os.write: print is not safe in a signal handler
             os.write(2, f"\n{signal.Signals(signum).name}: {self.announce}\n".encode())
 
+    def settle(self, agreed_signum):
+        """`agreed_signum`, the signal agreed over the processes (agreed(): 0 for none), on which they all decide
+        alike; this process keeps a signal of its own that came during the agreement, for the next one."""
+        self.signum = self.signum or agreed_signum
+        return agreed_signum
+
     @property
     def name(self):
         return signal.Signals(self.signum).name
@@ -250,7 +256,7 @@ def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=Fals
         if diverged:
             raise NonFinite(f"the training loss is {value}" if not math.isfinite(value) else
                             "the training loss of another process is not finite", epoch, count + 1, len(loader))
-        stop.signum = signalled
+        stopping = stop.settle(signalled)
         run.step, count, total = run.step + 1, count + 1, total + value
         images += len(embeddings) * world_size
         second = stats.get(step.figure)
@@ -260,7 +266,7 @@ def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=Fals
             tqdm.write(f"warning: the embeddings are collapsing (loss {value:.3f} ~ margin {collapse.margin}, "
                        f"spread {collapse.spread:.3f} for {collapse.patience} steps): try a lower --lr, "
                        f"--zero_init_residual=True, --mining=semihard, or a larger --margin")
-        if stop.signum and count < len(loader):
+        if stopping and count < len(loader):
             run.train_seconds += time.time() - started
             raise StopRequested(dict(epoch=epoch, batches=count, loss_total=total, second_total=second_total,
                                      rng=epoch_rng))

@@ -335,9 +335,9 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         # an update can overflow the weights while its own loss was finite (PartialFC: in one process's centres)
         if agreed([poisoned(model, objective)], device, distributed)[0]:
             stop_at_nan(NonFinite("the weights are no longer finite", epoch, len(train_loader), len(train_loader)))
-    # a stop signal gets the epoch evaluated and saved (one during the evaluation stops the next step)
-    stop.signum = agreed([stop.signum], device, distributed)[0]
-    evaluating = epoch % eval_every == 0 or epoch == epochs or stop.signum
+    # a stop signal gets the epoch evaluated and saved (one during the evaluation stops the run after it)
+    stopping = stop.settle(agreed([stop.signum], device, distributed)[0])
+    evaluating = epoch % eval_every == 0 or epoch == epochs or stopping
     run.rng = randomness.capture() if evaluating else None
     whole = saver.gather() if evaluating else None  # PartialFC: every process hands its centres to the master
     if master:  # the others go on to the next epoch's first step, where they wait for it
@@ -363,7 +363,9 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         reported(saver.path("history.json"), lambda: save_json(run.history, saver.path("history.json")))
         print(epoch_summary(epoch, epochs, figures, metrics if evaluating else None, objective.figure,
                             run.train_seconds, improved))
-    if stop.signum and epoch < epochs:
+    # agreed again: a signal during the evaluation reached one process (an epoch not saved stops at the next step)
+    stopping = stop.settle(agreed([stop.signum], device, distributed)[0]) or stopping
+    if stopping and evaluating and epoch < epochs:
         stop_for_signal(f"after epoch {epoch}")
 
 if master:

@@ -412,6 +412,15 @@ def test_under_torchrun_a_second_signal_is_ignored():
     assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM"
 
 
+def test_a_signal_that_comes_during_an_agreement_waits_for_the_next():
+    stop = StopSignals(distributed=True)
+    stop.signum = signal.SIGTERM  # arrived while the processes agreed on 0
+    assert stop.settle(0) == 0 and stop.signum == signal.SIGTERM  # all go on alike; it is not lost
+    assert stop.settle(signal.SIGTERM) == signal.SIGTERM
+    other = StopSignals(distributed=True)  # the process that got none takes the agreed one
+    assert other.settle(signal.SIGINT) == signal.SIGINT and other.signum == signal.SIGINT
+
+
 def test_installed_handlers_catch_a_real_signal():
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
