@@ -389,12 +389,15 @@ class RecordFaces(LabelledImages):
 
     def read(self, index):
         """The image of item `index`, decoded as load_image does. Raises RecordError or UNREADABLE_IMAGE's errors."""
-        return load_image(io.BytesIO(self.image_bytes(index)))
+        return self._decode(self.keys[index])
+
+    def _decode(self, key):
+        return load_image(io.BytesIO(unpack_payload(self.reader.read(key))[2]))
 
     def why_unreadable(self, name):
         """What reading the skipped record `name` ("PATH.rec#KEY") says now."""
         try:
-            load_image(io.BytesIO(unpack_payload(self.reader.read(int(name.rpartition("#")[2])))[2]))
+            self._decode(int(name.rpartition("#")[2]))
         except (RecordError, *UNREADABLE_IMAGE) as err:
             return f"{type(err).__name__}: {err}"
         return "readable now"
