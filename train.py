@@ -340,7 +340,7 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
     evaluating = epoch % eval_every == 0 or epoch == epochs or stopping
     run.rng = randomness.capture() if evaluating else None
     whole = saver.gather() if evaluating else None  # PartialFC: every process hands its centres to the master
-    if master:  # the others go on to the next epoch's first step, where they wait for it
+    if master:  # the others wait for it at the agreement below
         started = time.time()
         if evaluating:
             metrics = evaluate(model, objective, gallery_loader, probe_loader, train_faces.classes, valid_rows,
