@@ -11,6 +11,7 @@ from PIL import Image
 import prepare
 from conftest import make_faces, write_image
 from data_utils import DatasetError, read_verification_bin
+from evaluation import bin_pairs
 from prepare import ensure_att, fetch_att, split_dataset
 
 
@@ -221,6 +222,8 @@ def test_bin_writes_balanced_folds_of_pairs_that_read_back_as_the_source_images(
     people = [by_bytes[image] for image in images]  # every image is a source file, byte for byte
     assert [people[2 * k] == people[2 * k + 1] for k in range(count)] == list(issame)
     assert all(sum(fold) == 2 for fold in np.array_split(np.array(issame), 10))  # each tenth: 2 same, 2 different
+    folds = bin_pairs(issame)[1]  # the folds test.py and train.py score it in
+    assert [int(np.sum(issame[folds == f])) for f in range(10)] == [2] * 10
     again = prepare.bin_dataset(str(src), str(tmp_path / "w.bin"), pairs=40, seed=0, log=lambda line: None)
     assert again == (count, same) and (tmp_path / "w.bin").read_bytes() == (tmp_path / "v.bin").read_bytes()
 
