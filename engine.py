@@ -20,7 +20,7 @@ from data_utils import as_hw
 from evaluation import (bin_pairs, cosine_similarity_pairs, identification_accuracy, pair_decisions, relabel,
                         score_pairs, triplet_accuracy, verification_metrics)
 from inference import device_batch, embed, embed_files
-from losses import MARGIN_SOFTMAX, batch_rows, gather_batch
+from losses import MARGIN_SOFTMAX, PAIR_BCE_MINING, batch_rows, gather_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "onecycle", "poly")
@@ -34,8 +34,8 @@ def check_config(config):
     built. The choices of each constant are checked by configurator.parse; these are the rules between them."""
     c = config
     rules = [
-        ("mining", c["loss"] == "pair_bce" and c["mining"] != "none",
-         "--loss=pair_bce trains on balanced pairs: use it with --mining=none"),
+        ("mining", c["loss"] == "pair_bce" and c["mining"] not in PAIR_BCE_MINING,
+         "--loss=pair_bce trains on given pairs (none) or on every pair of a batch (batch_all)"),
         ("anchor_pattern", c["anchor_pattern"] and (c["mining"] != "none" or c["loss"] in MARGIN_SOFTMAX),
          "chooses the anchors of random triplets and pairs: use it with --mining=none and a triplet, contrastive "
          "or pair_bce loss"),
@@ -357,20 +357,21 @@ def valid_objective(objective, embeddings, labels, classes, train_classes, valid
     if getattr(objective, "sharded", False):
         return {}
     device = embeddings.device
+    result = {}
+    pairs = torch.as_tensor(valid_rows["pairs"][:, :2]) if len(valid_rows.get("pairs", ())) else None
+    if hasattr(objective, "logits") and pairs is not None:  # the pair classifier's decisions, whatever it trains on
+        same = (labels[pairs[:, 0]] == labels[pairs[:, 1]]).numpy()
+        decided = (objective.logits(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]]) > 0).cpu().numpy()
+        result.update({f"valid_pair_{k}": v for k, v in pair_decisions(same, decided).items()})
     if objective.rows is None:
         labels = relabel(labels, classes, train_classes)
         known = labels >= 0
-        if not known.any():
-            return {}
-        return dict(valid_loss=objective(embeddings[known.to(device)], labels[known].to(device))[0].item())
+        if known.any():
+            result["valid_loss"] = objective(embeddings[known.to(device)], labels[known].to(device))[0].item()
+        return result
     rows = torch.as_tensor(valid_rows[objective.rows][:, :3 if objective.rows == "triplets" else 2])
-    if not len(rows):
-        return {}
-    result = dict(valid_loss=objective(embeddings, labels.to(device), rows.to(device))[0].item())
-    if hasattr(objective, "logits"):
-        same = (labels[rows[:, 0]] == labels[rows[:, 1]]).numpy()
-        decided = (objective.logits(embeddings[rows[:, 0]], embeddings[rows[:, 1]]) > 0).cpu().numpy()
-        result.update({f"valid_pair_{k}": v for k, v in pair_decisions(same, decided).items()})
+    if len(rows):
+        result["valid_loss"] = objective(embeddings, labels.to(device), rows.to(device))[0].item()
     return result
 
 
@@ -382,11 +383,14 @@ def epoch_summary(epoch, epochs, figures, metrics, figure, seconds, improved):
     if epoch:
         parts.append(f"{figure} {100 * figures[f'train_{figure}']:.0f}%")
     if metrics and "valid_loss" in metrics:
-        parts += [f"valid loss {metrics['valid_loss']:.4f}",
-                  f"valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}%"]
+        # a NaN figure had nothing to measure (one valid image per person has no triplets): left out of the line
+        if math.isfinite(metrics["valid_loss"]):
+            parts.append(f"valid loss {metrics['valid_loss']:.4f}")
+        if math.isfinite(metrics["valid_triplet_accuracy"]):
+            parts.append(f"valid triplets {100 * metrics['valid_triplet_accuracy']:.1f}%")
         if "valid_pair_f1" in metrics:
             parts.append(f"valid pair F1 {metrics['valid_pair_f1']:.3f}")
-        if metrics["valid_identification"] == metrics["valid_identification"]:  # NaN: no trained person's images
+        if math.isfinite(metrics["valid_identification"]):  # NaN: no trained person's images
             parts.append(f"valid top-1 {100 * metrics['valid_identification']:.2f}%")
         if "valid_pairs_accuracy" in metrics:
             parts.append(f"held-out pairs {100 * metrics['valid_pairs_accuracy']:.2f}% "

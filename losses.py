@@ -20,6 +20,7 @@ import torch.nn.functional as F
 OBJECTIVES = ("triplet", "contrastive", "pair_bce", "arcface", "cosface")
 MARGIN_SOFTMAX = ("arcface", "cosface")  # classify over the training identities, whatever the mining
 MINING = ("none", "batch_all", "batch_hard", "semihard")
+PAIR_BCE_MINING = ("none", "batch_all")  # the pair classifier learns from given pairs or from every pair of a batch
 
 
 def safe_sqrt(d2, eps=1e-12):
@@ -207,8 +208,11 @@ class ContrastiveLoss(nn.Module):
 
 
 class PairClassifierLoss(nn.Module):
-    """The pair classifier and its binary cross-entropy: rows (B, 2) give the pairs, indices of first and second
-    embedding (rows = "pairs"); the target is 1 for a pair of one person (equal labels), 0 for two.
+    """The pair classifier and its binary cross-entropy. mining 'none': rows (B, 2) give the pairs, indices of
+    first and second embedding (rows = "pairs"). mining 'batch_all': every pair i < j of a labelled batch, e.g. from
+    a P x K sampler (rows = None; rows are ignored), the pairs of one person and those of two weighing half the loss
+    each, so that the decision stays that of balanced pairs. The target is 1 for a pair of one person (equal
+    labels), 0 for two.
 
     logits(e1, e2): features |e1 - e2| and e1 * e2 (2D values) -> Linear -> ReLU -> Linear -> 1, one logit per
     pair, positive for 'same person'. Both features are exactly symmetric, so logits(e1, e2) == logits(e2, e1) bit
@@ -219,11 +223,15 @@ class PairClassifierLoss(nn.Module):
 
     rows, figure = "pairs", "accuracy"
 
-    def __init__(self, embedding_dim, hidden_dim=64):
+    def __init__(self, embedding_dim, hidden_dim=64, mining="none"):
         super().__init__()
         if embedding_dim < 1 or hidden_dim < 1:
             raise ValueError(f"embedding_dim and hidden_dim must be positive, got {embedding_dim}, {hidden_dim}")
+        if mining not in PAIR_BCE_MINING:
+            raise ValueError(f"loss='pair_bce' trains on given pairs (mining='none') or on every pair of a batch "
+                             f"(mining='batch_all'), not on {mining!r}")
         self.config = dict(embedding_dim=embedding_dim, hidden_dim=hidden_dim)
+        self.rows = batch_rows("pair_bce", mining)
         self.classifier = nn.Sequential(nn.Linear(2 * embedding_dim, hidden_dim), nn.ReLU(inplace=True),
                                         nn.Linear(hidden_dim, 1))
 
@@ -238,14 +246,21 @@ class PairClassifierLoss(nn.Module):
 
     def forward(self, embeddings, labels, rows=None):
         check_batch(embeddings, labels)
-        first, second = checked_rows(rows, 2, len(embeddings), embeddings.device)
+        if self.rows:
+            first, second = checked_rows(rows, 2, len(embeddings), embeddings.device)
+        else:
+            first, second = torch.triu_indices(len(labels), len(labels), offset=1, device=embeddings.device)
         logits = self.logits(embeddings[first], embeddings[second])
         if len(logits) == 0:
             return empty_batch(embeddings, self.figure)
         labels = labels.to(logits.device)
         same = (labels[first] == labels[second]).float()
         accuracy = ((logits > 0).float() == same).float().mean().item()
-        return F.binary_cross_entropy_with_logits(logits, same), {"accuracy": accuracy}
+        losses = F.binary_cross_entropy_with_logits(logits, same, reduction="none")
+        if self.rows or same.all() or not same.any():
+            return losses.mean(), {"accuracy": accuracy}
+        kinds = same.bool()
+        return 0.5 * (losses[kinds].mean() + losses[~kinds].mean()), {"accuracy": accuracy}
 
 
 # -----------------------------------------------------------------------------
@@ -462,7 +477,7 @@ class _ScaleGradient(torch.autograd.Function):
 def batch_rows(loss, mining="none"):
     """What batches the objective `loss` with `mining` trains on (its `rows`), known before anything is built:
     "triplets" or "pairs" of given rows, or None for labelled P x K batches."""
-    if loss == "pair_bce" or (loss == "contrastive" and mining == "none"):
+    if loss in ("pair_bce", "contrastive") and mining == "none":
         return "pairs"
     return "triplets" if loss == "triplet" and mining == "none" else None
 
@@ -471,16 +486,13 @@ def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim
                     arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35, partial_fc=0.0,
                     rank=0, world_size=1):
     """The training objective `loss` (one of OBJECTIVES) with `mining` (one of MINING): "none" trains the triplet
-    and contrastive losses on given rows, the others mine labelled batches. pair_bce trains on given pairs only;
+    and contrastive losses on given rows, the others mine labelled batches; pair_bce takes none or batch_all;
     arcface and cosface classify labelled batches whatever the mining, over `num_classes` training identities
     (arcface_scale is the scale of both); with `partial_fc` > 0, as PartialFC of that sample rate, process `rank` of
     `world_size` holding its share of the centres."""
     if loss not in OBJECTIVES:
         raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     check_mining(mining)
-    if loss == "pair_bce" and mining != "none":
-        raise ValueError(f"loss='pair_bce' trains on given pairs, not on mined ones: use mining='none', not "
-                         f"{mining!r}")
     if partial_fc and loss not in MARGIN_SOFTMAX:
         raise ValueError(f"partial_fc shards the centres of a margin softmax ({', '.join(MARGIN_SOFTMAX)}), not "
                          f"of loss={loss!r}")
@@ -492,7 +504,7 @@ def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim
     if loss == "contrastive":
         return ContrastiveLoss(margin, mining)
     if loss == "pair_bce":
-        return PairClassifierLoss(embedding_dim, pair_hidden_dim)
+        return PairClassifierLoss(embedding_dim, pair_hidden_dim, mining)
     start, end = partial_fc_shard(num_classes, rank, world_size) if partial_fc else (0, num_classes)
     if loss == "cosface":
         softmax = CosFaceLoss(embedding_dim, end - start, arcface_scale, cosface_margin)

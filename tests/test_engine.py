@@ -485,7 +485,7 @@ def valid_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("loss,mining", [("arcface", "none"), ("triplet", "none"), ("triplet", "batch_hard"),
-                                         ("contrastive", "none"), ("pair_bce", "none")])
+                                         ("contrastive", "none"), ("pair_bce", "none"), ("pair_bce", "batch_all")])
 def test_evaluate_gives_identification_loss_and_triplet_accuracy(train_root, valid_root, loss, mining):
     transform = make_transform(SIZE, train=False, pixels=True)
     gallery, probes = FaceFolder(train_root, transform), FaceFolder(valid_root, transform)
@@ -583,6 +583,9 @@ def test_epoch_summary_has_the_training_and_evaluation_figures_it_was_given():
     assert trained == ["epoch 2/3", "train loss 0.5000", "accuracy 25%", "12s"]  # an epoch without evaluation
     with_f1 = epoch_summary(1, 3, figures, dict(metrics, valid_pair_f1=0.5), "accuracy", 1, False)
     assert "valid pair F1 0.500" in with_f1.split(" | ")
+    unmeasured = dict(metrics, valid_loss=float("nan"), valid_triplet_accuracy=float("nan"))  # one image a person
+    assert epoch_summary(1, 3, figures, unmeasured, "accuracy", 1, False).split(" | ") == [
+        "epoch 1/3", "train loss 0.5000", "accuracy 25%", "valid top-1 87.50%", "1s"]
 
 
 @pytest.mark.parametrize("verbosity", [0, 1, 2])

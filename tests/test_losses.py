@@ -8,9 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from losses import (MINING, OBJECTIVES, ArcFaceLoss, CollapseDetector, ContrastiveLoss, CosFaceLoss,
-                    PairClassifierLoss, PartialFC, TripletLoss, build_objective, embedding_spread, gather_batch,
-                    pair_distance, pairwise_distances, partial_fc_shard)
+from losses import (MINING, OBJECTIVES, PAIR_BCE_MINING, ArcFaceLoss, CollapseDetector, ContrastiveLoss,
+                    CosFaceLoss, PairClassifierLoss, PartialFC, TripletLoss, build_objective, embedding_spread,
+                    gather_batch, pair_distance, pairwise_distances, partial_fc_shard)
 
 
 def embeddings(n=16, d=8, seed=0):
@@ -401,6 +401,29 @@ def test_pair_classifier_loss_is_bce_against_same_person_as_1():
     assert stats == {"accuracy": pytest.approx(((logits > 0).long() == same).float().mean().item())}
 
 
+def test_pair_classifier_on_a_batch_weighs_its_pairs_of_one_person_and_of_two_half_each():
+    torch.manual_seed(0)
+    rows_head = PairClassifierLoss(8, hidden_dim=16)
+    head = PairClassifierLoss(8, hidden_dim=16, mining="batch_all")
+    head.load_state_dict(rows_head.state_dict())
+    assert head.rows is None and rows_head.rows == "pairs"
+    batch, labels = torch.randn(6, 8, requires_grad=True), torch.tensor([0, 0, 0, 1, 1, 2])
+    loss, stats = head(batch, labels, rows=torch.zeros(1, 2, dtype=torch.long))  # rows are ignored
+    pairs = torch.combinations(torch.arange(6))  # 15 pairs: 4 of one person, 11 of two
+    same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+    logits = head.logits(batch[pairs[:, 0]], batch[pairs[:, 1]])
+    each = F.binary_cross_entropy_with_logits(logits, same.float(), reduction="none")
+    torch.testing.assert_close(loss, (each[same].mean() + each[~same].mean()) / 2)
+    assert stats == {"accuracy": pytest.approx(((logits > 0) == same).float().mean().item())}
+    loss.backward()
+    assert torch.isfinite(batch.grad).all() and batch.grad.abs().sum() > 0
+    one_kind = head(batch[:3], labels[:3])[0]  # only pairs of one person: their plain mean
+    torch.testing.assert_close(one_kind, F.binary_cross_entropy_with_logits(
+        head.logits(batch[[0, 0, 1]], batch[[1, 2, 2]]), torch.ones(3)))
+    with pytest.raises(ValueError):
+        PairClassifierLoss(8, mining="semihard")
+
+
 def test_pair_classifier_learns_same_from_different_pairs_with_bce():
     torch.manual_seed(0)
     head = PairClassifierLoss(8, hidden_dim=16)
@@ -551,7 +574,7 @@ def test_cosface_subtracts_its_margin_from_the_label_cosine():
 # one interface: build_objective
 
 COMBINATIONS = [(loss, mining) for loss in OBJECTIVES for mining in MINING
-                if not (loss == "pair_bce" and mining != "none")]
+                if not (loss == "pair_bce" and mining not in PAIR_BCE_MINING)]
 
 
 def interface_batch(rows_kind, n=0):
@@ -600,7 +623,7 @@ def test_build_objective_passes_its_options():
 
 
 def test_build_objective_rejects_bad_combinations_and_unknown_names():
-    for mining in MINED:
+    for mining in set(MINING) - set(PAIR_BCE_MINING):
         with pytest.raises(ValueError):
             build_objective("pair_bce", mining)
     with pytest.raises(ValueError):
