@@ -358,8 +358,8 @@ def valid_objective(objective, embeddings, labels, classes, train_classes, valid
         return {}
     device = embeddings.device
     result = {}
-    pairs = torch.as_tensor(valid_rows["pairs"][:, :2]) if len(valid_rows.get("pairs", ())) else None
-    if hasattr(objective, "logits") and pairs is not None:  # the pair classifier's decisions, whatever it trains on
+    if hasattr(objective, "logits") and len(valid_rows.get("pairs", ())):  # the pair classifier, however it trains
+        pairs = torch.as_tensor(valid_rows["pairs"][:, :2])
         same = (labels[pairs[:, 0]] == labels[pairs[:, 1]]).numpy()
         decided = (objective.logits(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]]) > 0).cpu().numpy()
         result.update({f"valid_pair_{k}": v for k, v in pair_decisions(same, decided).items()})

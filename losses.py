@@ -221,7 +221,7 @@ class PairClassifierLoss(nn.Module):
     backpropagates.
     """
 
-    rows, figure = "pairs", "accuracy"
+    figure = "accuracy"
 
     def __init__(self, embedding_dim, hidden_dim=64, mining="none"):
         super().__init__()
@@ -254,13 +254,12 @@ class PairClassifierLoss(nn.Module):
         if len(logits) == 0:
             return empty_batch(embeddings, self.figure)
         labels = labels.to(logits.device)
-        same = (labels[first] == labels[second]).float()
-        accuracy = ((logits > 0).float() == same).float().mean().item()
-        losses = F.binary_cross_entropy_with_logits(logits, same, reduction="none")
+        same = labels[first] == labels[second]
+        accuracy = ((logits > 0) == same).float().mean().item()
+        losses = F.binary_cross_entropy_with_logits(logits, same.float(), reduction="none")
         if self.rows or same.all() or not same.any():
             return losses.mean(), {"accuracy": accuracy}
-        kinds = same.bool()
-        return 0.5 * (losses[kinds].mean() + losses[~kinds].mean()), {"accuracy": accuracy}
+        return 0.5 * (losses[same].mean() + losses[~same].mean()), {"accuracy": accuracy}
 
 
 # -----------------------------------------------------------------------------
