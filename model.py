@@ -181,6 +181,21 @@ class EmbeddingNet(nn.Module):
         return F.normalize(self.head(self.backbone(images)), dim=1)
 
 
+class PixelBaseline(nn.Module):
+    """The reference a trained network has to beat: a photo's grey levels as its embedding. Image batch (N, 3, H, W),
+    normalised as the networks' input -> (N, H * W): the mean of the three channels, less the photo's own mean
+    brightness, L2-normalised (so a pair's cosine similarity is the correlation of its pixels). Nothing to train."""
+
+    def __init__(self, image_size):
+        super().__init__()
+        height, width = image_size
+        self.config = dict(backbone="pixels", embedding_dim=height * width)
+
+    def forward(self, images):
+        grey = images.mean(1).flatten(1)
+        return F.normalize(grey - grey.mean(1, keepdim=True), dim=1)
+
+
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     """Rebuild the network a checkpoint describes and load its weights."""
     config = checkpoint["model_config"]

@@ -4,6 +4,7 @@
     python test.py --data_dir=data/lfw/unseen        # people never trained on (prepare.py split --unseen)
     python test.py --pairs=data/lfw/pairsDevTrain.txt       # + LFW's protocol (its photos in data/lfw/images)
     python test.py --data_dir=data/faces_emore --val_bins=lfw,cfp_fp,agedb_30    # + insightface's .bin sets
+    python test.py --checkpoint=pixels --data_dir=data/lfw/unseen --pixel_size=64   # what raw pixels reach there
 
 The gallery is data_dir/train, the probes data_dir/test (images that chose nothing), or data_dir/valid when there
 is no test/; every image is embedded once. A data_dir without train/ (insightface's train.rec and .bin sets, as
@@ -15,7 +16,8 @@ probes, ROC, EER, TAR@FAR, 10-fold accuracy. Open set: a similarity threshold fo
 checked on people outside the gallery. Retrieval: probes ranked against gallery images. Writes results.json,
 confusion_matrix.png, roc.png and embeddings.png, and prints a summary table last. A network trained on aligned
 faces (the checkpoint says so) sees every folder's photos aligned alike: photos of a folder that prepare.py align did
-not write are aligned here.
+not write are aligned here. `--checkpoint=pixels` gives every figure of raw pixels instead of a network (the
+photos' grey levels at pixel_size, model.PixelBaseline): the reference a trained network has to beat.
 """
 import io
 import os
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader
 import configurator
 from align import AlignmentUnavailable, FaceAligner, aligned_as_trained, read_alignment
 from checkpoint import load_checkpoint
-from data_utils import (DatasetError, FaceFolder, loader_workers, make_transform, read_pairs_file,
+from data_utils import (DatasetError, FaceFolder, as_hw, loader_workers, make_transform, read_pairs_file,
                         read_verification_bins)
 from evaluation import (bin_pairs, cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
                         open_set_evaluation, pair_decisions, relabel, retrieval_metrics, score_pairs, verifiable,
@@ -39,11 +41,12 @@ from figures import plot_confusion_matrix, plot_embeddings_2d, plot_roc
 from files import save_json
 from inference import embed, embed_files
 from losses import build_objective
-from model import model_from_checkpoint, select_device
+from model import PixelBaseline, model_from_checkpoint, select_device
 
 # -----------------------------------------------------------------------------
 # data
-checkpoint = "out/tb_model.pth"  # written by train.py
+checkpoint = "out/tb_model.pth"  # written by train.py; pixels: raw pixels, no network (the baseline to beat)
+pixel_size = (64, 56)  # --checkpoint=pixels: height,width the photos are scaled to (one number: square)
 data_dir = ""  # folder with train/ (gallery) and test/ or valid/ (probes); empty: the checkpoint's training data
 probe_split = "auto"  # the probes: test | valid | auto (test/ when data_dir has one, else valid/)
 out_dir = ""  # where results go; empty: the checkpoint's folder
@@ -76,14 +79,24 @@ try:
         raise configurator.ConfigError("target_far", "must be a rate in (0, 1)")
     device, autocast, _ = select_device(device, amp)
     num_workers = loader_workers(num_workers, device)
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint).to(device)
+    if checkpoint == "pixels":  # trained on nobody; the photos seen as data_dir holds them, aligned or not
+        if not data_dir:
+            raise configurator.ConfigError("data_dir", "--checkpoint=pixels has no training data: name the photos")
+        try:
+            state = dict(image_size=as_hw(pixel_size), classes=[], epoch=None, alignment=read_alignment(data_dir))
+        except ValueError:
+            raise configurator.ConfigError("pixel_size", "must be one or two integers >= 8 (height,width)") from None
+        model = PixelBaseline(state["image_size"])
+    else:
+        state = load_checkpoint(checkpoint)
+        model = model_from_checkpoint(state, checkpoint).to(device)
 except ValueError as err:  # CheckpointError and ConfigError are ValueErrors too
     sys.exit(f"error: {err}")
 trained = state.get("config", {})
 data_dir = data_dir or trained.get("data_dir", "")
 identity_depth = trained.get("identity_depth", 1)
-out_dir = out_dir or os.path.dirname(os.path.abspath(checkpoint))
+out_dir = out_dir or (os.path.join("out", "pixels") if checkpoint == "pixels" else
+                      os.path.dirname(os.path.abspath(checkpoint)))
 transform = make_transform(state["image_size"], train=False, pixels=True)  # uint8, normalised on the device
 alignment = state.get("alignment")  # how the training photos were aligned; None: they were not
 size = alignment["size"] if alignment else None

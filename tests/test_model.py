@@ -1,5 +1,6 @@
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +8,7 @@ import torchvision
 
 import model as model_module
 from checkpoint import CheckpointError, load_checkpoint
-from model import EmbeddingNet, PretrainedUnavailable, model_from_checkpoint, select_device
+from model import EmbeddingNet, PixelBaseline, PretrainedUnavailable, model_from_checkpoint, select_device
 
 
 @pytest.mark.parametrize("head,dim", [("mlp", 128), ("linear", 64), ("mlp", 108)])
@@ -253,3 +254,16 @@ def test_iresnet_embeds_any_size_with_gradients_and_zero_init_starts_blocks_as_t
     torch.testing.assert_close(same(x), x)  # identity shortcut + a branch that starts at zero
     with pytest.raises(ValueError):
         EmbeddingNet("iresnet18", pretrained=True)
+
+
+def test_pixel_baseline_pairs_score_the_correlation_of_their_grey_levels():
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 8, 6)
+    baseline = PixelBaseline((8, 6))
+    embeddings = baseline(images)
+    assert embeddings.shape == (3, 48) and baseline.config["embedding_dim"] == 48
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(3))
+    grey = images.mean(1).flatten(1).numpy()
+    assert np.allclose((embeddings @ embeddings.T).numpy(), np.corrcoef(grey), atol=1e-5)
+    # brighter and of more contrast, a photo still embeds alike
+    assert torch.allclose(baseline(2 * images + 0.5), embeddings, atol=1e-5)

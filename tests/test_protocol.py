@@ -620,6 +620,16 @@ def test_test_py_states_its_protocol_and_init_from_starts_a_run(protocol_runs, t
     assert unseen["protocol"]["probe_people_trained_on"] == 0 and unseen["protocol"]["probes_chose_checkpoint"] is False
     assert unseen["protocol"]["split"] == "test"
     assert unseen["verification"]["images"] == "all"
+    # raw pixels under the same protocol: the same pairs, every figure, and errors naming their flag
+    run_script("test.py", "--checkpoint=pixels", "--pixel_size=16,12", f"--out_dir={tmp_path / 'px'}",
+               f"--data_dir={os.path.join(data, 'unseen')}")
+    pixels = json.loads((tmp_path / "px" / "results.json").read_text(encoding="utf-8"))
+    assert pixels["protocol"]["probe_people_trained_on"] == 0 and pixels["verification"]["images"] == "all"
+    assert all(pixels["verification"][k] == unseen["verification"][k] for k in ("same_pairs", "different_pairs"))
+    assert 0 <= pixels["identification"]["accuracy"] <= 1 and 0 <= pixels["retrieval"]["precision_at_1"] <= 1
+    assert_refused(run_script("test.py", "--checkpoint=pixels", check=False), "--data_dir")
+    assert_refused(run_script("test.py", "--checkpoint=pixels", "--pixel_size=4", f"--data_dir={data}",
+                              check=False), "--pixel_size")
     # a run started from that network, with an embedding of another size: its backbone is tb_model.pth's
     out = tmp_path / "init"
     proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", f"--init_from={tb_model}",
