@@ -180,14 +180,16 @@ def finish(written):
     print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))
 
 
+network = (f"raw pixels at {'x'.join(map(str, state['image_size']))}, no network" if checkpoint == "pixels" else
+           f"{model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}")
 if not folders:
-    print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "
-          f"{data_dir} has no train/ gallery (a dataset of records): scoring {', '.join(bins)}.bin alone")
+    print(f"{checkpoint}: {network}; {data_dir} has no train/ gallery (a dataset of records): scoring "
+          f"{', '.join(bins)}.bin alone")
     results["bins"] = {name: score_bin(name, *data) for name, data in bins.items()}
     finish([])
     sys.exit(0)
-print(f"{checkpoint}: {model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}; "
-      f"gallery {len(gallery)} images of {len(gallery.classes)} identities, probes {len(probes)} images"
+print(f"{checkpoint}: {network}; gallery {len(gallery)} images of {len(gallery.classes)} identities, probes "
+      f"{len(probes)} images"
       + (f", {len(unknowns)} images of {len(unknowns.classes)} unknown identities" if unknowns else ""))
 
 # one embedding pass -----------------------------------------------------------
