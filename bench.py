@@ -295,6 +295,16 @@ def prepare_data(att_dir, work, quick=False):
     return data_dir
 
 
+def pixel_figures(data_dir, work, size=(56, 46)):
+    """(identification top-1, retrieval precision@1) of raw pixels at `size` (AT&T's 112x92 halved) on the split
+    `data_dir`, by test.py --checkpoint=pixels: the figures a trained network has to beat on the same images."""
+    out = os.path.join(work, "pixels")
+    run(["test.py", "--checkpoint=pixels", f"--data_dir={data_dir}", f"--pixel_size={size[0]},{size[1]}",
+         f"--out_dir={out}"], out + "_test.log")
+    results = read_json(out, "results.json")
+    return results["identification"]["accuracy"], results["retrieval"]["precision_at_1"]
+
+
 def run_recipes(names, seeds, extra, data_dir, work, bare_seconds):
     """measure's figures of every recipe of `names` with seeds 0..seeds-1, a line printed after each run."""
     rows = []
@@ -694,13 +704,15 @@ def parse_args(argv):
     return args
 
 
-def recipes_caption(args):
-    """The line above the att_recipes table: the conditions of the runs."""
+def recipes_caption(args, pixels):
+    """The line above the att_recipes table: the conditions of the runs, and `pixels` (pixel_figures') beside."""
     start = "from the network of --init_from" if "--init_from" in args.train_flags else "random initialisation"
     return (f"AT&T faces, 7/1/2 split (top-1 on the 80 test images, which chose nothing), {start}, "
             f"{os.cpu_count()} CPU cores"
             + (" (quick: 2 epochs, ResNet18, 6 people)" if args.quick else f", mean of {args.seeds} seed(s)")
-            + (f", train.py {args.train_flags}" if args.train_flags else ""))
+            + (f", train.py {args.train_flags}" if args.train_flags else "")
+            + f". Raw pixels on the same images, no training: top-1 {100 * pixels[0]:.2f} %, the nearest gallery photo "
+              f"of the probe's person {100 * pixels[1]:.2f} %")
 
 
 def main(argv=None):
@@ -725,7 +737,8 @@ def main(argv=None):
         rows = run_recipes(names, 1 if args.quick else args.seeds, [*(QUICK if args.quick else ())]
                            + shlex.split(args.train_flags), data_dir, work, 1.0 if args.quick else 4.0)
         means = {name: recipe_means(rows, name) for name in names}
-        tables, lines = recipe_tables(means, recipes_caption(args)), speedups(means)
+        tables = recipe_tables(means, recipes_caption(args, pixel_figures(data_dir, work)))
+        lines = speedups(means)
     for table in tables:
         publish(table, args.docs, note)
     print("\n".join(lines + [f"runs kept in {work}" if args.keep else ""]))

@@ -1,5 +1,6 @@
 """bench.py: it times the repository's own training step and embedding pass (the latter paired batch by batch with
 bare inference), and its tables are valid markdown, written into the documentation section by section."""
+import json
 import os
 import re
 import time
@@ -129,12 +130,21 @@ def test_bad_flags_exit_naming_the_flag(att_faces, tmp_path):
     assert "--gpu_rec" in str(exit.value.code)
 
 
-def test_the_recipes_caption_says_where_the_networks_started(att_faces):
-    plain = bench.recipes_caption(bench.parse_args([f"--att_dir={att_faces}"]))
+def test_the_recipes_caption_says_where_the_networks_started_and_what_raw_pixels_reach(att_faces):
+    plain = bench.recipes_caption(bench.parse_args([f"--att_dir={att_faces}"]), (0.8375, 0.9375))
     initialised = bench.recipes_caption(bench.parse_args([f"--att_dir={att_faces}",
-                                                          "--train_flags=--init_from=lfw/tb_model.pth"]))
+                                                          "--train_flags=--init_from=lfw/tb_model.pth"]), (0.5, 1.0))
     assert "random initialisation" in plain and "random initialisation" not in initialised
     assert "--init_from=lfw/tb_model.pth" in initialised
+    assert "83.75 %" in plain and "93.75 %" in plain and "100.00 %" in initialised
+
+
+def test_raw_pixels_are_measured_by_test_py_on_the_split(att_subset, tmp_path):
+    top1, nearest = bench.pixel_figures(att_subset, str(tmp_path))
+    results = json.loads((tmp_path / "pixels" / "results.json").read_text())
+    assert results["protocol"]["probe_people_trained_on"] == 0 and results["identification"]["probes"] == 12
+    assert (top1, nearest) == (results["identification"]["accuracy"], results["retrieval"]["precision_at_1"])
+    assert 0.5 < top1 <= 1 and 0.5 < nearest <= 1  # six AT&T people: pixels tell most apart
 
 
 def test_the_bare_step_scores_as_many_identities_as_asked(monkeypatch):
