@@ -74,19 +74,21 @@ amp = True  # mixed precision on CUDA; ignored on the CPU
 configurator.parse(globals(), description=__doc__.split("\n")[0],
                    choices=dict(probe_split=("auto", "test", "valid"), pair_images=("auto", "probes", "all")))
 
+raw_pixels = checkpoint == "pixels"
 try:
     if not 0 < target_far < 1:
         raise configurator.ConfigError("target_far", "must be a rate in (0, 1)")
     device, autocast, _ = select_device(device, amp)
     num_workers = loader_workers(num_workers, device)
-    if checkpoint == "pixels":  # trained on nobody; the photos seen as data_dir holds them, aligned or not
+    if raw_pixels:  # trained on nobody; the photos seen as data_dir holds them, aligned or not
         if not data_dir:
             raise configurator.ConfigError("data_dir", "--checkpoint=pixels has no training data: name the photos")
         try:
-            state = dict(image_size=as_hw(pixel_size), classes=[], epoch=None, alignment=read_alignment(data_dir))
+            pixel_hw = as_hw(pixel_size)
         except ValueError:
             raise configurator.ConfigError("pixel_size", "must be one or two integers >= 8 (height,width)") from None
-        model = PixelBaseline(state["image_size"])
+        state = dict(image_size=pixel_hw, classes=[], epoch=None, alignment=read_alignment(data_dir))
+        model = PixelBaseline(pixel_hw)
     else:
         state = load_checkpoint(checkpoint)
         model = model_from_checkpoint(state, checkpoint).to(device)
@@ -95,7 +97,7 @@ except ValueError as err:  # CheckpointError and ConfigError are ValueErrors too
 trained = state.get("config", {})
 data_dir = data_dir or trained.get("data_dir", "")
 identity_depth = trained.get("identity_depth", 1)
-out_dir = out_dir or (os.path.join("out", "pixels") if checkpoint == "pixels" else
+out_dir = out_dir or (os.path.join("out", "pixels") if raw_pixels else
                       os.path.dirname(os.path.abspath(checkpoint)))
 transform = make_transform(state["image_size"], train=False, pixels=True)  # uint8, normalised on the device
 alignment = state.get("alignment")  # how the training photos were aligned; None: they were not
@@ -180,7 +182,7 @@ def finish(written):
     print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))
 
 
-network = (f"raw pixels at {'x'.join(map(str, state['image_size']))}, no network" if checkpoint == "pixels" else
+network = (f"raw pixels at {'x'.join(map(str, state['image_size']))}, no network" if raw_pixels else
            f"{model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}")
 if not folders:
     print(f"{checkpoint}: {network}; {data_dir} has no train/ gallery (a dataset of records): scoring "
