@@ -120,15 +120,23 @@ def normalize(pixels):
     return torch.addcmul(shift, pixels.float(), scale)
 
 
-def make_transform(image_size, train, pixels=False, grayscale=0.0):
-    """Training: resize with a margin, small rotation, random crop, flip, and a share `grayscale` of the images in
-    grey (still 3 channels). Evaluation: the same resize and a centre crop. Both normalise with ImageNet
-    statistics (what torchvision's pretrained backbones expect), or with `pixels` stop at uint8 (3, H, W) tensors
-    for `normalize` to finish."""
+AUGMENTATIONS = ("light", "strong")
+
+
+def make_transform(image_size, train, pixels=False, grayscale=0.0, augment="light"):
+    """Training: resize with a margin, small rotation (`augment` light), or rotation and scale jitter of 10 % with
+    brightness, contrast and saturation jitter of 30 % (strong: for many people with one or two photos each), random
+    crop, flip, and a share `grayscale` of the images in grey (still 3 channels). Evaluation: the same resize and a
+    centre crop. Both normalise with ImageNet statistics (what torchvision's pretrained backbones expect), or with
+    `pixels` stop at uint8 (3, H, W) tensors for `normalize` to finish."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     h, w = as_hw(image_size)
     resize = T.Resize((round(h * 1.1), round(w * 1.1)), antialias=True)
     if train:
-        steps = [resize, T.RandomRotation(10), T.RandomCrop((h, w)), T.RandomHorizontalFlip()]
+        strong = augment == "strong"
+        steps = [resize, T.RandomAffine(10, scale=(0.9, 1.1)) if strong else T.RandomRotation(10),
+                 T.RandomCrop((h, w)), T.RandomHorizontalFlip()] + [T.ColorJitter(0.3, 0.3, 0.3)] * strong
         if grayscale > 0:
             steps.append(T.RandomGrayscale(grayscale))
     else:

@@ -30,9 +30,9 @@ import configurator
 from align import read_alignment
 from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, init_weights,
                         resume_config, resume_training, training_state)
-from data_utils import (DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs, draw_triplets,
-                        loader_workers, make_transform, read_verification_bins, some_names, train_loader_for,
-                        write_skipped)
+from data_utils import (AUGMENTATIONS, DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs,
+                        draw_triplets, loader_workers, make_transform, read_verification_bins, some_names,
+                        train_loader_for, write_skipped)
 from engine import (OPTIMIZERS, SCHEDULES, SELECTED, NonFinite, StopRequested, StopSignals, TrainingStep, agreed,
                     build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, evaluate_bins,
                     poisoned, selection_key, shut_down, train_one_epoch, worker_signals)
@@ -57,6 +57,8 @@ images_per_identity = 4  # K of a P x K batch (P = batch_size // K)
 fill = "repeat"  # P x K: identities with fewer than K images: repeat their images | drop them
 num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 on CUDA) | 0 (the main process) | N
 grayscale = 0.0  # share of training images shown in grayscale (a colour-trained network that must serve grey photos)
+augment = "light"  # training images: light (rotation, crop, flip) | strong (+ scale, brightness, contrast and
+#   saturation jitter: for many people with few photos each, whom a network otherwise learns by heart)
 cache_images = "auto"  # decode each image once, keep it resized in memory: auto (when all fit in 2 GiB; else
 #   images, records too, are read as the batches want them)
 val_bins = ""  # insightface verification sets scored at each evaluation, comma-separated: names of data_dir's
@@ -107,9 +109,10 @@ sync_bn = False  # torchrun on GPUs: batch-norm statistics over the global batch
 deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU already is
 resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out_dir>/last.pth); "": a fresh run
 # -----------------------------------------------------------------------------
-CHOICES = dict(fill=("repeat", "drop"), cache_images=configurator.TRISTATE, backbone=BACKBONES, head=HEADS,
-               loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS, lr_schedule=SCHEDULES, plot_x=("epoch", "step"),
-               channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs", "bins"))
+CHOICES = dict(fill=("repeat", "drop"), augment=AUGMENTATIONS, cache_images=configurator.TRISTATE,
+               backbone=BACKBONES, head=HEADS, loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS,
+               lr_schedule=SCHEDULES, plot_x=("epoch", "step"), channels_last=configurator.TRISTATE,
+               select_on=("auto", "top1", "pairs", "bins"))
 defaults = configurator.constants(globals())
 config = configurator.parse(globals(), description=__doc__.split("\n")[0], choices=CHOICES)
 
@@ -164,8 +167,8 @@ rows = batch_rows(loss, mining)  # what batches train: "triplets", "pairs" or No
 # the device
 evaluation_transform = make_transform(image_size, train=False, pixels=True)
 try:
-    train_faces = training_images(data_dir, make_transform(image_size, train=True, pixels=True, grayscale=grayscale),
-                                  identity_depth)  # train/ identity folders, or train.rec
+    training_transform = make_transform(image_size, train=True, pixels=True, grayscale=grayscale, augment=augment)
+    train_faces = training_images(data_dir, training_transform, identity_depth)  # train/ folders, or train.rec
     triplet_view = TripletFaceDataset(train_faces, seed, anchor_pattern)  # shown in triplets.png
     bins = read_verification_bins(val_bins, data_dir)  # read once; embedded anew at each evaluation
     # valid/ (a .rec dataset has none) is optional when .bin sets can choose the checkpoint

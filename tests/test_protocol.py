@@ -490,7 +490,7 @@ def test_evaluation_protocol_counts_people_and_who_chose_the_checkpoint(protocol
 
 
 # -----------------------------------------------------------------------------
-# data_utils.make_transform(grayscale=)
+# data_utils.make_transform(grayscale=, augment=)
 
 def colour_photo(path):
     pixels = np.zeros((40, 36, 3), dtype=np.uint8)
@@ -520,6 +520,27 @@ def test_grayscale_augmentation_shows_images_in_grey(tmp_path):
     normalised = make_transform(SIZE, train=True, grayscale=1.0)(photo)  # float: grey, then per-channel statistics
     assert normalised.shape == (3, *SIZE) and normalised.dtype == torch.float32
     assert not grey(make_transform(SIZE, train=False, pixels=True, grayscale=1.0)(photo))  # evaluation: never
+
+
+def test_strong_augmentation_jitters_brightness_and_scale_but_never_evaluation(tmp_path):
+    photo = colour_photo(tmp_path / "colour.png")  # a green square on magenta: its centre is green at any crop
+    torch.manual_seed(0)
+    light = make_transform(SIZE, train=True, pixels=True)
+    strong = make_transform(SIZE, train=True, pixels=True, augment="strong")
+    centres = {name: {tuple(t(photo)[:, SIZE[0] // 2, SIZE[1] // 2].tolist()) for _ in range(20)}
+               for name, t in (("light", light), ("strong", strong))}
+    assert centres["light"] == {(10, 200, 30)}  # rotation, crop and flip move the square, not its colour
+    assert len(centres["strong"]) > 10  # brightness, contrast and saturation differ from draw to draw
+    # scale jitter: the square's width varies beyond what a rotation of at most 10 degrees and a crop give
+    def width(image):  # of the square on the middle row: where green outweighs red, whatever the jitter
+        return int((image[1, SIZE[0] // 2] > image[0, SIZE[0] // 2]).sum())
+    widths = {width(strong(photo)) for _ in range(40)}
+    square = width(light(photo))
+    assert len(widths) > 3 and max(widths) > square + 1 and strong(photo).shape == (3, *SIZE)
+    evaluation = make_transform(SIZE, train=False, pixels=True)(photo)
+    assert torch.equal(make_transform(SIZE, train=False, pixels=True, augment="strong")(photo), evaluation)
+    with pytest.raises(ValueError, match="augment"):
+        make_transform(SIZE, train=True, augment="heavy")
 
 
 # -----------------------------------------------------------------------------
