@@ -71,23 +71,33 @@ def main_face(boxes, width, height):
     return max(range(len(boxes)), key=lambda i: score(boxes[i]))
 
 
+def import_dlib():
+    """The dlib module, or AlignmentUnavailable saying how to install it."""
+    try:
+        import dlib
+    except ImportError:
+        raise AlignmentUnavailable("face alignment needs dlib: pip install -r requirements.txt "
+                                   "(dlib-bin, face-recognition-models)") from None
+    return dlib
+
+
+def face_model_file(name):
+    """The path of one of the model files that face-recognition-models installs, or AlignmentUnavailable."""
+    spec = importlib.util.find_spec("face_recognition_models")  # (its __init__ needs pkg_resources: not run)
+    path = spec and os.path.join(spec.submodule_search_locations[0], "models", name)
+    if not path or not os.path.isfile(path):
+        raise AlignmentUnavailable(f"{name} of face-recognition-models is missing: pip install -r requirements.txt")
+    return path
+
+
 class FaceAligner:
     """Finds the faces of a photo and their five points. `upsample` enlarges the photo that many times before
     detection, for faces smaller than about 80 pixels (slower)."""
 
     def __init__(self, upsample=0):
-        try:
-            import dlib
-        except ImportError:
-            raise AlignmentUnavailable("face alignment needs dlib: pip install -r requirements.txt "
-                                       "(dlib-bin, face-recognition-models)") from None
-        spec = importlib.util.find_spec("face_recognition_models")  # (its __init__ needs pkg_resources: not run)
-        path = spec and os.path.join(spec.submodule_search_locations[0], "models",
-                                     "shape_predictor_68_face_landmarks.dat")
-        if not path or not os.path.isfile(path):
-            raise AlignmentUnavailable("face alignment needs the landmark model of face-recognition-models: "
-                                       "pip install -r requirements.txt")
-        self.detector, self.predictor = dlib.get_frontal_face_detector(), dlib.shape_predictor(path)
+        dlib = import_dlib()
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(face_model_file("shape_predictor_68_face_landmarks.dat"))
         self.upsample = upsample
 
     def faces(self, image):

@@ -1,14 +1,17 @@
-"""The embedding network (a backbone + an embedding head), the choice of device, and rebuilding a network from a
-checkpoint."""
+"""The embedding network (a backbone + an embedding head), the references it is measured against (raw pixels, a
+face network trained elsewhere), the choice of device, and rebuilding a network from a checkpoint."""
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from align import FaceAligner, face_model_file, import_dlib, main_face
 from checkpoint import CheckpointError
+from data_utils import denormalize
 
 IRESNET_BLOCKS = dict(iresnet18=(2, 2, 2, 2), iresnet34=(3, 4, 6, 3), iresnet50=(3, 4, 14, 3),
                       iresnet100=(3, 13, 30, 3))  # blocks per stage, as insightface's
@@ -194,6 +197,35 @@ class PixelBaseline(nn.Module):
     def forward(self, images):
         grey = images.mean(1).flatten(1)
         return F.normalize(grey - grey.mean(1, keepdim=True), dim=1)
+
+
+class DlibReference(nn.Module):
+    """The reference of a face network trained elsewhere on millions of photos: dlib's ResNet face descriptor, which
+    face-recognition-models installs. Image batch (N, 3, H, W), normalised as the networks' input -> (N, 128): per
+    image, the main face dlib's detector finds (with `upsample`; the whole image when none), its 68 landmarks,
+    dlib's own 150x150 face chip of them and the chip's descriptor, L2-normalised. Runs on the CPU, one image at a
+    time; a GPU batch comes back to its device. Nothing to train."""
+
+    def __init__(self, upsample=1):
+        super().__init__()
+        self.dlib = import_dlib()
+        self.aligner = FaceAligner(upsample)
+        self.encoder = self.dlib.face_recognition_model_v1(face_model_file("dlib_face_recognition_resnet_model_v1.dat"))
+        self.config = dict(backbone="dlib", embedding_dim=128)
+
+    def descriptor(self, pixels):
+        """dlib's descriptor (128,) of one uint8 (H, W, 3) image's main face."""
+        height, width = pixels.shape[:2]
+        rects = list(self.aligner.detector(pixels, self.aligner.upsample))
+        boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
+        rect = rects[main_face(boxes, width, height)] if rects else self.dlib.rectangle(0, 0, width - 1, height - 1)
+        chip = self.dlib.get_face_chip(pixels, self.aligner.predictor(pixels, rect), size=150, padding=0.25)
+        return np.asarray(self.encoder.compute_face_descriptor(chip), dtype=np.float32)
+
+    def forward(self, images):
+        pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        described = np.stack([self.descriptor(np.ascontiguousarray(image)) for image in pixels])
+        return F.normalize(torch.from_numpy(described), dim=1).to(images.device)
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):

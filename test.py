@@ -5,6 +5,7 @@
     python test.py --pairs=data/lfw/pairsDevTrain.txt       # + LFW's protocol (its photos in data/lfw/images)
     python test.py --data_dir=data/faces_emore --val_bins=lfw,cfp_fp,agedb_30    # + insightface's .bin sets
     python test.py --checkpoint=pixels --data_dir=data/lfw/unseen --pixel_size=64   # what raw pixels reach there
+    python test.py --checkpoint=dlib --data_dir=data/lfw/unseen --pixel_size=112    # and a face network from elsewhere
 
 The gallery is data_dir/train, the probes data_dir/test (images that chose nothing), or data_dir/valid when there
 is no test/; every image is embedded once. A data_dir without train/ (insightface's train.rec and .bin sets, as
@@ -17,7 +18,9 @@ checked on people outside the gallery. Retrieval: probes ranked against gallery 
 confusion_matrix.png, roc.png and embeddings.png, and prints a summary table last. A network trained on aligned
 faces (the checkpoint says so) sees every folder's photos aligned alike: photos of a folder that prepare.py align did
 not write are aligned here. `--checkpoint=pixels` gives every figure of raw pixels instead of a network (the
-photos' grey levels at pixel_size, model.PixelBaseline): the reference a trained network has to beat.
+photos' grey levels at pixel_size, model.PixelBaseline): the reference a trained network has to beat;
+`--checkpoint=dlib` those of dlib's face descriptor, trained elsewhere on millions of photos (model.DlibReference):
+what a network trained on far more people reaches under the same protocol.
 """
 import io
 import os
@@ -41,12 +44,14 @@ from figures import plot_confusion_matrix, plot_embeddings_2d, plot_roc
 from files import save_json
 from inference import embed, embed_files
 from losses import build_objective
-from model import PixelBaseline, model_from_checkpoint, select_device
+from model import DlibReference, PixelBaseline, model_from_checkpoint, select_device
 
 # -----------------------------------------------------------------------------
 # data
-checkpoint = "out/tb_model.pth"  # written by train.py; pixels: raw pixels, no network (the baseline to beat)
-pixel_size = (64, 56)  # --checkpoint=pixels: height,width the photos are scaled to (one number: square)
+checkpoint = "out/tb_model.pth"  # written by train.py; pixels: raw pixels, no network (the baseline to beat);
+#   dlib: dlib's pretrained face descriptor (what far more training data gives)
+pixel_size = (64, 56)  # --checkpoint=pixels or dlib: height,width the photos are scaled to (one number: square;
+#   dlib: the photos' own size, faces of 80 pixels or more)
 data_dir = ""  # folder with train/ (gallery) and test/ or valid/ (probes); empty: the checkpoint's training data
 probe_split = "auto"  # the probes: test | valid | auto (test/ when data_dir has one, else valid/)
 out_dir = ""  # where results go; empty: the checkpoint's folder
@@ -74,30 +79,31 @@ amp = True  # mixed precision on CUDA; ignored on the CPU
 configurator.parse(globals(), description=__doc__.split("\n")[0],
                    choices=dict(probe_split=("auto", "test", "valid"), pair_images=("auto", "probes", "all")))
 
-raw_pixels = checkpoint == "pixels"
+reference = checkpoint if checkpoint in ("pixels", "dlib") else None  # no checkpoint file: a reference
 try:
     if not 0 < target_far < 1:
         raise configurator.ConfigError("target_far", "must be a rate in (0, 1)")
     device, autocast, _ = select_device(device, amp)
     num_workers = loader_workers(num_workers, device)
-    if raw_pixels:  # trained on nobody; the photos seen as data_dir holds them, aligned or not
+    if reference:  # trained on none of these people; the photos seen as data_dir holds them, aligned or not
         if not data_dir:
-            raise configurator.ConfigError("data_dir", "--checkpoint=pixels has no training data: name the photos")
+            raise configurator.ConfigError("data_dir", f"--checkpoint={reference} has no training data: name the "
+                                                       f"photos")
         try:
             pixel_hw = as_hw(pixel_size)
         except ValueError:
             raise configurator.ConfigError("pixel_size", "must be one or two integers >= 8 (height,width)") from None
         state = dict(image_size=pixel_hw, classes=[], epoch=None, alignment=read_alignment(data_dir))
-        model = PixelBaseline(pixel_hw)
+        model = PixelBaseline(pixel_hw) if reference == "pixels" else DlibReference()
     else:
         state = load_checkpoint(checkpoint)
         model = model_from_checkpoint(state, checkpoint).to(device)
-except ValueError as err:  # CheckpointError and ConfigError are ValueErrors too
+except (ValueError, AlignmentUnavailable) as err:  # CheckpointError and ConfigError are ValueErrors too
     sys.exit(f"error: {err}")
 trained = state.get("config", {})
 data_dir = data_dir or trained.get("data_dir", "")
 identity_depth = trained.get("identity_depth", 1)
-out_dir = out_dir or (os.path.join("out", "pixels") if raw_pixels else
+out_dir = out_dir or (os.path.join("out", reference) if reference else
                       os.path.dirname(os.path.abspath(checkpoint)))
 transform = make_transform(state["image_size"], train=False, pixels=True)  # uint8, normalised on the device
 alignment = state.get("alignment")  # how the training photos were aligned; None: they were not
@@ -182,7 +188,9 @@ def finish(written):
     print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))
 
 
-network = (f"raw pixels at {'x'.join(map(str, state['image_size']))}, no network" if raw_pixels else
+size_seen = "x".join(map(str, state["image_size"]))
+network = (f"raw pixels at {size_seen}, no network" if reference == "pixels" else
+           f"dlib's face descriptor, photos at {size_seen}" if reference == "dlib" else
            f"{model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}")
 if not folders:
     print(f"{checkpoint}: {network}; {data_dir} has no train/ gallery (a dataset of records): scoring "

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import prepare
@@ -15,6 +16,8 @@ from align import (FaceAligner, MainFace, aligned_as_trained, main_face, photo_f
                    similarity_transform, template, warp)
 from checkpoint import load_checkpoint
 from conftest import ROOT, run_script, write_image
+from data_utils import load_image, make_transform
+from model import DlibReference
 
 PEOPLE = ("Aaron_Peirsol", "Ai_Sugiyama", "Abdoulaye_Wade")
 
@@ -190,3 +193,16 @@ def test_a_network_trained_on_aligned_faces_names_every_face_of_a_photo(photos, 
     verified = run_script("predict.py", f"--checkpoint={out / 'tb_model.pth'}", "--verify", str(two),
                           lfw_photo(lfw_faces, PEOPLE[1]), "--threshold=0.5")
     assert re.search(r"cosine similarity -?[0-9.]+: (same person|different people)$", verified.stdout, re.M)
+
+
+def test_dlib_reference_describes_a_person_alike_across_photos_framings_and_a_faceless_image(lfw_faces):
+    photos = [load_image(lfw_photo(lfw_faces, PEOPLE[0], i)) for i in (0, 1)] + \
+             [load_image(lfw_photo(lfw_faces, person)) for person in PEOPLE[1:]]
+    zoomed = photos[0].crop((14, 14, 154, 154))  # the same photo framed tighter: the face found and aligned again
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (168, 168, 3), dtype=np.uint8))
+    transform = make_transform(168, train=False)
+    embeddings = DlibReference()(torch.stack([transform(image) for image in [*photos, zoomed, noise]]))
+    assert embeddings.shape == (6, 128) and torch.allclose(embeddings.norm(dim=1), torch.ones(6), atol=1e-5)
+    similarity = embeddings @ embeddings.T
+    assert similarity[0, 4] > 0.98  # framing barely moves a descriptor
+    assert similarity[0, 1] > max(similarity[i, j] for i in (0, 1) for j in (2, 3))  # same person above others
