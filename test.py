@@ -87,8 +87,8 @@ try:
     num_workers = loader_workers(num_workers, device)
     if reference:  # trained on none of these people; the photos seen as data_dir holds them, aligned or not
         if not data_dir:
-            raise configurator.ConfigError("data_dir", f"--checkpoint={reference} has no training data: name the "
-                                                       f"photos")
+            raise configurator.ConfigError("data_dir",
+                                           f"--checkpoint={reference} has no training data: name the photos")
         try:
             pixel_hw = as_hw(pixel_size)
         except ValueError:

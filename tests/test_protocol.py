@@ -649,14 +649,14 @@ def test_test_py_states_its_protocol_and_init_from_starts_a_run(protocol_runs, t
     assert all(pixels["verification"][k] == unseen["verification"][k] for k in ("same_pairs", "different_pairs"))
     assert 0 <= pixels["identification"]["accuracy"] <= 1 and 0 <= pixels["retrieval"]["precision_at_1"] <= 1
     assert_refused(run_script("test.py", "--checkpoint=pixels", check=False), "--data_dir")
+    assert_refused(run_script("test.py", "--checkpoint=pixels", "--pixel_size=4", f"--data_dir={data}",
+                              check=False), "--pixel_size")
     # dlib's face descriptor likewise (these synthetic photos have no face: each is described whole)
     run_script("test.py", "--checkpoint=dlib", "--pixel_size=48", f"--out_dir={tmp_path / 'dlib'}",
                f"--data_dir={os.path.join(data, 'unseen')}")
     described = json.loads((tmp_path / "dlib" / "results.json").read_text(encoding="utf-8"))
     assert all(described["verification"][k] == unseen["verification"][k] for k in ("same_pairs", "different_pairs"))
     assert_refused(run_script("test.py", "--checkpoint=dlib", check=False), "--data_dir")
-    assert_refused(run_script("test.py", "--checkpoint=pixels", "--pixel_size=4", f"--data_dir={data}",
-                              check=False), "--pixel_size")
     # a run started from that network, with an embedding of another size: its backbone is tb_model.pth's
     out = tmp_path / "init"
     proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", f"--init_from={tb_model}",
