@@ -7,6 +7,7 @@
     python bench.py --gpu                   # CUDA: ResNet50 at 224x224 training steps, train.py on real images
     python bench.py --gpu_rec=data/faces    # CUDA: IResNet-50 on insightface records (train.rec, *.bin)
     python bench.py --sharded=100000        # CPU: PartialFC's sharded centres of 100,000 identities under torchrun
+    python bench.py --students=out/student/tb_model.pth --photos=data/lfw/unseen/test   # embedding against dlib's
     python bench.py --docs=docs/results.md  # also write the tables into that file
 
 The raw AT&T folder (s1..s40) comes from --att_dir or the FACE_DATA environment variable; it is split 7/1/2 per
@@ -31,11 +32,16 @@ last.pth with the whole centres gathered. The table gives each run's centre memo
 line), its steps, seconds a step, peak resident memory per process and last.pth's size. With it, the seconds the
 P x K sampler takes to draw an epoch's batches at 100,000 identities and at MS1MV3's shape (labels only).
 
+Students (--students=SPEC[,SPEC]): the seconds a face network (a checkpoint, insightface's backbone.pth, an ONNX
+model: pretrained.load_face_network's) takes to embed the aligned photos of --photos, against dlib's descriptor on
+the same photos, decoded and resized beforehand for each: batch by batch in alternation, so that the machine's load
+falls on all alike.
+
 Each table is printed in markdown. With --docs=PATH it is also written into PATH between the lines
 `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (a pair missing from the file is appended under a `## NAME`
 heading), with the command, the date and the machine beneath it. Tables: att_recipes, att_pipeline, and with
 --gpu gpu_step, gpu_pipeline, gpu_embedding, with --gpu_rec gpu_records, with --sharded sharded_centres and
-pk_sampler.
+pk_sampler, with --students student_speed.
 """
 import argparse
 import contextlib
@@ -71,6 +77,7 @@ from inference import embed_batch
 from losses import build_objective
 from model import EmbeddingNet, model_from_checkpoint, select_device
 from prepare import bin_dataset, split_dataset
+from pretrained import load_face_network
 from recordio import RecordFaces, RecordWriter, pack_payload, read_property
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,7 +103,7 @@ GPU_SETTINGS = (  # --gpu: (label, amp, channels_last, compile, read_loss) of th
     ("AMP + channels_last + compile", True, True, True, False),
 )
 TABLES = ("att_recipes", "att_pipeline", "gpu_step", "gpu_pipeline", "gpu_embedding", "gpu_records", "sharded_centres",
-          "pk_sampler")
+          "pk_sampler", "student_speed")
 RECORDS_RECIPE = "configs/ms1m_iresnet50.py"  # --gpu_rec: the field's standard recipe, on insightface-layout data
 # --sharded: train.py's settings (a small network, the field's 512-d embedding, K = 2: the two photos of each
 # identity; SGD: one momentum per centre, as insightface trains), and the runs: (processes, --partial_fc)
@@ -468,6 +475,32 @@ def gpu_embedding(checkpoint, data_dir, workers):
 
 
 # -----------------------------------------------------------------------------
+# --students: embedding speed against dlib's descriptor, on the CPU
+
+def student_table(specs, folder, batches=4, batch=32):
+    """The student_speed table: each network of `specs` and dlib's descriptor embedding the same first
+    batches x batch photos of `folder` (identity folders of aligned faces), each photo decoded and resized for each
+    network beforehand, timed batch by batch in alternation."""
+    faces = FaceFolder(folder)
+    count = min(len(faces), batches * batch)
+    networks = {spec: load_face_network(spec) for spec in ["dlib", *specs]}
+    inputs = {spec: torch.stack([make_transform(state["image_size"], train=False, pixels=True)(faces.read(i))
+                                 for i in range(count)]) for spec, (_, state) in networks.items()}
+    seconds = dict.fromkeys(networks, 0.0)
+    for start in range(0, count, batch):
+        for spec, (model, _) in networks.items():
+            started = time.perf_counter()
+            embed_batch(model, inputs[spec][start:start + batch], "cpu", contextlib.nullcontext())
+            seconds[spec] += time.perf_counter() - started
+    rows = [[state.get("network", spec), "x".join(map(str, state["image_size"])), cell(1000 * seconds[spec] / count,
+             "", 1), cell(count / seconds[spec]), cell(seconds["dlib"] / seconds[spec], " x", 1)]
+            for spec, (_, state) in networks.items()]
+    title = (f"Embedding {count} aligned photos of {folder} on {os.cpu_count()} CPU cores (torch "
+             f"{torch.__version__}, {torch.get_num_threads()} threads), batches of {batch}, decoding excluded")
+    return Table("student_speed", title, ["network", "input", "ms/photo", "photos/s", "faster than dlib"], rows)
+
+
+# -----------------------------------------------------------------------------
 # --sharded: PartialFC's centres at scale, on the CPU
 
 def synthetic_records(folder, identities, images=2, size=16, patterns=64, seed=0):
@@ -680,6 +713,10 @@ def parse_args(argv):
     parser.add_argument("--sharded", default=0, type=int, help="the CPU figures of PartialFC instead: a synthetic "
                         ".rec of this many identities trained under torchrun with sharded centres, and the P x K "
                         "sampler's epoch at that scale and MS1MV3's")
+    parser.add_argument("--students", default="", help="the CPU embedding speed of these face networks (comma-"
+                        "separated checkpoints, backbone.pth or .onnx files) against dlib's descriptor instead")
+    parser.add_argument("--photos", default="data/lfw/unseen/test", help="--students: identity folders of aligned "
+                        "photos to embed")
     parser.add_argument("--docs", default="", help="also write the tables into this markdown file, between markers")
     args = parser.parse_args(argv)
     unknown = [n for n in args.recipes.split(",") if n not in RECIPES]
@@ -688,7 +725,9 @@ def parse_args(argv):
     if args.sharded and (args.sharded < 4 or args.gpu or args.gpu_rec):
         sys.exit(f"error: --sharded={args.sharded}: give 4 identities or more (P x K batches of two processes), "
                  f"without --gpu or --gpu_rec")
-    if not args.sharded and not os.path.isdir(os.path.join(args.att_dir, "s1")):
+    if args.students and not os.path.isdir(args.photos):
+        sys.exit(f"error: --photos: {args.photos} is no folder of identity folders")
+    if not args.sharded and not args.students and not os.path.isdir(os.path.join(args.att_dir, "s1")):
         sys.exit(f"error: {args.att_dir} is not the AT&T folder (s1..s40); pass --att_dir or set FACE_DATA")
     if args.gpu_rec and not os.path.isfile(os.path.join(args.gpu_rec, "train.rec")):
         sys.exit(f"error: --gpu_rec: {args.gpu_rec} holds no train.rec (prepare.py pack FOLDER DIR/train.rec)")
@@ -722,11 +761,17 @@ def main(argv=None):
     work = args.keep or tempfile.mkdtemp(prefix="bench_")
     os.makedirs(work, exist_ok=True)
     try:
-        data_dir = None if args.gpu_rec or args.sharded else prepare_data(args.att_dir, work, args.quick)
+        data_dir = (None if args.gpu_rec or args.sharded or args.students else
+                    prepare_data(args.att_dir, work, args.quick))
     except DatasetError as err:
         sys.exit(f"error: --att_dir: {err}")
     lines = []
-    if args.sharded:
+    if args.students:
+        try:
+            tables = [student_table(args.students.split(","), args.photos)]
+        except (ValueError, DatasetError) as err:  # a CheckpointError is a ValueError
+            sys.exit(f"error: --students: {err}")
+    elif args.sharded:
         tables = [sharded_table(work, args.sharded), sampler_table(args.sharded)]
     elif args.gpu_rec:
         tables = [gpu_records(args.gpu_rec, work, args.gpu_workers)]

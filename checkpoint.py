@@ -23,20 +23,21 @@ from losses import partial_fc_shard
 
 # what a resumed run may be given anew: nothing that shapes the model, the data or the optimisation
 RESUMABLE = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "eval_every", "save_every",
-             "plot_x", "device", "amp", "deterministic", "cache_images", "channels_last", "compile", "sync_bn")
+             "plot_x", "device", "amp", "deterministic", "cache_images", "channels_last", "compile", "sync_bn",
+             "teacher_cache")
 
 
 class CheckpointError(ValueError):
     """A file that is missing, not a checkpoint of this repository, or does not fit its model."""
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint written by train.py, read with weights_only=True: plain values and tensors only, so
-    loading it can never run code. Raises CheckpointError with the reason."""
+def read_weights(path, map_location="cpu"):
+    """What a PyTorch file at `path` holds, read with weights_only=True: plain values and tensors only, so that
+    reading it can never run code. Raises CheckpointError with the reason."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file (train one with: python train.py)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):  # a pickled object that unpickling would construct or call
             raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain "
@@ -45,32 +46,19 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as err:  # torch.load's errors on arbitrary bytes vary (KeyError, EOFError, RuntimeError...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
                               f"{(str(err).splitlines() or [''])[0]})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+
+
+def is_checkpoint(state):
+    """Whether what read_weights read is a checkpoint written by train.py."""
+    return isinstance(state, dict) and {"model", "model_config"} <= state.keys()
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint written by train.py, read by read_weights. Raises CheckpointError with the reason."""
+    checkpoint = read_weights(path, map_location)
+    if not is_checkpoint(checkpoint):
         raise CheckpointError(f"{path}: not a checkpoint written by train.py (no 'model' and 'model_config')")
     return checkpoint
-
-
-def init_weights(model, path):
-    """Start `model` (an EmbeddingNet) from the network of the checkpoint at `path`: not its objective, optimiser
-    or schedule. The backbones must be of one kind; the head is taken when it has the same layers and shapes and
-    otherwise keeps its fresh weights (another embedding size or head). Returns the parts taken: ("backbone",
-    "head") or ("backbone",). Raises CheckpointError."""
-    state = load_checkpoint(path)
-    theirs, ours = state["model_config"].get("backbone"), model.config["backbone"]
-    if theirs != ours:
-        raise CheckpointError(f"{path} holds a {theirs} network and this run builds a {ours}: "
-                              f"use --backbone={theirs}, or another checkpoint")
-    parts = {name: {k.split(".", 1)[1]: v for k, v in state["model"].items() if k.startswith(name + ".")}
-             for name in ("backbone", "head")}
-    try:
-        model.backbone.load_state_dict(parts["backbone"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: its {theirs} weights do not fit ({str(err).splitlines()[0]})") from None
-    own = model.head.state_dict()
-    if own.keys() != parts["head"].keys() or any(own[k].shape != parts["head"][k].shape for k in own):
-        return ("backbone",)
-    model.head.load_state_dict(parts["head"])
-    return ("backbone", "head")
 
 
 def resume_config(config, defaults, path, out_dir):
@@ -233,10 +221,14 @@ class Checkpointer:
     and `objective` are the plain modules (not their distributed or compiled wrappers); `identity` holds the
     values every checkpoint repeats: model_config, image_size, classes, config, and `alignment` (the record of
     the dataset's alignment, align.read_alignment's; None for unaligned data), by which test.py and predict.py
-    prepare photos as the training data was. `centres`: the ShardedCentres of a PartialFC objective, or None."""
+    prepare photos as the training data was. `centres`: the ShardedCentres of a PartialFC objective, or None.
+    `distiller`: a distilled run's distill.Distillation (its projection), saved as `distill_state` for --resume
+    (test.py never needs it: the student's embedding is its own)."""
 
-    def __init__(self, out_dir, model, objective, config, classes, image_size, alignment=None, centres=None):
+    def __init__(self, out_dir, model, objective, config, classes, image_size, alignment=None, centres=None,
+                 distiller=None):
         self.out_dir, self.model, self.objective, self.centres = out_dir, model, objective, centres
+        self.distiller = distiller
         self.identity = dict(model_config=model.config, image_size=list(image_size), classes=classes, config=config,
                              alignment=alignment)
 
@@ -254,6 +246,8 @@ class Checkpointer:
         replacing this process's share of sharded centres."""
         state = dict(model=self.model.state_dict(), loss_state=self.objective.state_dict(), epoch=epoch,
                      metrics=metrics, **self.identity, **(training or {}))
+        if self.distiller is not None:
+            state["distill_state"] = self.distiller.state_dict()
         if whole:
             state.update(loss_state=whole["loss_state"], **(dict(optimizer=whole["optimizer"]) if training else {}))
         path = self.path(name)
@@ -277,17 +271,20 @@ def training_state(run, optimizer, scheduler, scaler, world_size):
                 world_size=world_size, **run.state_dict())
 
 
-def resume_training(checkpoint, parts, randomness, world_size, best_path, log=print, centres=None):
+def resume_training(checkpoint, parts, randomness, world_size, best_path, log=print, centres=None, distiller=None):
     """Load a resumed checkpoint into the built `parts` (model, objective, optimizer, scheduler, grad scaler) and
     the random generators (RandomState `randomness`); returns its RunState. The best epoch is forgotten when
     `best_path` (tb_model.pth, rewritten only by a better epoch) is missing. A run of another number of processes
     starts its random augmentation anew, which a run stopped mid-epoch cannot (CheckpointError). `centres`: the
-    ShardedCentres of a PartialFC objective, which takes its share of the saved centres."""
+    ShardedCentres of a PartialFC objective, which takes its share of the saved centres; `distiller`: a distilled
+    run's distill.Distillation."""
     if centres:
         checkpoint = centres.shard(checkpoint)
     model, objective, optimizer, scheduler, scaler = parts
     model.load_state_dict(checkpoint["model"])
     objective.load_state_dict(checkpoint["loss_state"])
+    if distiller is not None:
+        distiller.load_state_dict(checkpoint["distill_state"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["scaler"]:  # empty when saved without float16 loss scaling (CPU, bfloat16)

@@ -186,6 +186,7 @@ class LabelledImages(Dataset):
 
     unit = "image"
     cached = None  # {index: image after the transform's deterministic steps}, once cache() has run
+    with_items = False  # items are (image, label, index): a distilled run looks up its teacher's targets by index
 
     def read(self, index):
         """The decoded image of item `index` (load_image's). Raises DatasetError or UNREADABLE_IMAGE's errors."""
@@ -274,7 +275,8 @@ class LabelledImages(Dataset):
                            f"{self.source}")
 
     def __getitem__(self, index):
-        return self.load(index), self.targets[index]
+        item = self.load(index), self.targets[index]
+        return (*item, index) if self.with_items else item
 
 
 class FaceFolder(LabelledImages):
@@ -319,6 +321,11 @@ class FaceFolder(LabelledImages):
     def read(self, index):
         """The image file of item `index`, read by load_image (a grayscale file gives an 'L' image)."""
         return load_image(self.samples[index][0])
+
+    def image_bytes(self, index):
+        """The image file of item `index`, as stored."""
+        with open(self.samples[index][0], "rb") as f:
+            return f.read()
 
 
 def draw_triplets(targets, by_label, rng, anchors=None):
@@ -395,7 +402,8 @@ class TripletFaceDataset(Dataset):
 
     def __getitem__(self, index):
         indices = self.images(index)
-        return tuple(self.faces.load(i) for i in indices), tuple(self.faces.targets[i] for i in indices)
+        item = tuple(self.faces.load(i) for i in indices), tuple(self.faces.targets[i] for i in indices)
+        return (*item, tuple(indices)) if self.faces.with_items else item
 
 
 class PairDataset(TripletFaceDataset):
@@ -415,13 +423,14 @@ class PairDataset(TripletFaceDataset):
 def collate_rows(items):
     """A DataLoader's collate_fn for TripletFaceDataset and PairDataset: B items of k image tensors and k labels
     -> (images (k*B, ...), labels (k*B,) int64, rows (B, k) int64). Images and labels are position-major (all
-    first images, then all second ...), and rows[b] = [b, B+b, 2B+b] indexes item b's images in them."""
+    first images, then all second ...), and rows[b] = [b, B+b, 2B+b] indexes item b's images in them. Items
+    with the images' dataset indices (with_items) add those, (k*B,) int64 in the same order, last."""
     count, k = len(items), len(items[0][0])
     # default_collate stacks as the DataLoader's default does (into shared memory inside a worker: no extra copy)
-    images = default_collate([item[0][position] for position in range(k) for item in items])
-    labels = default_collate([item[1][position] for position in range(k) for item in items])
+    images, labels, *indices = (default_collate([item[part][position] for position in range(k) for item in items])
+                                for part in range(len(items[0])))
     rows = torch.arange(k * count, dtype=torch.int64).view(k, count).t().contiguous()
-    return images, labels, rows
+    return images, labels, rows, *indices
 
 
 class PKBatchSampler(torch.utils.data.Sampler):
@@ -672,7 +681,8 @@ def train_loader_for(faces, rows, batch_size, images_per_identity=4, seed=0, fil
 
     rows None (objectives that mine or classify): P x K batches (PKBatchSampler) of P = batch_size // K identities
     per process, fewer when the data has fewer (logged). rows "triplets" / "pairs": batch_size random triplets or
-    balanced pairs (collate_rows), redrawn each epoch; in a distributed run each process takes a different share
+    balanced pairs (collate_rows), redrawn each epoch; "images": batch_size images in random order, whatever their
+    labels (a student learning from a teacher alone); in a distributed run each process takes a different share
     of them. Raises ValueError for a P x K batch the data cannot fill."""
     if rows is None:
         identities = batch_size // images_per_identity
@@ -685,14 +695,19 @@ def train_loader_for(faces, rows, batch_size, images_per_identity=4, seed=0, fil
             log(f"P x K batches: {len(sampler.short)} identities have fewer than {images_per_identity} images "
                 f"({'their images repeat' if fill == 'repeat' else 'left out'})")
         return DataLoader(faces, batch_sampler=sampler, **loader_args), [sampler]
-    dataset = (TripletFaceDataset if rows == "triplets" else PairDataset)(faces, seed, anchor_pattern)
-    loader_args.update(batch_size=batch_size, collate_fn=collate_rows)
+    if rows == "images":
+        dataset = faces
+        loader_args.update(batch_size=batch_size)
+    else:
+        dataset = (TripletFaceDataset if rows == "triplets" else PairDataset)(faces, seed, anchor_pattern)
+        loader_args.update(batch_size=batch_size, collate_fn=collate_rows)
+    drawn = [] if rows == "images" else [dataset]  # (triplets and pairs are drawn anew each epoch)
     if distributed:
         shares = DistributedSampler(dataset, world_size, rank, seed=seed, drop_last=True)
         return (DataLoader(dataset, sampler=shares, drop_last=len(dataset) > batch_size * world_size, **loader_args),
-                [dataset, shares])
+                [*drawn, shares])
     return (DataLoader(dataset, shuffle=True, drop_last=len(dataset) > batch_size,
-                       generator=torch.Generator().manual_seed(seed), **loader_args), [dataset])
+                       generator=torch.Generator().manual_seed(seed), **loader_args), drawn)
 
 
 def write_skipped(folders, path, listed=None):

@@ -52,6 +52,9 @@ def check_config(config):
         ("partial_fc", not 0 <= c["partial_fc"] <= 1, "is a sample rate: 0 (off) or above 0 up to 1"),
         ("partial_fc", c["partial_fc"] and c["loss"] not in MARGIN_SOFTMAX,
          "shards the class centres of a margin softmax: use it with --loss=arcface or cosface"),
+        ("loss", c["loss"] == "none" and not c["teacher"], "none learns from a teacher alone: give --teacher"),
+        ("distill", c["distill"] < 0 or (c["teacher"] and not c["distill"] > 0),
+         "weighs the teacher's term: a positive number (with --teacher)"),
     ]
     for flag, broken, message in rules:
         if broken:
@@ -116,13 +119,18 @@ class TrainingStep:
 
     `network` and `objective` are what trains (wrapped in DistributedDataParallel or compiled as the run wants);
     a batch is (images, labels) or (images, labels, rows), images uint8 or float (N, 3, H, W) as the DataLoader
-    gives them. Calling it returns (the loss, detached; the objective's stats; this process's embeddings)."""
+    gives them. A distilled run passes `distiller` (distill.Distillation, wrapped as the network is), `targets`
+    (the teacher's (items, T) targets, on the device) and `weight`; its batches end with the items' dataset
+    indices, and the loss adds weight x the distillation loss of this process's embeddings. Calling it returns
+    (the loss, detached; the objective's stats, with the distiller's; this process's embeddings)."""
 
     def __init__(self, network, objective, optimizer, scheduler, scaler, device, autocast,
-                 memory_format=torch.preserve_format, gather=False, figure=""):
+                 memory_format=torch.preserve_format, gather=False, figure="", distiller=None, targets=None,
+                 weight=1.0):
         self.network, self.objective, self.optimizer, self.scheduler = network, objective, optimizer, scheduler
         self.scaler, self.device, self.autocast, self.memory_format = scaler, device, autocast, memory_format
         self.gather, self.figure = gather, figure  # figure: the objective's stat shown and averaged per epoch
+        self.distiller, self.targets, self.weight = distiller, targets, weight
 
     def embed(self, images):
         """Float32 embeddings of a batch. It goes to the device as the DataLoader pinned it (copied without
@@ -132,12 +140,16 @@ class TrainingStep:
 
     def __call__(self, batch):
         images, labels, *rows = batch
+        items = rows.pop().to(self.device) if self.distiller is not None else None
         rows = rows[0].to(self.device) if rows else None
         embeddings = self.embed(images)
         labels = torch.as_tensor(labels).to(self.device)
         scored, scored_labels = (gather_batch(embeddings, labels) if self.gather and rows is None
                                  else (embeddings, labels))
         loss, stats = self.objective(scored, scored_labels, rows)
+        if items is not None:
+            distilled, taught = self.distiller(embeddings, self.targets[items])
+            loss, stats = loss + self.weight * distilled, {**stats, **taught}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)  # float16 scaling skips a step whose gradients overflowed: not an error
@@ -147,7 +159,7 @@ class TrainingStep:
 
     def release(self):
         """Drop the wrappers that hold the process group, so that it can be destroyed."""
-        self.network = self.objective = None
+        self.network = self.objective = self.distiller = None
 
 
 class StopRequested(Exception):
@@ -354,7 +366,7 @@ def evaluate(model, objective, gallery_loader, probe_loader, train_classes, vali
 def valid_objective(objective, embeddings, labels, classes, train_classes, valid_rows):
     """evaluate's loss (and the pair classifier's decisions) on the probes' embeddings. Nothing (the loss stays NaN)
     for PartialFC's centres sharded over the processes: the master evaluates alone and holds only its share."""
-    if getattr(objective, "sharded", False):
+    if getattr(objective, "sharded", False) or objective.rows == "images":  # (loss none: no objective to score)
         return {}
     device = embeddings.device
     result = {}

@@ -82,12 +82,13 @@ def cached_centroids(cache_path, key):
 
 
 def gallery_centroids(model, checkpoint, root, depth, transform, device, autocast, batch_size=64, log=print,
-                      aligned=False):
+                      aligned=False, cache_path=None):
     """(identity names, centroids (C, D)) of the gallery at `root` (identity folders `depth` levels down), from
-    the cache beside `checkpoint` (<stem>.gallery.pt) while its key still matches, else embedded with `model` and
-    cached anew (a cache that cannot be written is said, not fatal). Logs which. Raises DatasetError for a
-    gallery without images. `aligned`: the transform aligns each photo (part of the cache's key)."""
-    cache_path = os.path.splitext(checkpoint)[0] + ".gallery.pt"
+    the cache beside `checkpoint` (<stem>.gallery.pt, or `cache_path`) while its key still matches, else embedded
+    with `model` and cached anew (a cache that cannot be written is said, not fatal). Logs which. Raises
+    DatasetError for a gallery without images. `aligned`: the transform aligns each photo (part of the cache's
+    key). `checkpoint` is the file of the network's weights (dlib: its descriptor model's)."""
+    cache_path = cache_path or os.path.splitext(checkpoint)[0] + ".gallery.pt"
     key = gallery_key(checkpoint, root, depth, aligned)
     cached = cached_centroids(cache_path, key)
     if cached:

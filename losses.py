@@ -6,8 +6,8 @@ Every objective is an nn.Module called as `loss, stats = objective(embeddings, l
   rows        None, or an integer tensor of index rows into the batch: (B, 3) (anchor, positive, negative) for
               triplets, (B, 2) (first, second) for pairs. Whether a pair is of one person is read from labels.
 It returns a scalar loss (an empty batch gives a zero that still backpropagates) and `stats`, a dict of plain
-floats. Its attribute `rows` says what batches it trains on: "triplets" or "pairs" (rows required), or None
-(labelled P x K batches; rows are ignored). `figure` is the stats key to show while training.
+floats. Its attribute `rows` says what batches it trains on: "triplets" or "pairs" (rows required), None
+(labelled P x K batches; rows are ignored), or "images" (any images; labels and rows are ignored). `figure` is the stats key to show while training.
 build_objective makes one from the training options.
 """
 import math
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-OBJECTIVES = ("triplet", "contrastive", "pair_bce", "arcface", "cosface")
+OBJECTIVES = ("triplet", "contrastive", "pair_bce", "arcface", "cosface", "none")
 MARGIN_SOFTMAX = ("arcface", "cosface")  # classify over the training identities, whatever the mining
 MINING = ("none", "batch_all", "batch_hard", "semihard")
 PAIR_BCE_MINING = ("none", "batch_all")  # the pair classifier learns from given pairs or from every pair of a batch
@@ -334,6 +334,16 @@ class CosFaceLoss(ArcFaceLoss):
         return cos_t - self.margin
 
 
+class NoObjective(nn.Module):
+    """No objective on the labels (loss none): a zero loss that still backpropagates, for a student that learns
+    from a teacher alone (train.py --teacher), on any images (rows = "images"; labels and rows are ignored)."""
+
+    rows, figure = "images", "teacher_cosine"
+
+    def forward(self, embeddings, labels, rows=None):
+        return embeddings.sum() * 0.0, {}
+
+
 class PartialFC(nn.Module):
     """A margin softmax whose class centres are sharded across the processes of a distributed run (PartialFC, An
     et al. 2022): process `rank` of `world_size` holds the centres of classes [rank * C / world_size, (rank + 1) *
@@ -475,7 +485,9 @@ class _ScaleGradient(torch.autograd.Function):
 
 def batch_rows(loss, mining="none"):
     """What batches the objective `loss` with `mining` trains on (its `rows`), known before anything is built:
-    "triplets" or "pairs" of given rows, or None for labelled P x K batches."""
+    "triplets" or "pairs" of given rows, None for labelled P x K batches, "images" for any."""
+    if loss == "none":
+        return "images"
     if loss in ("pair_bce", "contrastive") and mining == "none":
         return "pairs"
     return "triplets" if loss == "triplet" and mining == "none" else None
@@ -498,6 +510,8 @@ def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim
     if partial_fc and num_classes < world_size:
         raise ValueError(f"partial_fc shares the centres of {num_classes} identities among {world_size} processes: "
                          f"each needs one at least")
+    if loss == "none":
+        return NoObjective()
     if loss == "triplet":
         return TripletLoss(margin, squared, mining)
     if loss == "contrastive":

@@ -1,22 +1,20 @@
-"""The embedding network (a backbone + an embedding head), the references it is measured against (raw pixels, a
-face network trained elsewhere), the choice of device, and rebuilding a network from a checkpoint."""
+"""The embedding network (a backbone + an embedding head), the choice of device, and rebuilding a network from a
+checkpoint. Face networks trained elsewhere, and the references a network is measured against, are pretrained.py's."""
 import os
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from align import FaceAligner, face_model_file, import_dlib, main_face
 from checkpoint import CheckpointError
-from data_utils import denormalize
+from data_utils import IMAGENET_MEAN, IMAGENET_STD
 
 IRESNET_BLOCKS = dict(iresnet18=(2, 2, 2, 2), iresnet34=(3, 4, 6, 3), iresnet50=(3, 4, 14, 3),
                       iresnet100=(3, 13, 30, 3))  # blocks per stage, as insightface's
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", *IRESNET_BLOCKS, "vgg16", "alexnet",
-             "smallcnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", *IRESNET_BLOCKS, "mobilefacenet",
+             "vgg16", "alexnet", "smallcnn")
 HEADS = ("mlp", "linear", "fc_bn")
 
 
@@ -102,13 +100,56 @@ class IResNet(nn.Sequential):
         self.out_features = 512 * 7 * 7
 
 
+def conv_bn(in_channels, out_channels, kernel=1, stride=1, groups=1, prelu=True, padding=None):
+    """Conv (no bias; padded to keep the size but for the stride, by default) -> BatchNorm [-> PReLU]:
+    MobileFaceNet's unit, without PReLU where it ends a linear bottleneck."""
+    padding = kernel // 2 if padding is None else padding
+    layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
+              nn.BatchNorm2d(out_channels)]
+    return nn.Sequential(*layers, *[nn.PReLU(out_channels)] * prelu)
+
+
+class Bottleneck(nn.Module):
+    """MobileFaceNet's inverted residual: 1x1 expansion to `width` channels, 3x3 depthwise (with the stride),
+    linear 1x1 projection to `out_channels`; added to its input where the shape stays."""
+
+    def __init__(self, in_channels, out_channels, width, stride=1):
+        super().__init__()
+        self.branch = nn.Sequential(conv_bn(in_channels, width), conv_bn(width, width, 3, stride, groups=width),
+                                    conv_bn(width, out_channels, prelu=False))
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x):
+        return x + self.branch(x) if self.residual else self.branch(x)
+
+
+class MobileFaceNet(nn.Sequential):
+    """insightface's MobileFaceNet ('mbf': Chen et al. 2018 at twice the width) for 112x112 aligned faces, a
+    network a CPU trains and runs: a strided 3x3 conv and a depthwise 3x3 at 64 * `scale` channels, then inverted
+    residual stages (`blocks` after the first, strided, block of each; expansion widths 128, 256, 256), 112 -> 7,
+    a 1x1 conv to 512 channels and the global depthwise 7x7 conv (GDC): 512 features. Its embedding layer,
+    FC -> BN, is EmbeddingNet's 'fc_bn' head. Other input sizes are pooled to 7 x 7 before the GDC."""
+
+    def __init__(self, blocks=(4, 6, 2), scale=2):
+        low, high = 64 * scale, 128 * scale
+        layers = [conv_bn(3, low, 3, 2), conv_bn(low, low, 3, groups=64)]
+        for in_channels, out_channels, first_width, width, count in ((low, low, 128, 128, blocks[0]),
+                                                                      (low, high, 256, 256, blocks[1]),
+                                                                      (high, high, 512, 256, blocks[2])):
+            layers.append(Bottleneck(in_channels, out_channels, first_width, stride=2))
+            layers += [Bottleneck(out_channels, out_channels, width) for _ in range(count)]
+        super().__init__(*layers, conv_bn(high, 512), nn.AdaptiveAvgPool2d(7),
+                         conv_bn(512, 512, 7, groups=512, prelu=False, padding=0), nn.Flatten())
+        self.out_features = 512
+
+
 def build_backbone(name, pretrained=False, zero_init_residual=False):
     """The backbone `name` without its ImageNet classifier, and the size of the feature vector it outputs."""
-    if name == "smallcnn" or name in IRESNET_BLOCKS:
+    if name in ("smallcnn", "mobilefacenet") or name in IRESNET_BLOCKS:
         if pretrained:
             raise ValueError(f"there are no ImageNet weights for {name}; use pretrained=False (or --init_from)")
-        network = SmallCNN() if name == "smallcnn" else IResNet(IRESNET_BLOCKS[name],
-                                                                 zero_init_residual=zero_init_residual)
+        network = (SmallCNN() if name == "smallcnn" else MobileFaceNet() if name == "mobilefacenet" else
+                   IResNet(IRESNET_BLOCKS[name], zero_init_residual=zero_init_residual))
         return network, network.out_features
     # zero_init_residual is an argument of torchvision's ResNet only: the others have no residual branches
     options = dict(zero_init_residual=zero_init_residual) if name.startswith("resnet") else {}
@@ -128,13 +169,15 @@ class EmbeddingNet(nn.Module):
     backbone: a torchvision ResNet without its classifier (2048 features for resnet50 and deeper, 512 below);
     vgg16 or alexnet without their last Linear, so their fully connected 4096-wide layers stay (they use
     adaptive pooling, so 64x64 images work); or 'smallcnn' (SmallCNN, 256 features, no ImageNet weights) for
-    small grayscale datasets; or insightface's IResNet (iresnet18 to iresnet100, 512 x 7 x 7 features) for
-    112x112 aligned faces. head: 'mlp' is Linear(features -> hidden_dim) -> BatchNorm -> ReLU ->
-    Linear(hidden_dim -> embedding_dim); 'linear' is a single Linear(features -> embedding_dim); 'fc_bn' is
-    Linear(features -> embedding_dim) -> BatchNorm, IResNet's own embedding layer.
+    small grayscale datasets; or insightface's IResNet (iresnet18 to iresnet100, 512 x 7 x 7 features) and
+    MobileFaceNet (512 features) for 112x112 aligned faces. head: 'mlp' is Linear(features -> hidden_dim) ->
+    BatchNorm -> ReLU -> Linear(hidden_dim -> embedding_dim); 'linear' is a single Linear(features ->
+    embedding_dim); 'fc_bn' is Linear(features -> embedding_dim) -> BatchNorm with its scale fixed at 1,
+    insightface's embedding layer.
     `config` holds what rebuilds the architecture; the training options below are not part of it.
     zero_init_residual (ResNets only; ignored by the others) starts the last BatchNorm of every residual branch at
     zero, so that each block begins as the identity (an initialisation only; ImageNet weights replace it).
+    input_norm: the network's own input normalisation (set_input_norm), for weights trained elsewhere.
     freeze_backbone stops training the backbone: its parameters get requires_grad=False and its BatchNorm layers
     stay in eval mode through model.train(), so their running statistics do not move. vgg16 and alexnet freeze
     only their convolutional `features`: their fully connected layers stay trainable (frozen ImageNet features +
@@ -142,7 +185,7 @@ class EmbeddingNet(nn.Module):
     """
 
     def __init__(self, backbone="resnet50", embedding_dim=128, head="mlp", hidden_dim=512, pretrained=False,
-                 zero_init_residual=False, freeze_backbone=False):
+                 zero_init_residual=False, freeze_backbone=False, input_norm=None):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
@@ -151,12 +194,14 @@ class EmbeddingNet(nn.Module):
         if embedding_dim < 1 or hidden_dim < 1:
             raise ValueError(f"embedding_dim and hidden_dim must be positive, got {embedding_dim}, {hidden_dim}")
         self.config = dict(backbone=backbone, embedding_dim=embedding_dim, head=head, hidden_dim=hidden_dim)
+        self.set_input_norm(input_norm)
         self.backbone, features = build_backbone(backbone, pretrained, zero_init_residual)
         if head == "mlp":
             self.head = nn.Sequential(nn.Linear(features, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, embedding_dim))
-        elif head == "fc_bn":  # insightface's embedding layer
+        elif head == "fc_bn":  # insightface's embedding layer, whose BatchNorm scale stays 1 (it learns a shift)
             self.head = nn.Sequential(nn.Linear(features, embedding_dim), nn.BatchNorm1d(embedding_dim))
+            self.head[1].weight.requires_grad_(False)
         else:
             self.head = nn.Linear(features, embedding_dim)
         self.freeze_backbone = freeze_backbone
@@ -180,52 +225,24 @@ class EmbeddingNet(nn.Module):
                     module.eval()
         return self
 
+    def set_input_norm(self, input_norm):
+        """The network's own input normalisation: (mean, std) per RGB channel of [0, 1] pixels, as the network was
+        trained with (insightface's: 0.5, 0.5); None: ImageNet's, which every input arrives in (make_transform's).
+        Kept in `config`, so that every later use of a checkpoint normalises alike."""
+        self.config.pop("input_norm", None)
+        scale, shift = torch.ones(3), torch.zeros(3)
+        if input_norm is not None:
+            mean, std = (torch.tensor(v, dtype=torch.float32).expand(3) for v in input_norm)
+            scale, shift = torch.tensor(IMAGENET_STD) / std, (torch.tensor(IMAGENET_MEAN) - mean) / std
+            self.config["input_norm"] = [mean.tolist(), std.tolist()]
+        # not saved with the weights: the config rebuilds them
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+
     def forward(self, images):
+        if "input_norm" in self.config:
+            images = torch.addcmul(self.input_shift, images, self.input_scale)
         return F.normalize(self.head(self.backbone(images)), dim=1)
-
-
-class PixelBaseline(nn.Module):
-    """The reference a trained network has to beat: a photo's grey levels as its embedding. Image batch (N, 3, H, W),
-    normalised as the networks' input -> (N, H * W): the mean of the three channels, less the photo's own mean
-    brightness, L2-normalised (so a pair's cosine similarity is the correlation of its pixels). Nothing to train."""
-
-    def __init__(self, image_size):
-        super().__init__()
-        height, width = image_size
-        self.config = dict(backbone="pixels", embedding_dim=height * width)
-
-    def forward(self, images):
-        grey = images.mean(1).flatten(1)
-        return F.normalize(grey - grey.mean(1, keepdim=True), dim=1)
-
-
-class DlibReference(nn.Module):
-    """The reference of a face network trained elsewhere on millions of photos: dlib's ResNet face descriptor, which
-    face-recognition-models installs. Image batch (N, 3, H, W), normalised as the networks' input -> (N, 128): per
-    image, the main face dlib's detector finds (with `upsample`; the whole image when none), its 68 landmarks,
-    dlib's own 150x150 face chip of them and the chip's descriptor, L2-normalised. Runs on the CPU, one image at a
-    time; a GPU batch comes back to its device. Nothing to train."""
-
-    def __init__(self, upsample=1):
-        super().__init__()
-        self.dlib = import_dlib()
-        self.aligner = FaceAligner(upsample)
-        self.encoder = self.dlib.face_recognition_model_v1(face_model_file("dlib_face_recognition_resnet_model_v1.dat"))
-        self.config = dict(backbone="dlib", embedding_dim=128)
-
-    def descriptor(self, pixels):
-        """dlib's descriptor (128,) of one uint8 (H, W, 3) image's main face."""
-        height, width = pixels.shape[:2]
-        rects = list(self.aligner.detector(pixels, self.aligner.upsample))
-        boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
-        rect = rects[main_face(boxes, width, height)] if rects else self.dlib.rectangle(0, 0, width - 1, height - 1)
-        chip = self.dlib.get_face_chip(pixels, self.aligner.predictor(pixels, rect), size=150, padding=0.25)
-        return np.asarray(self.encoder.compute_face_descriptor(chip), dtype=np.float32)
-
-    def forward(self, images):
-        pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        described = np.stack([self.descriptor(np.ascontiguousarray(image)) for image in pixels])
-        return F.normalize(torch.from_numpy(described), dim=1).to(images.device)
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):

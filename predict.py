@@ -3,6 +3,8 @@
     python predict.py PHOTO [PHOTO ...] [--gallery=DIR]    # the nearest gallery identity of each photo
     python predict.py PHOTO_A PHOTO_B --verify             # one person or two
     python predict.py --export=onnx                        # the embedding network as an ONNX file
+    python predict.py PHOTO --checkpoint=dlib --gallery=DIR   # or a network from elsewhere (dlib, MODEL.onnx,
+                                                              # insightface's backbone.pth)
 
 As in test.py, a gallery identity is the normalised mean of the embeddings of its images (identity folders,
 DIR/<identity>/<image>), and a photo goes to the identity of highest cosine similarity; below the threshold
@@ -21,19 +23,21 @@ import sys
 import torch
 
 import configurator
-from align import AlignmentUnavailable, FaceAligner, MainFace, aligned_as_trained, photo_faces
-from checkpoint import load_checkpoint
+from align import AlignmentUnavailable, FaceAligner, MainFace, aligned_as_trained, face_model_file, photo_faces
+from checkpoint import CheckpointError
 from data_utils import UNREADABLE_IMAGE, DatasetError, as_hw, load_image, make_transform
 from evaluation import centroid_similarities, cosine_similarity_pairs
 from figures import save_annotated
 from files import save_json
 from gallery import answer_line, decision_threshold, face_answer, gallery_centroids
 from inference import embed_batch, export_onnx
-from model import model_from_checkpoint, select_device
+from model import EmbeddingNet, select_device
+from pretrained import DLIB_DESCRIPTOR, load_face_network, onnx_side_file, write_onnx_side
 
 # -----------------------------------------------------------------------------
 # data
-checkpoint = "out/tb_model.pth"  # written by train.py; the gallery cache and the ONNX file go beside it
+checkpoint = "out/tb_model.pth"  # written by train.py (the gallery cache and the ONNX file go beside it), insightface's
+#   backbone.pth, MODEL.onnx, or dlib (dlib's face descriptor; its gallery cache goes to out_dir)
 gallery = ""  # identity folders of the known people; empty: the checkpoint's training data_dir/train
 # decisions
 threshold = -2.0  # cosine similarity below which a photo is unknown (--verify: 2 people); < -1: from results.json
@@ -75,20 +79,22 @@ if top_k < 1:
     sys.exit(f"error: --top_k must be at least 1, got {top_k}")
 try:
     device, autocast, _ = select_device(device, amp)
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state, checkpoint).eval()
-except ValueError as err:  # CheckpointError is one too
+    model, state = load_face_network(checkpoint)
+    if export and not isinstance(model, EmbeddingNet):
+        raise CheckpointError(f"--export=onnx exports a network of this repository; {checkpoint} is not one")
+except (ValueError, AlignmentUnavailable) as err:  # CheckpointError is a ValueError too
     sys.exit(f"error: {err}")
 
 if export:
     onnx_path = onnx_path or os.path.splitext(checkpoint)[0] + ".onnx"
     try:
         export_onnx(model, state["image_size"], onnx_path)
+        write_onnx_side(onnx_path, state["image_size"], state.get("alignment"))
     except Exception as err:  # the exporter's errors are many and long: one line, the first of the message
         sys.exit(f"error: ONNX export failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     print(f"wrote {onnx_path}: input 'images' (N, 3, {', '.join(map(str, as_hw(state['image_size'])))}) "
           f"normalised with ImageNet mean and std, output 'embeddings' (N, {model.config['embedding_dim']}) "
-          f"L2-normalised")
+          f"L2-normalised; how to prepare its input in {onnx_side_file(onnx_path)}")
     sys.exit(0)
 
 model = model.to(device)
@@ -134,9 +140,11 @@ if not os.path.isdir(gallery):
 # a gallery of ordinary photos is aligned as the training photos were; an aligned one is taken as it is
 gallery_transform = aligned_as_trained(transform, aligner, size, gallery)
 try:
-    classes, centroids = gallery_centroids(model, checkpoint, gallery, trained.get("identity_depth", 1),
-                                           gallery_transform, device, autocast, batch_size,
-                                           aligned=gallery_transform is not transform)
+    dlib = checkpoint == "dlib"  # (no checkpoint file: its cache keys on dlib's model file, and goes to out_dir)
+    classes, centroids = gallery_centroids(model, face_model_file(DLIB_DESCRIPTOR) if dlib else checkpoint, gallery,
+                                           trained.get("identity_depth", 1), gallery_transform, device, autocast,
+                                           batch_size, aligned=gallery_transform is not transform,
+                                           cache_path=dlib and os.path.join(out_dir or ".", "dlib.gallery.pt"))
 except DatasetError as err:
     sys.exit(f"error: {err}")
 answers, failed = [], 0

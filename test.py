@@ -18,9 +18,11 @@ checked on people outside the gallery. Retrieval: probes ranked against gallery 
 confusion_matrix.png, roc.png and embeddings.png, and prints a summary table last. A network trained on aligned
 faces (the checkpoint says so) sees every folder's photos aligned alike: photos of a folder that prepare.py align did
 not write are aligned here. `--checkpoint=pixels` gives every figure of raw pixels instead of a network (the
-photos' grey levels at pixel_size, model.PixelBaseline): the reference a trained network has to beat;
-`--checkpoint=dlib` those of dlib's face descriptor, trained elsewhere on millions of photos (model.DlibReference):
-what a network trained on far more people reaches under the same protocol.
+photos' grey levels at pixel_size, pretrained.PixelBaseline): the reference a trained network has to beat;
+`--checkpoint=dlib` those of dlib's face descriptor, trained elsewhere on millions of photos
+(pretrained.DlibReference): what a network trained on far more people reaches under the same protocol. A face
+network from elsewhere is evaluated alike: insightface's backbone.pth, or an ONNX model (MODEL.onnx; its input
+normalisation from MODEL.onnx.json, else insightface's), on photos aligned as it wants them.
 """
 import io
 import os
@@ -34,7 +36,6 @@ from torch.utils.data import DataLoader
 
 import configurator
 from align import AlignmentUnavailable, FaceAligner, aligned_as_trained, read_alignment
-from checkpoint import load_checkpoint
 from data_utils import (DatasetError, FaceFolder, as_hw, loader_workers, make_transform, read_pairs_file,
                         read_verification_bins)
 from evaluation import (bin_pairs, cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
@@ -44,7 +45,8 @@ from figures import plot_confusion_matrix, plot_embeddings_2d, plot_roc
 from files import save_json
 from inference import embed, embed_files
 from losses import build_objective
-from model import DlibReference, PixelBaseline, model_from_checkpoint, select_device
+from model import select_device
+from pretrained import REFERENCES, load_face_network
 
 # -----------------------------------------------------------------------------
 # data
@@ -79,25 +81,22 @@ amp = True  # mixed precision on CUDA; ignored on the CPU
 configurator.parse(globals(), description=__doc__.split("\n")[0],
                    choices=dict(probe_split=("auto", "test", "valid"), pair_images=("auto", "probes", "all")))
 
-reference = checkpoint if checkpoint in ("pixels", "dlib") else None  # no checkpoint file: a reference
+reference = checkpoint if checkpoint in REFERENCES else None  # no checkpoint file: a reference
 try:
     if not 0 < target_far < 1:
         raise configurator.ConfigError("target_far", "must be a rate in (0, 1)")
     device, autocast, _ = select_device(device, amp)
     num_workers = loader_workers(num_workers, device)
+    try:
+        pixel_hw = as_hw(pixel_size)
+    except ValueError:
+        raise configurator.ConfigError("pixel_size", "must be one or two integers >= 8 (height,width)") from None
+    model, state = load_face_network(checkpoint, pixel_hw if reference else None)
+    model = model.to(device)
+    if not (data_dir or state.get("config", {}).get("data_dir")):  # a network from elsewhere: no training data
+        raise configurator.ConfigError("data_dir", f"--checkpoint={checkpoint} has no training data: name the photos")
     if reference:  # trained on none of these people; the photos seen as data_dir holds them, aligned or not
-        if not data_dir:
-            raise configurator.ConfigError("data_dir",
-                                           f"--checkpoint={reference} has no training data: name the photos")
-        try:
-            pixel_hw = as_hw(pixel_size)
-        except ValueError:
-            raise configurator.ConfigError("pixel_size", "must be one or two integers >= 8 (height,width)") from None
-        state = dict(image_size=pixel_hw, classes=[], epoch=None, alignment=read_alignment(data_dir))
-        model = PixelBaseline(pixel_hw) if reference == "pixels" else DlibReference()
-    else:
-        state = load_checkpoint(checkpoint)
-        model = model_from_checkpoint(state, checkpoint).to(device)
+        state["alignment"] = read_alignment(data_dir)
 except (ValueError, AlignmentUnavailable) as err:  # CheckpointError and ConfigError are ValueErrors too
     sys.exit(f"error: {err}")
 trained = state.get("config", {})
@@ -188,10 +187,9 @@ def finish(written):
     print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))
 
 
-size_seen = "x".join(map(str, state["image_size"]))
-network = (f"raw pixels at {size_seen}, no network" if reference == "pixels" else
-           f"dlib's face descriptor, photos at {size_seen}" if reference == "dlib" else
-           f"{model.config['backbone']}, {model.config['embedding_dim']}-d, epoch {state.get('epoch')}")
+network = state.get("network") or (f"{model.config['backbone']}, {model.config['embedding_dim']}-d, epoch "
+                                   f"{state.get('epoch')}" + (f", distilled from {trained['teacher']}"
+                                                              if trained.get("teacher") else ""))
 if not folders:
     print(f"{checkpoint}: {network}; {data_dir} has no train/ gallery (a dataset of records): scoring "
           f"{', '.join(bins)}.bin alone")

@@ -1,9 +1,11 @@
-"""Train a face-embedding network: triplet (random or mined), contrastive, pair-classifier or ArcFace loss.
+"""Train a face-embedding network: triplet (random or mined), contrastive, pair-classifier or ArcFace loss, and/or
+distillation of a face network trained elsewhere (--teacher).
 
     python train.py                          # the defaults below (AT&T faces, fetched on first use)
     python train.py --backbone=resnet18 --epochs=20
     python train.py configs/NAME.py --lr=1e-4  # a file of overrides, then flags
     python train.py --resume=out/last.pth    # continue a run where it stopped, with its own settings
+    python train.py --teacher=dlib --loss=none   # a student that learns dlib's face descriptor alone
     torchrun --standalone --nproc_per_node=4 train.py   # DistributedDataParallel, one process per GPU
 
 Every constant below can be overridden by a flag of the same name. Writes to out_dir: tb_model.pth (the best
@@ -27,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import configurator
-from align import read_alignment
-from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, init_weights,
-                        resume_config, resume_training, training_state)
+from align import AlignmentUnavailable, read_alignment
+from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, resume_config,
+                        resume_training, training_state)
+from distill import DISTILL_LOSSES, Distillation, teacher_targets
 from data_utils import (AUGMENTATIONS, DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs,
                         draw_triplets, loader_workers, make_transform, read_verification_bins, some_names,
                         train_loader_for, write_skipped)
@@ -42,6 +45,7 @@ from files import reported, save_json
 from losses import MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
 from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_device
 from prepare import ensure_att
+from pretrained import init_weights
 from recordio import training_images
 
 # -----------------------------------------------------------------------------
@@ -64,16 +68,19 @@ cache_images = "auto"  # decode each image once, keep it resized in memory: auto
 val_bins = ""  # insightface verification sets scored at each evaluation, comma-separated: names of data_dir's
 #   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...) or paths of .bin files; they make valid/ optional
 # model
-backbone = "resnet50"  # a torchvision ResNet, VGG16, AlexNet, or smallcnn for small grayscale data
+backbone = "resnet50"  # a torchvision ResNet, VGG16, AlexNet, smallcnn for small grayscale data, or insightface's
+#   iresnet18-100 and mobilefacenet for 112x112 aligned faces
 pretrained = False  # start from torchvision's ImageNet weights (downloads once into the torch cache)
-init_from = ""  # start from the network of this checkpoint (same backbone; a head of another size starts afresh)
+init_from = ""  # start from the network of this checkpoint or insightface backbone.pth (same backbone; a head of
+#   another size starts afresh)
 freeze_backbone = False  # train only what sits on top (vgg16/alexnet: their fully connected layers stay trainable)
 zero_init_residual = True  # ResNets: start each residual branch's last BatchNorm at zero (from-scratch stability)
 head = "mlp"  # mlp: Linear(features, hidden_dim)-BatchNorm-ReLU-Linear(hidden_dim, embedding_dim) | linear
 hidden_dim = 512  # width of the mlp head
 embedding_dim = 128  # size of the L2-normalised embedding
 # loss
-loss = "arcface"  # triplet | contrastive (siamese pairs) | pair_bce (pair classifier) | arcface | cosface
+loss = "arcface"  # triplet | contrastive (siamese pairs) | pair_bce (pair classifier) | arcface | cosface | none
+#   (the teacher alone: no labels used)
 mining = "none"  # none: random triplets / balanced pairs; else mined in P x K batches (semihard: FaceNet's)
 margin = 0.2  # triplet: in units of the distance below; contrastive: Euclidean distance
 squared = True  # triplet: squared Euclidean distances (FaceNet); False: plain Euclidean
@@ -83,6 +90,13 @@ cosface_margin = 0.35  # cosface: additive cosine margin
 pair_hidden_dim = 64  # pair_bce: width of the pair classifier
 partial_fc = 0.0  # arcface and cosface: PartialFC, the class centres sharded over torchrun's processes, each step
 #   scoring the global batch's classes and this sample rate of the others: 0 off | above 0 up to 1 (1: every class)
+# distillation
+teacher = ""  # a face network to learn from: dlib | CHECKPOINT.pth (insightface's backbone.pth too) | MODEL.onnx
+distill = 1.0  # weight of the teacher's term beside the loss's
+distill_loss = "cosine"  # cosine: the student's embedding (projected where sizes differ) to the teacher's |
+#   relational: the batch's pairwise similarities to the teacher's
+teacher_cache = ""  # folder of the teacher's embeddings of the training photos, computed once; empty: <out_dir>/
+#   teacher_cache (share one between runs: it is keyed by teacher and photo)
 # optimiser
 optimizer = "adam"  # adamw: decoupled weight decay; sgd: momentum 0.9
 lr = 2e-3  # learning rate (peak learning rate for onecycle)
@@ -111,7 +125,7 @@ resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out
 # -----------------------------------------------------------------------------
 CHOICES = dict(fill=("repeat", "drop"), augment=AUGMENTATIONS, cache_images=configurator.TRISTATE,
                backbone=BACKBONES, head=HEADS, loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS,
-               lr_schedule=SCHEDULES, plot_x=("epoch", "step"), channels_last=configurator.TRISTATE,
+               lr_schedule=SCHEDULES, distill_loss=DISTILL_LOSSES, plot_x=("epoch", "step"), channels_last=configurator.TRISTATE,
                select_on=("auto", "top1", "pairs", "bins"))
 defaults = configurator.constants(globals())
 config = configurator.parse(globals(), description=__doc__.split("\n")[0], choices=CHOICES)
@@ -188,8 +202,17 @@ if cache_images == "true" or (cache_images == "auto" and cache_size <= 2 ** 31):
         gallery.cache(like=train_faces)  # the same images, decoded once
         probes.cache()
     print(f"cached the decoded images: {cache_size / 2 ** 20:.0f} MiB")
+targets = None  # the teacher's targets of the training items, by index
+if teacher:
+    try:
+        targets, taught_by = teacher_targets(teacher, train_faces, teacher_cache or os.path.join(out_dir,
+                                             "teacher_cache"), data_dir, device, max(batch_size, 64), rank,
+                                             world_size, distributed)
+    except (CheckpointError, AlignmentUnavailable) as err:
+        sys.exit(f"error: --teacher: {err}")
+    train_faces.with_items, targets = True, targets.to(device)
 lonely = train_faces.single_image_identities()
-if lonely and rows:  # (P x K batches repeat their image: the sampler says so)
+if lonely and rows in ("triplets", "pairs"):  # (P x K batches repeat their image: the sampler says so)
     print(f"warning: {len(lonely)} identities have a single training image and serve only as negatives: "
           f"{some_names(lonely)}")
 valid_rows, probe_targets, probe_classes = dict(held_out=()), [], []
@@ -229,20 +252,22 @@ print(f"data: {len(train_faces.classes)} identities, {len(train_faces)} train {t
 # model, objective, optimiser -------------------------------------------------
 try:
     model = EmbeddingNet(backbone, embedding_dim, head, hidden_dim, pretrained and not init_from, zero_init_residual,
-                         freeze_backbone)
+                         freeze_backbone, checkpoint and checkpoint["model_config"].get("input_norm"))
     if init_from and not checkpoint:
         print(f"network initialised from {init_from}: its {' and '.join(init_weights(model, init_from))}")
     model = model.to(device, memory_format=memory_format)
     objective = build_objective(loss, mining, margin, squared, embedding_dim, len(train_faces.classes), arcface_scale,
                                 arcface_margin, pair_hidden_dim, cosface_margin, partial_fc, rank,
                                 world_size).to(device)
+    distiller = Distillation(embedding_dim, targets.shape[1], distill_loss).to(device) if teacher else None
 except CheckpointError as err:
     sys.exit(f"error: --init_from: {err}")
 except (PretrainedUnavailable, ValueError) as err:
     sys.exit(f"error: {err}")
 if sync_bn and distributed:
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same modules, their batch norms replaced
-trainable = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+learning = [model, objective] + ([distiller] if distiller else [])
+trainable = [p for part in learning for p in part.parameters() if p.requires_grad]
 opt = build_optimizer(optimizer, trainable, lr, weight_decay)
 centres = ShardedCentres(objective, opt) if partial_fc else None  # saved whole, resumed in shares
 scheduler = build_schedule(lr_schedule, opt, len(train_loader), epochs, step_size, gamma)
@@ -251,6 +276,9 @@ print(f"model: {backbone}{' (frozen)' if freeze_backbone else ''} + {head} head 
       + (f" with {autocast.fast_dtype} autocast" if isinstance(autocast, torch.autocast) else ""))
 if centres:
     print(objective.summary())
+if teacher:
+    print(f"teacher: {taught_by}, {targets.shape[1]}-d embeddings; {distill_loss} distillation x {distill:g}"
+          + (f", projected from {embedding_dim}-d" if isinstance(distiller.projection, torch.nn.Linear) else ""))
 describe(model, objective, opt, lr_schedule, verbosity)
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -260,16 +288,19 @@ if master:
 # what trains: the network and the objective, wrapped so that a distributed run averages their gradients over the
 # processes (not PartialFC's: its processes hold different centres), and compiled on request; model and objective
 # are what evaluates and is saved
-network, train_objective = model, objective
+network, train_objective, train_distiller = model, objective, distiller
 if distributed:
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
     network = DistributedDataParallel(model, device_ids)
     if any(p.requires_grad for p in objective.parameters()) and not centres:
         train_objective = DistributedDataParallel(objective, device_ids)
+    if distiller and any(p.requires_grad for p in distiller.parameters()):
+        train_distiller = DistributedDataParallel(distiller, device_ids)
 if compile:
     network = torch.compile(network)
 step = TrainingStep(network, train_objective, opt, scheduler, scaler, device, autocast, memory_format,
-                    gather=distributed, figure=objective.figure)
+                    gather=distributed, figure=objective.figure, distiller=train_distiller, targets=targets,
+                    weight=distill)
 
 # resume ------------------------------------------------------------------------
 randomness = RandomState(device, train_loader.generator, (rank, world_size) if distributed else None)
@@ -277,14 +308,14 @@ run, metrics = RunState(), None
 if checkpoint:
     try:
         run = resume_training(checkpoint, (model, objective, opt, scheduler, scaler), randomness, world_size,
-                              os.path.join(out_dir, "tb_model.pth"), centres=centres)
+                              os.path.join(out_dir, "tb_model.pth"), centres=centres, distiller=distiller)
     except CheckpointError as err:
         sys.exit(f"error: --resume: {err}")
     metrics, checkpoint = checkpoint["metrics"], None  # loaded: PartialFC's whole centres need not stay in memory
     print(f"resuming {resume} at epoch {run.next_epoch()}/{epochs}"
           + (f", step {run.position['batches'] + 1} of {len(train_loader)}" if run.position else ""))
 saver = Checkpointer(out_dir, model, objective, config, train_faces.classes, image_size, read_alignment(data_dir),
-                     centres)
+                     centres, distiller)
 last_path = saver.path("last.pth")
 stop = StopSignals(distributed, f"stopping after the current step to save {last_path}" if master else None).install()
 loaders = [loader for loader in (train_loader, gallery_loader, probe_loader) if loader is not None]

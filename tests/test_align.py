@@ -17,7 +17,7 @@ from align import (FaceAligner, MainFace, aligned_as_trained, main_face, photo_f
 from checkpoint import load_checkpoint
 from conftest import ROOT, run_script, write_image
 from data_utils import load_image, make_transform
-from model import DlibReference
+from pretrained import DlibReference
 
 PEOPLE = ("Aaron_Peirsol", "Ai_Sugiyama", "Abdoulaye_Wade")
 

@@ -213,3 +213,20 @@ def test_the_split_of_aligned_photos_keeps_their_alignment_record(tmp_path):
         data_dir = bench.prepare_data(str(tmp_path / folder), str(tmp_path / f"work_{folder}"))
         assert read_alignment(data_dir) == (alignment_record(112) if aligned else None)
         assert sorted(os.listdir(os.path.join(data_dir, "test"))) == ["p0", "p1", "p2"]
+
+
+def test_student_speed_times_each_network_and_dlib_alternately_on_the_same_photos(att_subset, tmp_path, monkeypatch):
+    """--students: every network embeds the same photos, batch after batch in turn with dlib's descriptor, at its
+    own input size; the table gives dlib's time against each network's."""
+    checkpoint = save_untrained(att_subset, tmp_path)
+    calls = []
+    embed_batch = bench.embed_batch
+    monkeypatch.setattr(bench, "embed_batch", lambda model, images, *args: (
+        calls.append((model.config["backbone"], tuple(images.shape))), embed_batch(model, images, *args))[1])
+    table = bench.student_table([checkpoint], str(att_subset / "train"), batches=2, batch=3)
+    assert calls == [("dlib", (3, 3, 112, 112)), ("resnet18", (3, 3, 32, 32))] * 2
+    (dlib_row, student_row) = table.rows
+    assert dlib_row[1] == "112x112" and student_row[1] == "32x32" and dlib_row[4] == "1.0 x"
+    assert float(student_row[4].split()[0]) > 0
+    with pytest.raises(SystemExit, match="--students"):
+        bench.main([f"--students={tmp_path / 'missing.pth'}", f"--photos={att_subset / 'train'}"])

@@ -38,6 +38,7 @@ TINY = ["--backbone=smallcnn", "--image_size=32", "--batch_size=8", "--embedding
 # every recipe of configs/ and the test that trains it, shrunk but with its own backbone and loss
 RECIPE_RUNS = {
     "att_fast_cpu.py": "att_run (ATT), stopped and resumed in test_ctrl_c_mid_epoch_saves_and_the_printed_command_...",
+    "distill_lfw_cpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
     "facenet_online.py": "test_distributed.py::test_two_processes_mine_the_global_batch_and_the_run_resumes_in_one",
     "lfw_cpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
     "lfw_gpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
@@ -403,6 +404,18 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
     held = results["bins"]["held"]
     assert held["pairs_scored"] == len(pairs) == held["same_pairs"] + held["different_pairs"]
     assert 0 <= held["accuracy_mean"] <= 1
+    # the student of dlib's descriptor: cached once, resumed with its cache, and its figures name the teacher
+    distilled, cache = tmp_path / "distill", tmp_path / "cache"
+    train("configs/distill_lfw_cpu.py", *shrink, f"--out_dir={distilled}", f"--teacher_cache={cache}")
+    parts = {p: p.stat().st_mtime_ns for p in cache.glob("*/part-*.pt")}
+    assert parts and all("train_teacher_cosine" in h for h in history(distilled)[1:])
+    train(f"--resume={distilled / 'last.pth'}", "--epochs=2")
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/part-*.pt")} == parts  # nothing computed anew
+    state = load_checkpoint(str(distilled / "last.pth"))
+    assert state["epoch"] == 2 and state["config"]["teacher"] == "dlib" and "distill_state" in state
+    first_line = run_script("test.py", f"--checkpoint={distilled / 'tb_model.pth'}",
+                            f"--data_dir={data / 'unseen'}").stdout.splitlines()[0]
+    assert "dlib" in first_line
 
 
 def test_the_iresnet50_recipe_trains_and_its_checkpoint_evaluates(att_subset, tmp_path):

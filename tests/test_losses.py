@@ -8,9 +8,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from distill import Distillation
 from losses import (MINING, OBJECTIVES, PAIR_BCE_MINING, ArcFaceLoss, CollapseDetector, ContrastiveLoss,
-                    CosFaceLoss, PairClassifierLoss, PartialFC, TripletLoss, build_objective, embedding_spread,
-                    gather_batch, pair_distance, pairwise_distances, partial_fc_shard)
+                    CosFaceLoss, PairClassifierLoss, PartialFC, TripletLoss, batch_rows, build_objective,
+                    embedding_spread, gather_batch, pair_distance, pairwise_distances, partial_fc_shard)
 
 
 def embeddings(n=16, d=8, seed=0):
@@ -574,7 +575,7 @@ def test_cosface_subtracts_its_margin_from_the_label_cosine():
 # one interface: build_objective
 
 COMBINATIONS = [(loss, mining) for loss in OBJECTIVES for mining in MINING
-                if not (loss == "pair_bce" and mining not in PAIR_BCE_MINING)]
+                if not (loss == "pair_bce" and mining not in PAIR_BCE_MINING) and loss != "none"]
 
 
 def interface_batch(rows_kind, n=0):
@@ -609,6 +610,17 @@ def test_every_objective_obeys_the_one_interface(loss, mining):
         assert objective.figure in stats and all(type(v) is float for v in stats.values())
         assert 0 <= stats[objective.figure] <= 1
         assert n or (value.item() == 0 and stats[objective.figure] == 0)
+
+
+def test_no_objective_is_a_zero_that_backpropagates_on_any_images():
+    """loss none: the teacher's term alone trains; labels and rows are ignored, and its figure is the teacher's."""
+    objective = build_objective("none", embedding_dim=8, num_classes=4)
+    assert objective.rows == batch_rows("none") == "images"
+    batch = torch.randn(5, 8, requires_grad=True)
+    value, stats = objective(batch, torch.zeros(5, dtype=torch.int64))
+    value.backward()
+    assert value.item() == 0 and stats == {} and torch.equal(batch.grad, torch.zeros(5, 8))
+    assert objective.figure == "teacher_cosine" and "teacher_cosine" in Distillation(8, 8)(batch, batch)[1]
 
 
 def test_build_objective_passes_its_options():

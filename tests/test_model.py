@@ -8,7 +8,8 @@ import torchvision
 
 import model as model_module
 from checkpoint import CheckpointError, load_checkpoint
-from model import EmbeddingNet, PixelBaseline, PretrainedUnavailable, model_from_checkpoint, select_device
+from model import EmbeddingNet, PretrainedUnavailable, model_from_checkpoint, select_device
+from pretrained import PixelBaseline
 
 
 @pytest.mark.parametrize("head,dim", [("mlp", 128), ("linear", 64), ("mlp", 108)])

@@ -1,7 +1,7 @@
 """The honest evaluation protocol: prepare.py's people held out whole (DST/unseen, --valid_people), the verification
 pairs of untrained people (evaluation.held_out_pairs) and the metric that chooses the checkpoint
 (engine.selection_key, engine.evaluate's held-out pairs), starting a network from another run's
-(checkpoint.init_weights), what a test.py figure measures (evaluation.evaluation_protocol), grayscale augmentation
+(pretrained.init_weights), what a test.py figure measures (evaluation.evaluation_protocol), grayscale augmentation
 (data_utils.make_transform), and, in subprocesses, train.py never reading data_dir/test and test.py stating its
 protocol. In-process tests run on tiny random images written into tmp_path."""
 import json
@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import prepare
-from checkpoint import CheckpointError, Checkpointer, init_weights, load_checkpoint
+from checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from configurator import ConfigError
 from conftest import make_faces, run_script, write_image
 from data_utils import DatasetError, FaceFolder, draw_pairs, draw_triplets, make_transform, train_loader_for
@@ -28,6 +28,7 @@ from inference import embed
 from losses import build_objective
 from model import EmbeddingNet
 from prepare import split_dataset
+from pretrained import init_weights
 
 SIZE = (32, 32)
 EMBEDDING = 16
@@ -371,7 +372,7 @@ def test_evaluate_without_probes_of_gallery_people_never_reads_the_gallery(eval_
 
 
 # -----------------------------------------------------------------------------
-# checkpoint.init_weights
+# pretrained.init_weights
 
 def saved_network(tmp_path, **config):
     """A smallcnn EmbeddingNet (seeded, its weights and BatchNorm statistics moved off their initial values) saved

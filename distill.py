@@ -1,0 +1,181 @@
+"""Distillation: a teacher network's embeddings of the training photos, computed once and cached on disk, and the
+loss by which a student learns them (train.py --teacher).
+
+The teacher (pretrained.load_face_network's: dlib, an ONNX model, a checkpoint or insightface's backbone.pth)
+embeds each training photo and its mirror image, as its own transform and alignment want them; the two are added
+and normalised (the flip test), so that the target does not depend on the flips of the student's augmentation.
+The cache is a folder per teacher, named by a hash of the teacher's file and settings, of part files each holding
+photo keys (hashes of the photos' bytes) and their vectors: another teacher or a changed photo is never served a
+stale vector, and a run stopped while caching goes on with the parts it wrote.
+"""
+import hashlib
+import json
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from align import FaceAligner, aligned_as_trained, face_model_file
+from checkpoint import CheckpointError, read_weights
+from data_utils import UNREADABLE_IMAGE, DatasetError, make_transform
+from files import atomic_write
+from inference import device_batch
+from model import EmbeddingNet
+from pretrained import DLIB_DESCRIPTOR, load_face_network
+
+DISTILL_LOSSES = ("cosine", "relational")
+PART_SIZE = 256  # photos per cache part: what a stopped caching run loses at most
+
+
+def file_digest(path, chunk=1 << 20):
+    """sha1 of a file's bytes."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_identity(spec, state):
+    """What names a teacher's cache: its file's bytes (dlib: its descriptor model's) and the settings of its
+    input. Two teachers share a cache only when they compute the same vectors."""
+    source = face_model_file(DLIB_DESCRIPTOR) if spec == "dlib" else spec
+    settings = dict(file=file_digest(source), image_size=list(state["image_size"]), alignment=state["alignment"],
+                    views=["photo", "mirror"], spec=os.path.basename(spec))
+    if state.get("pixel_norm"):  # an ONNX model's input normalisation (its side file's)
+        settings["pixel_norm"] = state["pixel_norm"]
+    return settings, hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def photo_keys(faces):
+    """A key per training item: the sha1 of its image's bytes as stored (None where it cannot be read)."""
+    keys = []
+    for index in range(len(faces)):
+        try:
+            keys.append(hashlib.sha1(faces.image_bytes(index)).hexdigest())
+        except (OSError, DatasetError):
+            keys.append(None)
+    return keys
+
+
+def read_cache(folder):
+    """{photo key: (2, D) vectors} of every readable part in `folder`; a part that cannot be read is warned
+    about and its photos computed anew."""
+    cached = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.startswith("part-") or not name.endswith(".pt"):
+            continue
+        try:
+            part = read_weights(os.path.join(folder, name))
+            cached.update(zip(part["keys"], part["vectors"]))
+        except (CheckpointError, KeyError, TypeError) as err:
+            warnings.warn(f"{os.path.join(folder, name)}: an unreadable cache part, computed anew ({err})")
+    return cached
+
+
+def write_part(folder, keys, vectors):
+    """A cache part of `keys` and their (n, 2, D) `vectors`, written atomically, named by its keys (so that the
+    processes of a distributed run never write the same name)."""
+    name = "part-" + hashlib.sha1("".join(keys).encode()).hexdigest()[:16] + ".pt"
+    atomic_write(os.path.join(folder, name), lambda f: torch.save(dict(keys=keys, vectors=vectors.clone()), f))
+
+
+@torch.inference_mode()
+def embed_views(teacher, images, device):
+    """(n, 2, D) float32 CPU vectors of a batch of uint8 images: each image and its mirror image."""
+    images = device_batch(images, device, torch.preserve_format)
+    return torch.stack([teacher(images).float().cpu(), teacher(images.flip(3)).float().cpu()], dim=1)
+
+
+def compute_missing(teacher, faces, transform, keys, missing, folder, device, batch_size, show):
+    """Embed the items `missing` (indices into `faces`) with the teacher in parts of PART_SIZE, each written to
+    `folder` as soon as it is done. An item that cannot be read is left out (its target stays unknown)."""
+    bar = tqdm(total=len(missing), desc="teacher embeddings", unit="photo", dynamic_ncols=True,
+               disable=None if show else True)
+    for start in range(0, len(missing), PART_SIZE):
+        part_keys, vectors = [], []
+        chunk = missing[start:start + PART_SIZE]
+        for batch_start in range(0, len(chunk), batch_size):
+            images, batch_keys = [], []
+            for index in chunk[batch_start:batch_start + batch_size]:
+                try:
+                    images.append(transform(faces.read(index)))
+                    batch_keys.append(keys[index])
+                except (DatasetError, *UNREADABLE_IMAGE):
+                    continue  # (the dataset warns about it when training reads it)
+            if images:
+                vectors.append(embed_views(teacher, torch.stack(images), device))
+                part_keys += batch_keys
+            bar.update(len(chunk[batch_start:batch_start + batch_size]))
+        if part_keys:
+            write_part(folder, part_keys, torch.cat(vectors))
+    bar.close()
+
+
+def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=64, rank=0, world_size=1,
+                    distributed=False, log=print):
+    """(the targets (len(faces), D): the normalised sum of the teacher's vectors of each training item and its
+    mirror; zero where a photo could not be read; the teacher's description). Vectors come from the cache in
+    `cache_dir` where it has them; the others are computed (each process of a distributed run its share), cached,
+    and read back. Raises CheckpointError for a teacher that cannot be loaded."""
+    teacher, state = load_face_network(spec)
+    settings, name = teacher_identity(spec, state)
+    folder = os.path.join(cache_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, "teacher.json"), lambda f: json.dump(settings, f, indent=1), mode="w")
+    keys = photo_keys(faces)
+    cached = read_cache(folder)
+    missing = [i for i, key in enumerate(keys) if key is not None and key not in cached]
+    log(f"teacher {state.get('network', spec)}: {len(keys) - len(missing)} of {len(keys)} training photos cached "
+        f"in {folder}")
+    if missing:
+        alignment = state["alignment"]
+        transform = aligned_as_trained(make_transform(state["image_size"], train=False, pixels=True),
+                                       FaceAligner() if alignment else None,
+                                       alignment and alignment["size"], data_dir)
+        device = device if isinstance(teacher, EmbeddingNet) else "cpu"  # (dlib and onnxruntime: the CPU)
+        compute_missing(teacher.to(device), faces, transform, keys, missing[rank::world_size], folder, device,
+                        batch_size, rank == 0)
+        if distributed:
+            dist.barrier()
+        cached = read_cache(folder)
+    if not cached:
+        raise CheckpointError(f"{spec}: it embedded none of the training photos")
+    targets = torch.zeros(len(keys), next(iter(cached.values())).shape[-1])
+    for index, key in enumerate(keys):
+        if key in cached:
+            targets[index] = F.normalize(cached[key].sum(0), dim=0)
+    return targets, state.get("network", spec)
+
+
+class Distillation(nn.Module):
+    """The loss by which a student learns a teacher's embeddings: student embeddings (N, D) and the teacher's
+    targets (N, T) of the same photos (unit vectors; a zero row, a photo the teacher could not see, is left out).
+    'cosine': the mean of 1 - cos(P s, t), P a learnt projection to the teacher's size where D != T (dropped after
+    training: the student's embedding is its own); 'relational': the mean squared difference of the batch's
+    cosine-similarity matrices (the student keeps the teacher's geometry, whatever its size). stats:
+    {"teacher_cosine": the mean cosine of the projected student and teacher embeddings, where comparable}."""
+
+    def __init__(self, student_dim, teacher_dim, kind="cosine"):
+        super().__init__()
+        if kind not in DISTILL_LOSSES:
+            raise ValueError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {kind!r}")
+        self.kind = kind
+        self.projection = (nn.Linear(student_dim, teacher_dim, bias=False)
+                           if kind == "cosine" and student_dim != teacher_dim else nn.Identity())
+
+    def forward(self, embeddings, targets):
+        seen = targets.abs().sum(1) > 0
+        student = F.normalize(self.projection(embeddings[seen].float()), dim=1)
+        targets = targets[seen].float()
+        if self.kind == "relational":
+            loss = (student @ student.T - targets @ targets.T).pow(2).mean() if len(targets) else student.sum() * 0
+        else:
+            loss = (1 - (student * targets).sum(1)).mean() if len(targets) else student.sum() * 0
+        comparable = student.shape[1] == targets.shape[1] and len(targets)
+        cosine = (student * targets).sum(1).mean().item() if comparable else float("nan")
+        return loss, {"teacher_cosine": cosine}

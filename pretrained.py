@@ -1,0 +1,284 @@
+"""Face networks trained elsewhere, usable wherever a checkpoint of train.py is: insightface's IResNet
+`backbone.pth`, ONNX face models (insightface's w600k_r50.onnx and the like), dlib's face descriptor; raw pixels,
+the reference any network has to beat; and starting a network from another's weights (--init_from).
+
+Each is a module from image batches (N, 3, H, W), normalised as make_transform does (ImageNet statistics), to
+L2-normalised embeddings (N, D), with a `state` that says what test.py, predict.py and a teacher need to know:
+image_size, alignment (how its faces must be cut; None: as they come), classes (none for networks from
+elsewhere), epoch and a one-line `network` description.
+"""
+import json
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from align import FaceAligner, alignment_record, face_model_file, import_dlib, main_face
+from checkpoint import CheckpointError, is_checkpoint, read_weights
+from data_utils import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from files import save_json
+from model import IRESNET_BLOCKS, model_from_checkpoint
+
+INSIGHTFACE_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (x / 255 - 0.5) / 0.5 of RGB pixels
+ONNX_PIXEL_NORM = (127.5, 127.5)  # insightface's ONNX models: (pixel - 127.5) / 127.5, RGB
+REFERENCES = ("pixels", "dlib")  # what --checkpoint names instead of a file
+DLIB_DESCRIPTOR = "dlib_face_recognition_resnet_model_v1.dat"  # of face-recognition-models
+# insightface's IBasicBlock parts -> this repository's IBasicBlock (model.IBasicBlock)
+BLOCK_PARTS = {"bn1": "branch.0", "conv1": "branch.1", "bn2": "branch.2", "prelu": "branch.3", "conv2": "branch.4",
+               "bn3": "branch.5", "downsample.0": "shortcut.0", "downsample.1": "shortcut.1"}
+STEM_PARTS = {"conv1": "backbone.0", "bn1": "backbone.1", "prelu": "backbone.2", "fc": "head.0", "features": "head.1"}
+
+
+# -----------------------------------------------------------------------------
+# insightface's backbone.pth
+
+def is_insightface(state):
+    """Whether a state dict is in insightface's IResNet key names (its backbone.pth)."""
+    return isinstance(state, dict) and {"conv1.weight", "layer1.0.conv1.weight", "fc.weight",
+                                        "features.weight"} <= state.keys()
+
+
+def insightface_blocks(state):
+    """The blocks per stage of an insightface IResNet state dict, from its layerS.B. keys."""
+    counts = [0, 0, 0, 0]
+    for key in state:
+        found = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if found:
+            stage = int(found.group(1)) - 1
+            counts[stage] = max(counts[stage], int(found.group(2)) + 1)
+    return tuple(counts)
+
+
+def insightface_key(key, blocks):
+    """This repository's key for insightface's `key` of an IResNet with `blocks`, or None for a key it has not."""
+    found = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)\.([a-z_]+)", key)
+    if found:
+        stage, block, part, leaf = int(found.group(1)) - 1, int(found.group(2)), found.group(3), found.group(4)
+        if part not in BLOCK_PARTS:
+            return None
+        return f"backbone.{3 + sum(blocks[:stage]) + block}.{BLOCK_PARTS[part]}.{leaf}"
+    part, _, leaf = key.rpartition(".")
+    if part == "bn2":  # the BatchNorm after the last stage
+        return f"backbone.{3 + sum(blocks)}.{leaf}"
+    return f"{STEM_PARTS[part]}.{leaf}" if part in STEM_PARTS else None
+
+
+def from_insightface(state, path):
+    """A checkpoint of this repository from insightface's IResNet state dict (its backbone.pth): the same
+    network to the last weight, renamed; insightface's input normalisation and 112x112 five-point alignment
+    recorded, so that every later use prepares faces alike. Raises CheckpointError for an IResNet of another
+    depth or a key it cannot place."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    blocks = insightface_blocks(state)
+    name = next((n for n, b in IRESNET_BLOCKS.items() if b == blocks), None)
+    if name is None:
+        raise CheckpointError(f"{path}: an insightface IResNet of {blocks} blocks per stage, none of "
+                              f"{', '.join(IRESNET_BLOCKS)}")
+    renamed = {}
+    for key, value in state.items():
+        ours = insightface_key(key, blocks)
+        if ours is None:
+            raise CheckpointError(f"{path}: {key!r} is not a weight of insightface's {name}")
+        renamed[ours] = value
+    for key in [k for k in renamed if k.endswith(".running_mean")]:  # (older saves lack the BatchNorm counters)
+        renamed.setdefault(key.replace("running_mean", "num_batches_tracked"), torch.tensor(0))
+    config = dict(backbone=name, embedding_dim=int(state["fc.weight"].shape[0]), head="fc_bn", hidden_dim=512,
+                  input_norm=[list(v) for v in INSIGHTFACE_NORM])
+    return dict(model=renamed, model_config=config, image_size=[112, 112], classes=[], epoch=None, metrics={},
+                config={}, alignment=alignment_record(112), network=f"insightface {name} ({os.path.basename(path)})")
+
+
+def load_network_file(path):
+    """A checkpoint of train.py, or one made from insightface's backbone.pth (from_insightface). Raises
+    CheckpointError for anything else."""
+    state = read_weights(path)
+    if is_checkpoint(state):
+        return state
+    if is_insightface(state) or is_insightface({k.removeprefix("module."): v for k, v in (
+            state.items() if isinstance(state, dict) else ())}):
+        return from_insightface(state, path)
+    raise CheckpointError(f"{path}: neither a checkpoint of train.py nor insightface's IResNet backbone.pth "
+                          f"(a state dict of another architecture?)")
+
+
+def init_weights(model, path):
+    """Start `model` (an EmbeddingNet) from the network of the checkpoint (or insightface backbone.pth) at `path`:
+    not its objective, optimiser or schedule; its input normalisation too. The backbones must be of one kind; the
+    head is taken when it has the same layers and shapes and otherwise keeps its fresh weights (another embedding
+    size or head). Returns the parts taken: ("backbone", "head") or ("backbone",). Raises CheckpointError."""
+    if path.endswith(".onnx") or path in REFERENCES:
+        raise CheckpointError(f"{path}: a network of another runtime cannot be trained further; it can teach one "
+                              f"(--teacher={path})")
+    state = load_network_file(path)
+    theirs, ours = state["model_config"].get("backbone"), model.config["backbone"]
+    if theirs != ours:
+        raise CheckpointError(f"{path} holds a {theirs} network and this run builds a {ours}: "
+                              f"use --backbone={theirs}, or another checkpoint")
+    parts = {name: {k.split(".", 1)[1]: v for k, v in state["model"].items() if k.startswith(name + ".")}
+             for name in ("backbone", "head")}
+    try:
+        model.backbone.load_state_dict(parts["backbone"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its {theirs} weights do not fit ({str(err).splitlines()[0]})") from None
+    model.set_input_norm(state["model_config"].get("input_norm"))
+    own = model.head.state_dict()
+    if own.keys() != parts["head"].keys() or any(own[k].shape != parts["head"][k].shape for k in own):
+        return ("backbone",)
+    model.head.load_state_dict(parts["head"])
+    return ("backbone", "head")
+
+
+# -----------------------------------------------------------------------------
+# ONNX face models
+
+def onnx_side_file(path):
+    """The side file that says how an ONNX model's input is prepared: MODEL.onnx.json."""
+    return path + ".json"
+
+
+def read_onnx_side(path):
+    """The side file's settings (input_mean, input_std in 0-255 pixel units, image_size, alignment), {} when
+    there is none. Raises CheckpointError for one that is not a JSON object."""
+    try:
+        with open(onnx_side_file(path)) as f:
+            side = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{onnx_side_file(path)}: not readable JSON ({err})") from None
+    if not isinstance(side, dict):
+        raise CheckpointError(f"{onnx_side_file(path)}: expected a JSON object of input_mean, input_std, ...")
+    return side
+
+
+class OnnxFace(nn.Module):
+    """An ONNX face model run with onnxruntime on the CPU: input (N, 3, H, W) RGB pixels normalised as
+    (pixel - input_mean) / input_std (0-255 units; insightface's 127.5 and 127.5 unless `pixel_norm` or the model's
+    side file MODEL.onnx.json says otherwise), output (N, D), L2-normalised here. Its image size is the model's own
+    (a model of free size takes `image_size`). Nothing to train."""
+
+    def __init__(self, path, pixel_norm=None, image_size=None):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise CheckpointError(f"{path}: running ONNX models needs onnxruntime: pip install onnxruntime") from None
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such ONNX model file")
+        try:
+            self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for every kind of bad file
+            raise CheckpointError(f"{path}: not a readable ONNX model ({(str(err).splitlines() or [''])[0]})"
+                                  ) from None
+        side = read_onnx_side(path)
+        self.image_size = self.input_size(path, side.get("image_size") or image_size)
+        mean, std = pixel_norm or (side.get("input_mean", ONNX_PIXEL_NORM[0]), side.get("input_std",
+                                                                                        ONNX_PIXEL_NORM[1]))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1))
+        self.alignment = side.get("alignment", alignment_record(112))
+        self.input_name = self.session.get_inputs()[0].name
+        dim = self.session.get_outputs()[0].shape[-1]
+        self.config = dict(backbone="onnx", embedding_dim=dim if isinstance(dim, int) else None)
+
+    def input_size(self, path, wanted):
+        """(H, W) of the model's input; the model's own where it fixes one. Raises CheckpointError for an input
+        that is not (N, 3, H, W), or a `wanted` size other than the model's."""
+        shape = self.session.get_inputs()[0].shape
+        if len(shape) != 4 or shape[1] != 3:
+            raise CheckpointError(f"{path}: its input is {shape}; a face model takes (N, 3, H, W) images")
+        own = tuple(shape[2:]) if all(isinstance(n, int) for n in shape[2:]) else None
+        wanted = tuple(wanted) if wanted else None
+        if own and wanted and own != wanted:
+            raise CheckpointError(f"{path}: the model takes {own[0]}x{own[1]} images, not {wanted[0]}x{wanted[1]}")
+        if not own and not wanted:
+            raise CheckpointError(f"{path}: the model does not fix its image size: give it in its side file "
+                                  f"{onnx_side_file(path)} as \"image_size\": [H, W]")
+        return own or wanted
+
+    def forward(self, images):
+        pixels = denormalize(images) * 255
+        inputs = ((pixels - self.mean) / self.std).numpy().astype(np.float32)
+        embeddings = torch.from_numpy(np.asarray(self.session.run(None, {self.input_name: inputs})[0]))
+        return F.normalize(embeddings.float().flatten(1), dim=1).to(images.device)
+
+
+def write_onnx_side(path, image_size, alignment):
+    """The side file of an ONNX model exported from this repository: its input is normalised with ImageNet
+    statistics, so that another runtime (and OnnxFace) prepares images as the network was trained."""
+    save_json(dict(input_mean=[255 * m for m in IMAGENET_MEAN], input_std=[255 * s for s in IMAGENET_STD],
+                   image_size=list(image_size), alignment=alignment), onnx_side_file(path))
+
+
+# -----------------------------------------------------------------------------
+# references: raw pixels and dlib's descriptor
+
+class PixelBaseline(nn.Module):
+    """The reference a trained network has to beat: a photo's grey levels as its embedding. Image batch (N, 3, H, W),
+    normalised as the networks' input -> (N, H * W): the mean of the three channels, less the photo's own mean
+    brightness, L2-normalised (so a pair's cosine similarity is the correlation of its pixels). Nothing to train."""
+
+    def __init__(self, image_size):
+        super().__init__()
+        height, width = image_size
+        self.config = dict(backbone="pixels", embedding_dim=height * width)
+
+    def forward(self, images):
+        grey = images.mean(1).flatten(1)
+        return F.normalize(grey - grey.mean(1, keepdim=True), dim=1)
+
+
+class DlibReference(nn.Module):
+    """The reference of a face network trained elsewhere on millions of photos: dlib's ResNet face descriptor, which
+    face-recognition-models installs. Image batch (N, 3, H, W), normalised as the networks' input -> (N, 128): per
+    image, the main face dlib's detector finds (with `upsample`; the whole image when none), its 68 landmarks,
+    dlib's own 150x150 face chip of them and the chip's descriptor, L2-normalised. Runs on the CPU, one image at a
+    time; a GPU batch comes back to its device. Nothing to train."""
+
+    def __init__(self, upsample=1):
+        super().__init__()
+        self.dlib = import_dlib()
+        self.aligner = FaceAligner(upsample)
+        self.encoder = self.dlib.face_recognition_model_v1(face_model_file(DLIB_DESCRIPTOR))
+        self.config = dict(backbone="dlib", embedding_dim=128)
+
+    def descriptor(self, pixels):
+        """dlib's descriptor (128,) of one uint8 (H, W, 3) image's main face."""
+        height, width = pixels.shape[:2]
+        rects = list(self.aligner.detector(pixels, self.aligner.upsample))
+        boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
+        rect = rects[main_face(boxes, width, height)] if rects else self.dlib.rectangle(0, 0, width - 1, height - 1)
+        chip = self.dlib.get_face_chip(pixels, self.aligner.predictor(pixels, rect), size=150, padding=0.25)
+        return np.asarray(self.encoder.compute_face_descriptor(chip), dtype=np.float32)
+
+    def forward(self, images):
+        pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        described = np.stack([self.descriptor(np.ascontiguousarray(image)) for image in pixels])
+        return F.normalize(torch.from_numpy(described), dim=1).to(images.device)
+
+
+def load_face_network(spec, image_size=None, pixel_norm=None):
+    """(the network `spec` names, in eval mode; its state, as module doc says): "pixels" (at `image_size`), "dlib"
+    (photos at `image_size`, 112 by default), an ONNX model (MODEL.onnx; `pixel_norm` (mean, std) of 0-255 pixels
+    over its side file's and insightface's), or a checkpoint of train.py or insightface's backbone.pth. Raises
+    CheckpointError (a ValueError) for what cannot be loaded."""
+    if spec == "pixels":
+        if image_size is None:
+            raise CheckpointError("raw pixels need an image size")
+        return PixelBaseline(image_size).eval(), dict(image_size=list(image_size), alignment=None, classes=[],
+                                                      epoch=None, network=f"raw pixels at {image_size[0]}x"
+                                                                          f"{image_size[1]}, no network")
+    if spec == "dlib":
+        size = list(image_size or (112, 112))
+        return DlibReference().eval(), dict(image_size=size, alignment=None, classes=[], epoch=None,
+                                            network=f"dlib's face descriptor, photos at {size[0]}x{size[1]}")
+    if spec.endswith(".onnx"):
+        model = OnnxFace(spec, pixel_norm, image_size).eval()
+        return model, dict(image_size=list(model.image_size), alignment=model.alignment, classes=[], epoch=None,
+                           network=f"ONNX model {os.path.basename(spec)}, {model.config['embedding_dim']}-d",
+                           pixel_norm=[model.mean.flatten().tolist(), model.std.flatten().tolist()])
+    state = load_network_file(spec)
+    return model_from_checkpoint(state, spec).eval(), state

@@ -1,0 +1,417 @@
+"""distill.py: the distillation losses, the teacher's targets and their cache (per teacher, per photo, in parts), and
+what a distilled run adds elsewhere: items with their dataset indices, batches of any images, a training step with a
+distiller, the settings' rules, and the distiller's state in checkpoints. Tiny networks on tiny image folders."""
+import json
+import os
+import warnings
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import distill
+from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
+from configurator import ConfigError
+from conftest import make_faces, write_image
+from data_utils import FaceFolder, TripletFaceDataset, collate_rows, make_transform, normalize, train_loader_for
+from distill import Distillation, teacher_targets
+from engine import TrainingStep, build_optimizer, build_schedule, check_config
+from losses import NoObjective, batch_rows, build_objective
+from model import EmbeddingNet, model_from_checkpoint
+
+SIZE = (16, 16)
+TEACHER_DIM = 8
+# train.py's defaults of the settings check_config reads
+VALID = dict(loss="arcface", mining="none", anchor_pattern="", device="auto", num_workers=-1, images_per_identity=4,
+             batch_size=32, epochs=30, eval_every=1, save_every=0, lr=2e-3, embedding_dim=128, image_size=(64, 56),
+             partial_fc=0.0, teacher="", distill=1.0)
+
+
+def unit_rows(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Distillation
+
+def test_cosine_distillation_of_equal_sizes_is_the_mean_of_one_minus_cosine():
+    """Equal sizes: no projection; the loss is mean(1 - cos(s, t)), teacher_cosine the mean cosine."""
+    student, targets = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), unit_rows(6, 8)
+    distiller = Distillation(8, 8, "cosine")
+    assert not list(distiller.parameters())
+    loss, stats = distiller(student, targets)
+    cosines = F.cosine_similarity(student, targets, dim=1)
+    torch.testing.assert_close(loss, (1 - cosines).mean())
+    assert stats["teacher_cosine"] == pytest.approx(cosines.mean().item(), abs=1e-6)
+
+
+def test_cosine_distillation_projects_a_larger_student_to_the_teacher_size():
+    """Student 16-d, teacher 8-d: a bias-free Linear(16 -> 8), the loss mean(1 - cos(W s, t))."""
+    torch.manual_seed(0)
+    student, targets = torch.randn(5, 16), unit_rows(5, 8)
+    distiller = Distillation(16, 8, "cosine")
+    assert isinstance(distiller.projection, nn.Linear) and distiller.projection.weight.shape == (8, 16)
+    assert distiller.projection.bias is None
+    loss, _ = distiller(student, targets)
+    projected = student @ distiller.projection.weight.T
+    torch.testing.assert_close(loss, (1 - F.cosine_similarity(projected, targets, dim=1)).mean())
+
+
+def test_rows_the_teacher_could_not_see_are_left_out_of_the_mean():
+    """Zero rows in the targets: the loss is the straight one over the other rows; none seen: zero, and it still
+    backpropagates."""
+    torch.manual_seed(0)
+    student, targets = torch.randn(6, 8), unit_rows(6, 8)
+    targets[[1, 4]] = 0
+    kept = [0, 2, 3, 5]
+    for kind in ("cosine", "relational"):
+        loss, _ = Distillation(8, 8, kind)(student, targets)
+        expected, _ = Distillation(8, 8, kind)(student[kept], targets[kept])
+        torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(
+        Distillation(8, 8)(student, targets)[0],
+        (1 - F.cosine_similarity(student[kept], targets[kept], dim=1)).mean())
+    embeddings = student.clone().requires_grad_()
+    loss, _ = Distillation(8, 8)(embeddings, torch.zeros(6, 8))
+    loss.backward()
+    assert loss.item() == 0 and embeddings.grad is not None
+
+
+def test_gradients_reach_the_embeddings_and_the_projection():
+    """The cosine loss through a projection backpropagates to the student's embeddings and to the projection."""
+    torch.manual_seed(0)
+    embeddings = torch.randn(5, 16, requires_grad=True)
+    distiller = Distillation(16, 8)
+    loss, _ = distiller(embeddings, unit_rows(5, 8))
+    loss.backward()
+    for grad in (embeddings.grad, distiller.projection.weight.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_relational_distillation_compares_the_batch_similarity_matrices():
+    """'relational': mean((S S^T - T T^T)^2) over normalised rows, whatever the sizes (no projection)."""
+    torch.manual_seed(0)
+    student, targets = torch.randn(6, 16), unit_rows(6, 8)
+    distiller = Distillation(16, 8, "relational")
+    assert not list(distiller.parameters())
+    loss, _ = distiller(student, targets)
+    s = F.normalize(student, dim=1)
+    torch.testing.assert_close(loss, ((s @ s.T - targets @ targets.T) ** 2).mean())
+    embeddings = student.clone().requires_grad_()
+    distiller(embeddings, targets)[0].backward()
+    assert embeddings.grad.abs().sum() > 0
+
+
+def test_an_unknown_distillation_kind_is_a_value_error():
+    with pytest.raises(ValueError):
+        Distillation(8, 8, "l2")
+
+
+# -----------------------------------------------------------------------------
+# the teacher's targets and their cache
+
+def write_teacher(folder, seed=0):
+    """A checkpoint of EmbeddingNet("smallcnn", 8, "linear") at 16x16, as Checkpointer writes one; its path."""
+    torch.manual_seed(seed)
+    model = EmbeddingNet("smallcnn", TEACHER_DIM, "linear")
+    saver = Checkpointer(str(folder), model, NoObjective(), {}, [], SIZE)
+    assert saver.save("teacher.pth", 0, {})
+    return saver.path("teacher.pth")
+
+
+@torch.no_grad()
+def straight_targets(path, faces):
+    """Each photo's target computed straight: the teacher's embeddings of it and its mirror image, at its
+    evaluation transform, added and normalised."""
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint).eval()
+    transform = make_transform(checkpoint["image_size"], train=False)
+    rows = []
+    for index in range(len(faces)):
+        image = transform(faces.read(index)).unsqueeze(0)
+        rows.append(F.normalize(model(image) + model(image.flip(3)), dim=1)[0])
+    return torch.stack(rows)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The number of photos the teacher embeds, batch by batch (distill.embed_views wrapped)."""
+    calls, real = [], distill.embed_views
+
+    def embed_views(teacher, images, device):
+        calls.append(len(images))
+        return real(teacher, images, device)
+
+    monkeypatch.setattr(distill, "embed_views", embed_views)
+    return calls
+
+
+def targets_of(spec, faces, cache):
+    targets, network = teacher_targets(spec, faces, str(cache), faces.root, log=lambda *_: None)
+    assert isinstance(network, str)
+    return targets
+
+
+def part_files(folder):
+    return sorted(name for name in os.listdir(folder) if name.startswith("part-") and name.endswith(".pt"))
+
+
+def test_teacher_targets_are_the_flip_test_embeddings_and_are_cached(tmp_path, counted):
+    """The first call embeds all 12 photos: (12, 8) unit rows, the straight flip-test embeddings; a second call
+    embeds none and returns the same targets."""
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")))
+    spec = write_teacher(tmp_path / "teacher")
+    targets = targets_of(spec, faces, tmp_path / "cache")
+    assert sum(counted) == 12
+    assert targets.shape == (12, TEACHER_DIM)
+    torch.testing.assert_close(targets.norm(dim=1), torch.ones(12))
+    torch.testing.assert_close(targets, straight_targets(spec, faces), atol=1e-5, rtol=0)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    counted.clear()
+    again = targets_of(spec, faces, tmp_path / "cache")
+    assert sum(counted) == 0
+    assert torch.equal(again, targets)
+
+
+def test_a_changed_photo_is_computed_anew_alone(tmp_path, counted):
+    """New bytes in one photo: that photo alone is embedded again, and its target is the new photo's."""
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")))
+    spec = write_teacher(tmp_path / "teacher")
+    before = targets_of(spec, faces, tmp_path / "cache")
+    changed = 5
+    write_image(faces.samples[changed][0], seed=999)
+    counted.clear()
+    after = targets_of(spec, faces, tmp_path / "cache")
+    assert sum(counted) == 1
+    others = [i for i in range(12) if i != changed]
+    assert torch.equal(after[others], before[others])
+    assert not torch.allclose(after[changed], before[changed], atol=1e-4)
+    torch.testing.assert_close(after, straight_targets(spec, faces), atol=1e-5, rtol=0)
+
+
+def test_another_teacher_has_its_own_cache(tmp_path, counted):
+    """A second teacher (other weights, same file name) embeds every photo itself, in another cache folder."""
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")))
+    first, second = write_teacher(tmp_path / "a"), write_teacher(tmp_path / "b", seed=1)
+    targets_of(first, faces, tmp_path / "cache")
+    counted.clear()
+    targets = targets_of(second, faces, tmp_path / "cache")
+    assert sum(counted) == 12
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    torch.testing.assert_close(targets, straight_targets(second, faces), atol=1e-5, rtol=0)
+
+
+def test_a_stopped_cache_computes_only_the_missing_part(tmp_path, counted, monkeypatch):
+    """Parts of 5 photos (5, 5, 2); one deleted, as if the run had stopped before writing it: the next call
+    embeds only its photos, and the targets are those of the whole run."""
+    monkeypatch.setattr(distill, "PART_SIZE", 5)
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")))
+    spec = write_teacher(tmp_path / "teacher")
+    whole = targets_of(spec, faces, tmp_path / "cache")
+    (folder,) = [tmp_path / "cache" / name for name in os.listdir(tmp_path / "cache")]
+    parts = part_files(folder)
+    assert sorted(len(torch.load(folder / name, weights_only=True)["keys"]) for name in parts) == [2, 5, 5]
+    lost = next(name for name in parts if len(torch.load(folder / name, weights_only=True)["keys"]) == 5)
+    os.remove(folder / lost)
+    counted.clear()
+    resumed = targets_of(spec, faces, tmp_path / "cache")
+    assert sum(counted) == 5
+    torch.testing.assert_close(resumed, whole)
+
+
+def test_a_corrupt_cache_part_is_warned_about_and_its_photos_computed_anew(tmp_path, counted, monkeypatch):
+    """A part file of garbage bytes: a warning, its photos embedded again, the targets as before; then it is
+    whole again (no warning, nothing computed)."""
+    monkeypatch.setattr(distill, "PART_SIZE", 5)
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")))
+    spec = write_teacher(tmp_path / "teacher")
+    whole = targets_of(spec, faces, tmp_path / "cache")
+    (folder,) = [tmp_path / "cache" / name for name in os.listdir(tmp_path / "cache")]
+    corrupt = part_files(folder)[0]
+    lost = len(torch.load(folder / corrupt, weights_only=True)["keys"])
+    (folder / corrupt).write_bytes(b"not a torch file " * 20)
+    counted.clear()
+    with pytest.warns(UserWarning):
+        again = targets_of(spec, faces, tmp_path / "cache")
+    assert sum(counted) == lost
+    torch.testing.assert_close(again, whole)
+    counted.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        targets_of(spec, faces, tmp_path / "cache")
+    assert sum(counted) == 0
+
+
+class Pixels(nn.Module):
+    """A tiny ONNX-exportable face network: (N, 3, 16, 16) normalised pixels -> (N, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, TEACHER_DIM)
+
+    def forward(self, images):
+        return self.fc(images.flatten(1))
+
+
+def test_an_onnx_teacher_with_another_side_file_is_not_served_the_old_cache(tmp_path):
+    """An ONNX teacher's side file decides how photos are normalised, so its vectors: after the side file changes,
+    the targets are those of a fresh cache, not the vectors cached under the old normalisation."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    path = str(tmp_path / "teacher.onnx")
+    program = torch.onnx.export(Pixels().eval(), (torch.zeros(2, 3, 16, 16),), dynamo=True, verbose=False,
+                                input_names=["images"], output_names=["embeddings"],
+                                dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    with open(path, "wb") as f:
+        f.write(program.model_proto.SerializeToString())
+
+    def side(mean, std):
+        with open(path + ".json", "w") as f:
+            json.dump(dict(input_mean=mean, input_std=std, alignment=None), f)
+
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")))
+    side(127.5, 127.5)
+    old = targets_of(path, faces, tmp_path / "cache")
+    side(0.0, 1.0)
+    fresh = targets_of(path, faces, tmp_path / "fresh")
+    assert not torch.allclose(old, fresh, atol=1e-3)  # (the side file changes what the teacher computes)
+    served = targets_of(path, faces, tmp_path / "cache")
+    assert torch.allclose(served, fresh, atol=1e-5), \
+        "teacher_identity ignores the ONNX side file: stale vectors of the old normalisation are served"
+
+
+# -----------------------------------------------------------------------------
+# batches with the items' indices
+
+def test_items_with_their_indices(tmp_path):
+    """with_items: faces[i] is (the same image, its label, i)."""
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")), make_transform(SIZE, train=False, pixels=True))
+    plain = [faces[i] for i in range(len(faces))]
+    faces.with_items = True
+    for i in range(len(faces)):
+        image, label, index = faces[i]
+        assert torch.equal(image, plain[i][0]) and label == plain[i][1] == faces.targets[i] and index == i
+
+
+def test_collate_rows_adds_the_indices_position_major(tmp_path):
+    """Triplet items with their indices: collate_rows returns (images, labels, rows, indices), indices (3B,) in the
+    labels' position-major order, each image the dataset's image of its index."""
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")), make_transform(SIZE, train=False, pixels=True))
+    faces.with_items = True
+    triplets = TripletFaceDataset(faces, seed=0)
+    items = [triplets[b] for b in range(4)]
+    images, labels, rows, indices = collate_rows(items)
+    expected = [items[b][2][position] for position in range(3) for b in range(4)]
+    assert indices.dtype == torch.int64 and indices.tolist() == expected
+    assert labels.tolist() == [faces.targets[i] for i in expected]
+    assert rows.tolist() == [[b, 4 + b, 8 + b] for b in range(4)]
+    for image, index in zip(images, expected):
+        assert torch.equal(image, faces[index][0])
+
+
+def test_an_images_loader_shuffles_every_item_once_an_epoch(tmp_path):
+    """rows "images" (loss none): batches (images, labels, indices) in random order, each item once an epoch, and
+    nothing to set_epoch."""
+    assert batch_rows("none") == "images" and build_objective("none").rows == "images"
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")), make_transform(SIZE, train=False, pixels=True))
+    faces.with_items = True
+    loader, sources = train_loader_for(faces, "images", 4, seed=0, log=lambda *_: None, num_workers=0)
+    assert sources == []
+    orders = []
+    for _ in range(2):
+        order = []
+        for images, labels, indices in loader:
+            assert images.shape == (4, 3, *SIZE) and images.dtype == torch.uint8
+            assert labels.tolist() == [faces.targets[i] for i in indices]
+            assert all(torch.equal(image, faces[i][0]) for image, i in zip(images, indices.tolist()))
+            order += indices.tolist()
+        assert sorted(order) == list(range(12))
+        orders.append(order)
+    assert orders[0] != list(range(12)) and orders[0] != orders[1]
+
+
+# -----------------------------------------------------------------------------
+# training with a distiller; the settings' rules; checkpoints
+
+def test_a_training_step_with_a_distiller_moves_the_student_towards_the_teacher():
+    """NoObjective and a projecting Distillation of weight 2: the step's loss is 2 x (1 - teacher_cosine); over 20
+    SGD steps on fixed targets the loss falls, the projection trains, and the student in eval mode is nearer the
+    teacher than before."""
+    torch.manual_seed(0)
+    model = EmbeddingNet("smallcnn", 16, "linear")
+    distiller = Distillation(16, TEACHER_DIM)
+    objective = NoObjective()
+    optimizer = build_optimizer("sgd", [*model.parameters(), *distiller.parameters()], 0.02, 0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    targets = unit_rows(12, TEACHER_DIM)
+    step = TrainingStep(model, objective, optimizer, schedule, torch.amp.GradScaler("cuda", enabled=False), "cpu",
+                        nullcontext(), figure=objective.figure, distiller=distiller, targets=targets, weight=2.0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    indices = torch.tensor([0, 2, 3, 5, 7, 8, 10, 11])
+    batch = (images, torch.zeros(8, dtype=torch.int64), indices)
+
+    @torch.no_grad()
+    def eval_loss():
+        model.eval()
+        loss, _ = distiller(model(normalize(images)), targets[indices])
+        model.train()
+        return loss.item()
+
+    before, projection = eval_loss(), distiller.projection.weight.detach().clone()
+    losses = []
+    for _ in range(20):
+        loss, stats, embeddings = step(batch)
+        losses.append(loss.item())
+        assert loss.item() == pytest.approx(2.0 * (1 - stats["teacher_cosine"]), abs=1e-5)
+    assert embeddings.shape == (8, 16)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert not torch.equal(distiller.projection.weight, projection)
+    assert eval_loss() < before - 0.1
+
+
+def test_check_config_wants_a_teacher_for_loss_none_and_a_positive_distill():
+    """loss none without --teacher: ConfigError on "loss"; a negative distill, or none with a teacher: on
+    "distill"; loss none with a teacher passes."""
+    check_config(dict(VALID, loss="none", teacher="teacher.pth"))
+    check_config(dict(VALID, teacher="teacher.pth", distill=0.5))
+    for change, flag in ((dict(loss="none"), "loss"), (dict(distill=-1.0), "distill"),
+                         (dict(teacher="teacher.pth", distill=0.0), "distill")):
+        with pytest.raises(ConfigError) as info:
+            check_config(dict(VALID, **change))
+        assert info.value.flag == flag, change
+
+
+def test_checkpoints_keep_the_distiller_and_resume_loads_it(tmp_path):
+    """Checkpointer given a distiller saves distill_state (none without one); resume_training puts the saved
+    projection into a fresh distiller."""
+    torch.manual_seed(0)
+    model = EmbeddingNet("smallcnn", 16, "mlp", 32)
+    objective = build_objective("arcface", embedding_dim=16, num_classes=3)
+    distiller = Distillation(16, TEACHER_DIM)
+    optimizer = build_optimizer("adam", [*model.parameters(), *objective.parameters(), *distiller.parameters()],
+                                1e-3, 0.0)
+    schedule = build_schedule("onecycle", optimizer, steps_per_epoch=2, epochs=3)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    classes = ["p0", "p1", "p2"]
+    run = RunState(history=[dict(epoch=0, valid_identification=0.5)], rng=RandomState("cpu").capture())
+    saver = Checkpointer(str(tmp_path), model, objective, {}, classes, (32, 32), distiller=distiller)
+    assert saver.save("last.pth", 0, {}, training_state(run, optimizer, schedule, scaler, 1))
+    plain = Checkpointer(str(tmp_path), model, objective, {}, classes, (32, 32))
+    assert plain.save("plain.pth", 0, {})
+    assert "distill_state" not in load_checkpoint(plain.path("plain.pth"))
+    checkpoint = load_checkpoint(saver.path("last.pth"))
+    torch.testing.assert_close(checkpoint["distill_state"]["projection.weight"], distiller.projection.weight)
+
+    torch.manual_seed(1)
+    fresh = Distillation(16, TEACHER_DIM)
+    assert not torch.equal(fresh.projection.weight, distiller.projection.weight)
+    parts = (EmbeddingNet("smallcnn", 16, "mlp", 32), build_objective("arcface", embedding_dim=16, num_classes=3))
+    resumed_optimizer = build_optimizer("adam", [*parts[0].parameters(), *parts[1].parameters(),
+                                                 *fresh.parameters()], 1e-3, 0.0)
+    resume_training(checkpoint, (*parts, resumed_optimizer, build_schedule("onecycle", resumed_optimizer, 2, 3),
+                                 torch.amp.GradScaler("cuda", enabled=False)), RandomState("cpu"), 1,
+                    str(tmp_path / "tb_model.pth"), log=lambda *_: None, distiller=fresh)
+    assert torch.equal(fresh.projection.weight, distiller.projection.weight)
