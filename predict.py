@@ -89,7 +89,7 @@ if export:
     onnx_path = onnx_path or os.path.splitext(checkpoint)[0] + ".onnx"
     try:
         export_onnx(model, state["image_size"], onnx_path)
-        write_onnx_side(onnx_path, state["image_size"], state.get("alignment"))
+        write_onnx_side(onnx_path, state["image_size"], state.get("alignment"), state["classes"])
     except Exception as err:  # the exporter's errors are many and long: one line, the first of the message
         sys.exit(f"error: ONNX export failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     print(f"wrote {onnx_path}: input 'images' (N, 3, {', '.join(map(str, as_hw(state['image_size'])))}) "

@@ -180,6 +180,7 @@ class OnnxFace(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1))
         self.alignment = side.get("alignment", alignment_record(112))
+        self.classes = side.get("classes", [])
         self.input_name = self.session.get_inputs()[0].name
         dim = self.session.get_outputs()[0].shape[-1]
         self.config = dict(backbone="onnx", embedding_dim=dim if isinstance(dim, int) else None)
@@ -206,11 +207,12 @@ class OnnxFace(nn.Module):
         return F.normalize(embeddings.float().flatten(1), dim=1).to(images.device)
 
 
-def write_onnx_side(path, image_size, alignment):
+def write_onnx_side(path, image_size, alignment, classes=()):
     """The side file of an ONNX model exported from this repository: its input is normalised with ImageNet
-    statistics, so that another runtime (and OnnxFace) prepares images as the network was trained."""
+    statistics, so that another runtime (and OnnxFace) prepares images as the network was trained; and the people
+    it was trained on, so that test.py states the same protocol as for its checkpoint."""
     save_json(dict(input_mean=[255 * m for m in IMAGENET_MEAN], input_std=[255 * s for s in IMAGENET_STD],
-                   image_size=list(image_size), alignment=alignment), onnx_side_file(path))
+                   image_size=list(image_size), alignment=alignment, classes=list(classes)), onnx_side_file(path))
 
 
 # -----------------------------------------------------------------------------
@@ -277,8 +279,8 @@ def load_face_network(spec, image_size=None, pixel_norm=None):
                                             network=f"dlib's face descriptor, photos at {size[0]}x{size[1]}")
     if spec.endswith(".onnx"):
         model = OnnxFace(spec, pixel_norm, image_size).eval()
-        return model, dict(image_size=list(model.image_size), alignment=model.alignment, classes=[], epoch=None,
-                           network=f"ONNX model {os.path.basename(spec)}, {model.config['embedding_dim']}-d",
+        return model, dict(image_size=list(model.image_size), alignment=model.alignment, classes=model.classes,
+                           epoch=None, network=f"ONNX model {os.path.basename(spec)}, {model.config['embedding_dim']}-d",
                            pixel_norm=[model.mean.flatten().tolist(), model.std.flatten().tolist()])
     state = load_network_file(spec)
     return model_from_checkpoint(state, spec).eval(), state

@@ -32,7 +32,7 @@ import configurator
 from align import AlignmentUnavailable, read_alignment
 from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, resume_config,
                         resume_training, training_state)
-from distill import DISTILL_LOSSES, Distillation, teacher_targets
+from distill import DISTILL_LOSSES, Distillation, centred, teacher_targets
 from data_utils import (AUGMENTATIONS, DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs,
                         draw_triplets, loader_workers, make_transform, read_verification_bins, some_names,
                         train_loader_for, write_skipped)
@@ -95,6 +95,7 @@ teacher = ""  # a face network to learn from: dlib | CHECKPOINT.pth (insightface
 distill = 1.0  # weight of the teacher's term beside the loss's
 distill_loss = "cosine"  # cosine: the student's embedding (projected where sizes differ) to the teacher's |
 #   relational: the batch's pairwise similarities to the teacher's
+distill_centre = True  # learn the teacher's embeddings less their mean over the training photos (then normalised)
 teacher_cache = ""  # folder of the teacher's embeddings of the training photos, computed once; empty: <out_dir>/
 #   teacher_cache (share one between runs: it is keyed by teacher and photo)
 # optimiser
@@ -210,7 +211,7 @@ if teacher:
                                              world_size, distributed)
     except (CheckpointError, AlignmentUnavailable) as err:
         sys.exit(f"error: --teacher: {err}")
-    train_faces.with_items, targets = True, targets.to(device)
+    train_faces.with_items, targets = True, (centred(targets) if distill_centre else targets).to(device)
 lonely = train_faces.single_image_identities()
 if lonely and rows in ("triplets", "pairs"):  # (P x K batches repeat their image: the sampler says so)
     print(f"warning: {len(lonely)} identities have a single training image and serve only as negatives: "

@@ -16,7 +16,7 @@ from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, res
 from configurator import ConfigError
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, TripletFaceDataset, collate_rows, make_transform, normalize, train_loader_for
-from distill import Distillation, teacher_targets
+from distill import Distillation, centred, teacher_targets
 from engine import TrainingStep, build_optimizer, build_schedule, check_config
 from losses import NoObjective, batch_rows, build_objective
 from model import EmbeddingNet, model_from_checkpoint
@@ -415,3 +415,11 @@ def test_checkpoints_keep_the_distiller_and_resume_loads_it(tmp_path):
                                  torch.amp.GradScaler("cuda", enabled=False)), RandomState("cpu"), 1,
                     str(tmp_path / "tb_model.pth"), log=lambda *_: None, distiller=fresh)
     assert torch.equal(fresh.projection.weight, distiller.projection.weight)
+
+
+def test_centred_targets_are_the_normalised_differences_from_the_mean_of_the_seen_rows():
+    targets = F.normalize(torch.tensor([[3.0, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.0, 0.0], [3.0, 1.0, 1.0]]), dim=1)
+    got = centred(targets)
+    seen = targets[[0, 1, 3]]
+    assert torch.allclose(got[[0, 1, 3]], F.normalize(seen - seen.mean(0), dim=1), atol=1e-6)
+    assert torch.equal(got[2], torch.zeros(3))  # a photo the teacher could not see stays unknown

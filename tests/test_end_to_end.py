@@ -28,6 +28,7 @@ from conftest import ROOT, make_faces, run_script, write_image, write_verificati
 from data_utils import load_rgb, make_transform
 from model import model_from_checkpoint
 from prepare import align_dataset, split_dataset
+from pretrained import load_face_network
 
 pytestmark = pytest.mark.e2e
 SIX = {f"s{k}" for k in range(1, 7)}  # the people of att_subset
@@ -320,6 +321,12 @@ def test_onnx_export_gives_the_pytorch_embeddings_or_says_what_to_install(att_ru
             expected = model(batch).numpy()
         got = session.run(["embeddings"], {"images": batch.numpy()})[0]
         assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4
+    # its side file: test.py and a teacher read the exported model as its checkpoint, trained people included
+    exported, side = load_face_network(str(path))
+    assert (side["classes"], side["image_size"], side["alignment"]) == (state["classes"], state["image_size"],
+                                                                        state["alignment"])
+    with torch.no_grad():
+        assert np.abs(exported(images).numpy() - model(images).numpy()).max() <= 1e-4
 
 
 @pytest.mark.xdist_group("att")
