@@ -112,6 +112,12 @@ class FaceAligner:
             if "cnn" in passes else None
         self.upsample, self.passes = upsample, tuple(passes)
 
+    @classmethod
+    def as_recorded(cls, alignment):
+        """The aligner that finds faces as the alignment record `alignment` says its photos' were found, so that
+        photos aligned for a network meet it as its training photos did (a record older than the passes: HOG)."""
+        return cls(alignment.get("upsample", 0), alignment.get("passes", ("hog",)))
+
     def rectangles(self, pixels, name):
         """dlib rectangles of the faces that pass `name` finds in the uint8 (H, W, 3) `pixels`."""
         if name == "cnn":  # mmod_rectangles: the box is .rect (beside a .confidence)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import prepare
-from align import (PASSES, FaceAligner, MainFace, aligned_as_trained, main_face, photo_faces, read_alignment,
-                   similarity_transform, template, warp)
+from align import (PASSES, FaceAligner, MainFace, aligned_as_trained, alignment_record, main_face, photo_faces,
+                   read_alignment, similarity_transform, template, warp)
 from checkpoint import load_checkpoint
 from conftest import ROOT, run_script, write_image
 from data_utils import load_image, make_transform
@@ -194,6 +194,13 @@ def test_the_report_the_summary_and_the_progress_bar_say_which_pass_found_each_f
     assert [counts[key] for key in ("hog", "hog_up", "cnn", "aligned", "missed")] == [1, 1, 1, 3, 1]
     assert "faces found by hog 1, hog_up 1, cnn 1;" in lines[-1]
     assert "hog=1, hog_up=1, cnn=1, missed=1" in capsys.readouterr().err
+
+
+def test_photos_aligned_for_a_network_meet_the_passes_that_found_its_training_faces():
+    before = FaceAligner.as_recorded(dict(template="arcface 5-point", size=112, detector="dlib HOG + 68 landmarks"))
+    recorded = FaceAligner.as_recorded(alignment_record(112, ("hog", "cnn"), 1))
+    assert (before.passes, before.upsample, before.cnn) == (("hog",), 0, None)
+    assert (recorded.passes, recorded.upsample) == (("hog", "cnn"), 1)
 
 
 # -----------------------------------------------------------------------------
