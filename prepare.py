@@ -443,9 +443,9 @@ def main(argv=None):
                        help="a photo without a usable face: leave it out, or keep its centre crop")
     align.add_argument("--upsample", type=int, default=0, help="enlarge photos N times to find small faces (slower)")
     align.add_argument("--passes", type=lambda text: tuple(text.split(",")), default=PASSES,
-                       help="detectors tried in turn on the photos the ones before found no face in: hog (at "
-                            "--upsample), hog_up (one more upsampling), cnn (dlib's MMOD CNN, slowest); default: "
-                            "hog,hog_up,cnn")
+                       help="detectors tried in turn, each on the photos the ones before found no face in: hog (at "
+                            "--upsample), hog_up (upsampled once more), cnn (dlib's MMOD CNN at --upsample, slowest); "
+                            "default: hog,hog_up,cnn")
     pack = commands.add_parser("pack", help="pack identity folders into insightface's train.rec/.idx/property",
                                allow_abbrev=False)
     pack.add_argument("src", help="identity folders of aligned images")
