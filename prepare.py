@@ -411,6 +411,22 @@ def _encoded(path, raw):
 # -----------------------------------------------------------------------------
 # command line
 
+def _add_align_command(commands):
+    """The `align` command and its flags, added to the argparse `commands`."""
+    align = commands.add_parser("align", help="detect and align the face of every photo of SRC into DST",
+                                allow_abbrev=False)
+    align.add_argument("src")
+    align.add_argument("dst")
+    align.add_argument("--size", type=int, default=112, help="side of the aligned crops, pixels")
+    align.add_argument("--missing", default="skip", choices=("skip", "centre"),
+                       help="a photo without a usable face: leave it out, or keep its centre crop")
+    align.add_argument("--upsample", type=int, default=0, help="enlarge photos N times to find small faces (slower)")
+    align.add_argument("--passes", type=lambda text: tuple(text.split(",")), default=PASSES,
+                       help="detectors tried in turn, each on the photos the ones before found no face in: hog (at "
+                            "--upsample), hog_up (upsampled once more), cnn (dlib's MMOD CNN at --upsample, slowest); "
+                            "default: hog,hog_up,cnn")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare face datasets.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -434,18 +450,7 @@ def main(argv=None):
     fetch.add_argument("dst")
     fetch.add_argument("--seed", type=int, default=0)
     fetch.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
-    align = commands.add_parser("align", help="detect and align the face of every photo of SRC into DST",
-                                allow_abbrev=False)
-    align.add_argument("src")
-    align.add_argument("dst")
-    align.add_argument("--size", type=int, default=112, help="side of the aligned crops, pixels")
-    align.add_argument("--missing", default="skip", choices=("skip", "centre"),
-                       help="a photo without a usable face: leave it out, or keep its centre crop")
-    align.add_argument("--upsample", type=int, default=0, help="enlarge photos N times to find small faces (slower)")
-    align.add_argument("--passes", type=lambda text: tuple(text.split(",")), default=PASSES,
-                       help="detectors tried in turn, each on the photos the ones before found no face in: hog (at "
-                            "--upsample), hog_up (upsampled once more), cnn (dlib's MMOD CNN at --upsample, slowest); "
-                            "default: hog,hog_up,cnn")
+    _add_align_command(commands)
     pack = commands.add_parser("pack", help="pack identity folders into insightface's train.rec/.idx/property",
                                allow_abbrev=False)
     pack.add_argument("src", help="identity folders of aligned images")
