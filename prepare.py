@@ -13,10 +13,10 @@ can hold people out whole (DST/unseen: people never trained on; --valid_people: 
 `fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 7/1/2; `align` detects the face
 each photo is of, retrying a miss with slower detectors, and warps it onto the five-point template (align.py),
 keeping SRC's folders and file names, listing in DST/align_report.tsv which detector found each face and what it
-could not align, and going on where a stopped run left off. The functions serve
-other scripts too: train.py calls ensure_att to fetch AT&T on a first run without data. `pack` and `bin` write
-the insightface layout: a training set of records, and verification pairs of people held out (say DST/valid of
-`split --valid_people`) that train.py --val_bins chooses its checkpoint on.
+could not align, and going on where a stopped run left off. The functions serve other scripts too: train.py calls
+ensure_att to fetch AT&T on a first run without data. `pack` and `bin` write the insightface layout: a training set
+of records, and verification pairs of people held out (say DST/valid of `split --valid_people`) that train.py
+--val_bins chooses its checkpoint on.
 """
 import argparse
 import io
