@@ -1,9 +1,10 @@
 """Face detection and five-point alignment: the face a photo is of, warped by a similarity transform onto the
 112x112 template that ArcFace-trained models use (insightface's `arcface_dst`), scaled for other sizes.
 
-The detector is dlib's HOG frontal-face detector (no weight file); the landmarks come from dlib's 68-point shape
-predictor, which the face-recognition-models package installs (pip, no download at run time). The five points
-are the centres of the eyes, the nose tip and the mouth corners. Measurements that chose them: docs/alignment.md.
+The detector is dlib's HOG frontal-face detector (no weight file), retried on a miss, when asked, with one more
+upsampling and then with dlib's CNN (MMOD) detector; the CNN's weights and the 68-point shape predictor of the
+landmarks come with the face-recognition-models package (pip, no download at run time). The five points are the
+centres of the eyes, the nose tip and the mouth corners. Measurements that chose them: docs/alignment.md.
 """
 import importlib.util
 import json
@@ -90,39 +91,70 @@ def face_model_file(name):
     return path
 
 
-class FaceAligner:
-    """Finds the faces of a photo and their five points. `upsample` enlarges the photo that many times before
-    detection, for faces smaller than about 80 pixels (slower)."""
+# the detection passes, fastest first: HOG at the aligner's upsampling; HOG upsampled once more (faces down to about
+# 40 pixels); dlib's CNN at the aligner's upsampling, 25 times slower than HOG on LFW (noisy, dark or turned faces that
+# HOG misses, though not small ones: without upsampling it misses most faces under about 60 pixels)
+PASSES = ("hog", "hog_up", "cnn")
 
-    def __init__(self, upsample=0):
+
+class FaceAligner:
+    """Finds the faces of a photo and their five points. `passes` (of PASSES) are tried in turn, each only when the
+    ones before found no face, so that only the misses pay for the slower ones. `upsample` enlarges the photo that
+    many times before detection (hog_up: once more), for faces smaller than about 80 pixels (slower)."""
+
+    def __init__(self, upsample=0, passes=("hog",)):
+        if not passes or len(set(passes)) < len(passes) or set(passes) - set(PASSES):
+            raise ValueError(f"choose among {', '.join(PASSES)}, each at most once")
         dlib = import_dlib()
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(face_model_file("shape_predictor_68_face_landmarks.dat"))
-        self.upsample = upsample
+        self.cnn = dlib.cnn_face_detection_model_v1(face_model_file("mmod_human_face_detector.dat")) \
+            if "cnn" in passes else None
+        self.upsample, self.passes = upsample, tuple(passes)
+
+    @classmethod
+    def as_recorded(cls, alignment):
+        """The aligner that finds faces as the alignment record `alignment` says its photos' were found, so that
+        photos aligned for a network meet it as its training photos did (a record older than the passes: HOG)."""
+        return cls(alignment.get("upsample", 0), alignment.get("passes", ("hog",)))
+
+    def rectangles(self, pixels, name):
+        """dlib rectangles of the faces that pass `name` finds in the uint8 (H, W, 3) `pixels`."""
+        if name == "cnn":  # mmod_rectangles: the box is .rect (beside a .confidence)
+            return [found.rect for found in self.cnn(pixels, self.upsample)]
+        return list(self.detector(pixels, self.upsample + (name == "hog_up")))
+
+    def detect(self, image):
+        """(the first pass that found a face in the PIL `image`, or None; [(box (left, top, right, bottom), five
+        points (5, 2))] of every face it found)."""
+        pixels = np.asarray(image.convert("RGB"))
+        for name in self.passes:
+            rects = self.rectangles(pixels, name)
+            if rects:
+                return name, [((r.left(), r.top(), r.right(), r.bottom()), self.five_points(pixels, r)) for r in rects]
+        return None, []
+
+    def five_points(self, pixels, rect):
+        """The five points (5, 2) of the face in the dlib rectangle `rect`, from its 68 landmarks."""
+        marks = np.array([[p.x, p.y] for p in self.predictor(pixels, rect).parts()], dtype=np.float64)
+        return np.array([marks[list(group)].mean(axis=0) for group in FIVE_OF_68])
 
     def faces(self, image):
         """[(box (left, top, right, bottom), five points (5, 2))] of every face in the PIL `image`."""
-        pixels = np.asarray(image.convert("RGB"))
-        found = []
-        for rect in self.detector(pixels, self.upsample):
-            shape = self.predictor(pixels, rect)
-            marks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-            five = np.array([marks[list(group)].mean(axis=0) for group in FIVE_OF_68])
-            found.append(((rect.left(), rect.top(), rect.right(), rect.bottom()), five))
-        return found
+        return self.detect(image)[1]
 
     def align(self, image, size=112):
-        """(the aligned `size` x `size` crop or None, the faces found, the index of the main one or None). A face
-        smaller than MIN_FACE pixels is not aligned."""
-        found = self.faces(image)
+        """(the aligned `size` x `size` crop or None, the faces found, the index of the main one or None, the pass
+        that found them or None). A face smaller than MIN_FACE pixels is not aligned."""
+        found_by, found = self.detect(image)
         if not found:
-            return None, found, None
+            return None, found, None, found_by
         main = main_face([box for box, _ in found], *image.size)
         left, top, right, bottom = found[main][0]
         if min(right - left, bottom - top) < MIN_FACE:
-            return None, found, main
+            return None, found, main, found_by
         image = image if image.mode in ("L", "RGB") else image.convert("RGB")
-        return warp(image, found[main][1], size), found, main
+        return warp(image, found[main][1], size), found, main, found_by
 
 
 class MainFace:
@@ -155,9 +187,10 @@ def photo_faces(image, aligner=None, size=112):
     return [(box, warp(image, points, size)) for box, points in aligner.faces(image)]
 
 
-def alignment_record(size):
+def alignment_record(size, passes=("hog",), upsample=0):
     """What an aligned dataset's ALIGNMENT_FILE says, and a checkpoint trained on it keeps."""
-    return dict(template="arcface 5-point", size=size, detector="dlib HOG + 68 landmarks")
+    return dict(template="arcface 5-point", size=size, detector="dlib + 68 landmarks", passes=list(passes),
+                upsample=upsample)
 
 
 def read_alignment(folder):

@@ -101,7 +101,7 @@ model = model.to(device)
 transform = make_transform(state["image_size"], train=False)
 alignment = state.get("alignment")  # how the training photos were aligned; None: they were not
 try:
-    aligner = FaceAligner() if alignment else None
+    aligner = FaceAligner.as_recorded(alignment) if alignment else None
 except AlignmentUnavailable as err:
     sys.exit(f"error: {err}")
 size = alignment["size"] if alignment else None

@@ -4,18 +4,19 @@ each with one folder per identity) out. The source is only read.
     python prepare.py split SRC DST [--valid=0.2] [--test=0.0] [--unseen=0.0] [--valid_people=0.0]
                                     [--min_images=0] [--max_images=0] [--identity_depth=1] [--seed=0] [--force]
     python prepare.py fetch-att DST [--seed=0] [--force]
-    python prepare.py align SRC DST [--size=112] [--missing=skip|centre] [--upsample=0]
+    python prepare.py align SRC DST [--size=112] [--missing=skip|centre] [--upsample=0] [--passes=hog,hog_up,cnn]
     python prepare.py pack FOLDER OUT.rec      # insightface's train.rec/.idx/property (recordio.py)
     python prepare.py bin FOLDER OUT.bin [--pairs=6000] [--seed=0]   # an insightface verification set
 
 `split` copies SRC's images per identity, so that every identity with images enough appears in every split, and
 can hold people out whole (DST/unseen: people never trained on; --valid_people: people to choose a checkpoint on);
 `fetch-att` downloads the AT&T (ORL) faces through scikit-learn and splits them 7/1/2; `align` detects the face
-each photo is of and warps it onto the five-point template (align.py), keeping SRC's folders and file names, listing
-what it could not align in DST/align_report.tsv, and going on where a stopped run left off. The functions serve
-other scripts too: train.py calls ensure_att to fetch AT&T on a first run without data. `pack` and `bin` write
-the insightface layout: a training set of records, and verification pairs of people held out (say DST/valid of
-`split --valid_people`) that train.py --val_bins chooses its checkpoint on.
+each photo is of, retrying a miss with slower detectors, and warps it onto the five-point template (align.py),
+keeping SRC's folders and file names, listing in DST/align_report.tsv which detector found each face and what it
+could not align, and going on where a stopped run left off. The functions serve other scripts too: train.py calls
+ensure_att to fetch AT&T on a first run without data. `pack` and `bin` write the insightface layout: a training set
+of records, and verification pairs of people held out (say DST/valid of `split --valid_people`) that train.py
+--val_bins chooses its checkpoint on.
 """
 import argparse
 import io
@@ -31,7 +32,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from align import ALIGNMENT_FILE, AlignmentUnavailable, FaceAligner, alignment_record, centre_crop, read_alignment
+from align import (ALIGNMENT_FILE, PASSES, AlignmentUnavailable, FaceAligner, alignment_record, centre_crop,
+                   read_alignment)
 from data_utils import UNREADABLE_IMAGE, DatasetError, find_images, identity_folders, load_image, some_names
 from evaluation import verification_pairs
 from figures import save_alignment_grid
@@ -213,20 +215,25 @@ def ensure_att(data_dir, log=print):
 ALIGN_REPORT, ALIGN_GRID = "align_report.tsv", "align_examples.png"
 
 
-def align_dataset(src, dst, size=112, missing="skip", upsample=0, log=print):
+def align_dataset(src, dst, size=112, missing="skip", upsample=0, passes=PASSES, log=print):
     """Align every image below SRC's identity folders (nested ones and distortion/ included) into DST, the same
-    relative paths and file names: the main face of each photo (align.FaceAligner), `size` x `size`. A photo
-    without a usable face (none found, too small, unreadable, a decompression bomb) is left out, or with
-    missing="centre" kept as its centre crop when it can be read; either way it is listed in DST/align_report.tsv
-    (path, reason), as is a photo of several faces. Images already in DST are passed over, so a stopped run goes
-    on. DST/align_examples.png shows the first photos aligned by this run beside their boxes and points. Returns
-    the counts (aligned, several, missed, centre, done before)."""
+    relative paths and file names: the main face of each photo (align.FaceAligner, its detection `passes` tried in
+    turn until one finds a face), `size` x `size`. A photo without a usable face (none found, too small, unreadable,
+    a decompression bomb) is left out, or with missing="centre" kept as its centre crop when it can be read.
+    DST/align_report.tsv lists every photo: path, the pass that found its face (or none), and what went wrong (none
+    found, too small, unreadable, several faces). Images already in DST are passed over, so a stopped run goes on.
+    DST/align_examples.png shows the first photos aligned by this run beside their boxes and points. Returns the
+    counts (aligned, several, missed, centre, done before, and the faces each pass found)."""
     if missing not in ("skip", "centre"):
         raise DatasetError(f"--missing={missing!r}: choose skip or centre")
     if not os.path.isdir(src):
         raise DatasetError(f"{src}: no such folder")
-    aligner, report = FaceAligner(upsample), _read_report(os.path.join(dst, ALIGN_REPORT))
-    counts = dict.fromkeys(("aligned", "several", "missed", "centre", "done before"), 0)
+    try:
+        aligner = FaceAligner(upsample, passes)
+    except ValueError as err:
+        raise DatasetError(f"--passes={','.join(passes)}: {err}") from None
+    report = _read_report(os.path.join(dst, ALIGN_REPORT))
+    counts = dict.fromkeys(("aligned", "several", "missed", "centre", "done before", *aligner.passes), 0)
     jobs = [(path, os.path.join(dst, name, os.path.relpath(path, folder)))
             for name, folder in identity_folders(src).items() for path in find_images(folder)]
     bar, examples = tqdm(jobs, desc="aligning", unit="image", dynamic_ncols=True), []
@@ -235,46 +242,50 @@ def align_dataset(src, dst, size=112, missing="skip", upsample=0, log=print):
             if os.path.exists(target):
                 counts["done before"] += 1
                 continue
-            for key, reason in _align_one(aligner, path, target, size, missing, examples):
+            keys, found_by, notes = _align_one(aligner, path, target, size, missing, examples)
+            for key in keys:
                 counts[key] += 1
-                if reason:
-                    report[os.path.relpath(path, src)] = reason
-            bar.set_postfix(found=counts["aligned"], missed=counts["missed"], refresh=False)
+            report[os.path.relpath(path, src)] = f"{found_by or 'none'}\t{'; '.join(notes)}"
+            bar.set_postfix({**{name: counts[name] for name in aligner.passes}, "missed": counts["missed"]},
+                            refresh=False)
     finally:
         if examples:
             save_alignment_grid(examples, os.path.join(dst, ALIGN_GRID))
-        save_json(alignment_record(size), os.path.join(dst, ALIGNMENT_FILE))
+        save_json(alignment_record(size, aligner.passes, upsample), os.path.join(dst, ALIGNMENT_FILE))
         atomic_write(os.path.join(dst, ALIGN_REPORT), lambda f: f.writelines(
-            f"{path}\t{reason}\n" for path, reason in sorted(report.items())), mode="w")
+            f"{path}\t{line}\n" for path, line in sorted(report.items())), mode="w")
     log(f"aligned {counts['aligned']} photos ({counts['several']} of several faces: the largest near the centre), "
         f"missed {counts['missed']} ({counts['centre']} kept as centre crops), {counts['done before']} aligned "
-        f"before; the misses are listed in {os.path.join(dst, ALIGN_REPORT)}")
+        f"before; faces found by " + ", ".join(f"{name} {counts[name]}" for name in aligner.passes)
+        + f"; each photo's pass and the misses are listed in {os.path.join(dst, ALIGN_REPORT)}")
     return counts
 
 
 def _align_one(aligner, path, target, size, missing, examples, shown=6):
-    """[(count key, report reason or None)] of aligning the photo at `path` into `target`; the first `shown`
-    aligned photos are added to `examples` (save_alignment_grid's)."""
+    """(count keys, the pass that found a face or None, notes for the report) of aligning the photo at `path` into
+    `target`; the first `shown` aligned photos are added to `examples` (save_alignment_grid's)."""
     try:
         image = load_image(path)
     except UNREADABLE_IMAGE as err:
-        return [("missed", f"unreadable: {type(err).__name__}: {err}")]
-    aligned, faces, main = aligner.align(image, size)
-    outcome = []
+        return ["missed"], None, [f"unreadable: {type(err).__name__}: {err}"]
+    aligned, faces, main, found_by = aligner.align(image, size)
+    keys, notes = [found_by] if found_by else [], []
     if len(faces) > 1:
-        outcome.append(("several", f"{len(faces)} faces: aligned the largest near the centre"))
+        keys.append("several")
+        notes.append(f"{len(faces)} faces: aligned the largest near the centre")
     if aligned is None:
-        outcome.append(("missed", "no face found" if not faces else "the face is too small"))
+        keys.append("missed")
+        notes.append("no face found" if not faces else "the face is too small")
         if missing == "centre":
             aligned = centre_crop(image, size)
-            outcome.append(("centre", None))
+            keys.append("centre")
     else:
-        outcome.append(("aligned", None))
+        keys.append("aligned")
         if len(examples) < shown:
             examples.append((os.path.basename(path), image, faces, main, aligned))
     if aligned is not None:
         _save_image(aligned, target)
-    return outcome
+    return keys, found_by, notes
 
 
 def _save_image(image, path):
@@ -286,7 +297,7 @@ def _save_image(image, path):
 
 
 def _read_report(path):
-    """{relative path: reason} of an existing alignment report (none: empty)."""
+    """{relative path: the rest of its line} of an existing alignment report (none: empty)."""
     try:
         with open(path, encoding="utf-8") as f:
             return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
@@ -400,6 +411,22 @@ def _encoded(path, raw):
 # -----------------------------------------------------------------------------
 # command line
 
+def _add_align_command(commands):
+    """The `align` command and its flags, added to the argparse `commands`."""
+    align = commands.add_parser("align", help="detect and align the face of every photo of SRC into DST",
+                                allow_abbrev=False)
+    align.add_argument("src")
+    align.add_argument("dst")
+    align.add_argument("--size", type=int, default=112, help="side of the aligned crops, pixels")
+    align.add_argument("--missing", default="skip", choices=("skip", "centre"),
+                       help="a photo without a usable face: leave it out, or keep its centre crop")
+    align.add_argument("--upsample", type=int, default=0, help="enlarge photos N times to find small faces (slower)")
+    align.add_argument("--passes", type=lambda text: tuple(text.split(",")), default=PASSES,
+                       help="detectors tried in turn, each on the photos the ones before found no face in: hog (at "
+                            "--upsample), hog_up (upsampled once more), cnn (dlib's MMOD CNN at --upsample, slowest); "
+                            "default: hog,hog_up,cnn")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare face datasets.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -423,14 +450,7 @@ def main(argv=None):
     fetch.add_argument("dst")
     fetch.add_argument("--seed", type=int, default=0)
     fetch.add_argument("--force", action="store_true", help="replace DST's train/valid/test folders")
-    align = commands.add_parser("align", help="detect and align the face of every photo of SRC into DST",
-                                allow_abbrev=False)
-    align.add_argument("src")
-    align.add_argument("dst")
-    align.add_argument("--size", type=int, default=112, help="side of the aligned crops, pixels")
-    align.add_argument("--missing", default="skip", choices=("skip", "centre"),
-                       help="a photo without a usable face: leave it out, or keep its centre crop")
-    align.add_argument("--upsample", type=int, default=0, help="enlarge photos N times to find small faces (slower)")
+    _add_align_command(commands)
     pack = commands.add_parser("pack", help="pack identity folders into insightface's train.rec/.idx/property",
                                allow_abbrev=False)
     pack.add_argument("src", help="identity folders of aligned images")
@@ -449,7 +469,7 @@ def main(argv=None):
             split_dataset(args.src, args.dst, args.valid, args.test, args.min_images, args.max_images,
                           args.seed, args.force, args.identity_depth, args.unseen, args.valid_people)
         elif args.command == "align":
-            align_dataset(args.src, args.dst, args.size, args.missing, args.upsample)
+            align_dataset(args.src, args.dst, args.size, args.missing, args.upsample, args.passes)
         elif args.command == "pack":
             pack_dataset(args.src, args.out)
         elif args.command == "bin":

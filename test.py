@@ -113,7 +113,7 @@ if pairs and not pairs_root:  # LFW keeps its photos in images/ beside its pairs
 try:
     # dlib is needed only for photos that prepare.py align did not write (a GPU server may lack it)
     unaligned = [f for f in (data_dir, unknown_dir, pairs and pairs_root) if f and not read_alignment(f)]
-    aligner = FaceAligner() if alignment and unaligned else None
+    aligner = FaceAligner.as_recorded(alignment) if alignment and unaligned else None
     data_transform = aligned_as_trained(transform, aligner, size, data_dir)
     bins = read_verification_bins(val_bins, data_dir)
     folders = os.path.isdir(os.path.join(data_dir, "train")) or not bins  # else a dataset of records: bins only

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import prepare
-from align import (FaceAligner, MainFace, aligned_as_trained, main_face, photo_faces, read_alignment,
-                   similarity_transform, template, warp)
+from align import (PASSES, FaceAligner, MainFace, aligned_as_trained, alignment_record, main_face, photo_faces,
+                   read_alignment, similarity_transform, template, warp)
 from checkpoint import load_checkpoint
 from conftest import ROOT, run_script, write_image
 from data_utils import load_image, make_transform
@@ -65,8 +65,8 @@ def test_the_main_face_is_the_largest_near_the_centre():
 def test_lfw_faces_land_their_eyes_on_the_template(aligner, lfw_faces):
     for person in PEOPLE:
         image = Image.open(lfw_photo(lfw_faces, person)).convert("RGB")
-        aligned, faces, main = aligner.align(image)
-        assert aligned.size == (112, 112) and len(faces) >= 1 and main is not None
+        aligned, faces, main, found_by = aligner.align(image)
+        assert aligned.size == (112, 112) and len(faces) >= 1 and main is not None and found_by == "hog"
         # the aligned face, found again (at twice the size: the detector wants faces over ~80 pixels)
         again = aligner.faces(aligned.resize((224, 224)))
         eyes = again[0][1][:2] / 2
@@ -91,8 +91,9 @@ def photos(lfw_faces, att_faces, tmp_path):
 
 
 def report(dst):
+    """{path: (the pass that found its face or "none", notes)} of DST's alignment report."""
     with open(dst / prepare.ALIGN_REPORT) as f:
-        return dict(line.rstrip("\n").split("\t") for line in f)
+        return {path: (found_by, notes) for path, found_by, notes in (line.rstrip("\n").split("\t") for line in f)}
 
 
 def test_prepare_align_keeps_names_lists_what_it_missed_and_goes_on_where_it_stopped(photos, tmp_path):
@@ -101,7 +102,7 @@ def test_prepare_align_keeps_names_lists_what_it_missed_and_goes_on_where_it_sto
     listed = report(dst)
     assert set(listed) >= {os.path.join("odd", "noise.png"), os.path.join("odd", "text.jpg"),
                            os.path.join("odd", "two.jpg")}
-    assert listed[os.path.join("odd", "text.jpg")].startswith("unreadable")
+    assert listed[os.path.join("odd", "text.jpg")][1].startswith("unreadable")
     assert not (dst / "odd" / "noise.png").exists() and not (dst / "odd" / "text.jpg").exists()
     two = Image.open(dst / "odd" / "two.jpg")  # aligned all the same: the larger, more central of the two
     assert two.size == (112, 112)
@@ -117,8 +118,8 @@ def test_prepare_align_keeps_names_lists_what_it_missed_and_goes_on_where_it_sto
 
 def test_missing_centre_keeps_a_faceless_photo_as_its_centre_crop_and_the_command_line_sizes(photos, tmp_path):
     dst = tmp_path / "dst"
-    prepare.main(["align", str(photos / ".." / "src"), str(dst), "--missing=centre", "--size=96"])
-    assert Image.open(dst / "odd" / "noise.png").size == (96, 96)
+    prepare.main(["align", str(photos / ".." / "src"), str(dst), "--missing=centre", "--size=96", "--passes=hog"])
+    assert Image.open(dst / "odd" / "noise.png").size == (96, 96) and read_alignment(str(dst))["passes"] == ["hog"]
     assert not (dst / "odd" / "text.jpg").exists()  # unreadable: nothing to crop
     with pytest.raises(SystemExit) as info:
         prepare.main(["align", str(photos), str(tmp_path / "other"), "--missing=guess"])
@@ -126,6 +127,80 @@ def test_missing_centre_keeps_a_faceless_photo_as_its_centre_crop_and_the_comman
     with pytest.raises(SystemExit) as info:
         prepare.main(["align", str(tmp_path / "absent"), str(tmp_path / "other")])
     assert info.value.code not in (None, 0, 2)  # an error message: exit status 1
+
+
+# -----------------------------------------------------------------------------
+# detection passes: HOG, HOG upsampled once more, dlib's CNN
+
+@pytest.fixture(scope="module")
+def cascade():
+    return FaceAligner(passes=PASSES)
+
+
+def small(photo, side=80):
+    """`photo` shrunk to `side` pixels amid a grey 160x160 canvas: a face HOG finds only upsampled."""
+    canvas = Image.new("RGB", (160, 160), "gray")
+    canvas.paste(photo.resize((side, side), Image.Resampling.BILINEAR), ((160 - side) // 2,) * 2)
+    return canvas
+
+
+def noisy(photo, sd=60):
+    """`photo` under Gaussian noise of standard deviation `sd` (seeded): a face only dlib's CNN finds."""
+    pixels = np.asarray(photo, dtype=np.float64) + np.random.default_rng(0).normal(0, sd, (*photo.size[::-1], 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def counted(detector, name, calls):
+    """`detector` noting (name, upsample) in `calls` each time it is run."""
+    def detect(pixels, upsample):
+        calls.append((name, upsample))
+        return detector(pixels, upsample)
+    return detect
+
+
+def test_each_pass_sees_only_the_photos_the_passes_before_found_no_face_in(cascade, lfw_faces, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cascade, "detector", counted(cascade.detector, "hog", calls))
+    monkeypatch.setattr(cascade, "cnn", counted(cascade.cnn, "cnn", calls))
+    photo = Image.open(lfw_photo(lfw_faces, PEOPLE[0])).convert("RGB")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8))
+    for image, found_by, run in ((photo, "hog", [("hog", 0)]), (small(photo), "hog_up", [("hog", 0), ("hog", 1)]),
+                                 (noise, None, [("hog", 0), ("hog", 1), ("cnn", 0)])):
+        calls.clear()
+        assert cascade.align(image)[3] == found_by and calls == run
+
+
+def test_the_cnn_pass_finds_a_face_hog_misses_with_its_points_in_place(cascade, lfw_faces):
+    photo = Image.open(lfw_photo(lfw_faces, PEOPLE[0])).convert("RGB")
+    hard = noisy(photo)
+    assert not cascade.rectangles(np.asarray(hard), "hog") and not cascade.rectangles(np.asarray(hard), "hog_up")
+    found_by, faces = cascade.detect(hard)
+    assert found_by == "cnn" and len(faces) == 1
+    assert np.abs(faces[0][1] - cascade.faces(photo)[0][1]).max() < 4  # the five points, against the clean photo's
+    assert cascade.align(hard)[0].size == (112, 112)
+
+
+def test_the_report_the_summary_and_the_progress_bar_say_which_pass_found_each_face(lfw_faces, tmp_path, capsys):
+    photo, folder = Image.open(lfw_photo(lfw_faces, PEOPLE[0])).convert("RGB"), tmp_path / "src" / "someone"
+    folder.mkdir(parents=True)
+    for name, image in (("plain", photo), ("small", small(photo)), ("noisy", noisy(photo))):
+        image.save(folder / f"{name}.png")
+    write_image(str(folder / "noise.png"), size=(160, 160))
+    lines = []
+    counts = prepare.align_dataset(str(tmp_path / "src"), str(tmp_path / "dst"), log=lines.append)
+    assert {path: found_by for path, (found_by, _) in report(tmp_path / "dst").items()} == {
+        os.path.join("someone", f"{name}.png"): found_by
+        for name, found_by in (("plain", "hog"), ("small", "hog_up"), ("noisy", "cnn"), ("noise", "none"))}
+    assert [counts[key] for key in ("hog", "hog_up", "cnn", "aligned", "missed")] == [1, 1, 1, 3, 1]
+    assert "faces found by hog 1, hog_up 1, cnn 1;" in lines[-1]
+    assert "hog=1, hog_up=1, cnn=1, missed=1" in capsys.readouterr().err
+
+
+def test_photos_aligned_for_a_network_meet_the_passes_that_found_its_training_faces():
+    before = FaceAligner.as_recorded(dict(template="arcface 5-point", size=112, detector="dlib HOG + 68 landmarks"))
+    recorded = FaceAligner.as_recorded(alignment_record(112, ("hog", "cnn"), 1))
+    assert (before.passes, before.upsample, before.cnn) == (("hog",), 0, None)
+    assert (recorded.passes, recorded.upsample) == (("hog", "cnn"), 1)
 
 
 # -----------------------------------------------------------------------------

@@ -191,6 +191,15 @@ def test_bad_command_lines_are_usage_errors(argv, capsys):
     assert exit_status(info.value) == 2
 
 
+@pytest.mark.parametrize("passes", ["hog,fast", "hog,hog", ""])
+def test_align_refuses_unknown_or_repeated_passes_in_one_line_naming_the_flag(passes, tmp_path):
+    src = make_faces(tmp_path / "src", identities=1, images=1)
+    with pytest.raises(SystemExit) as info:
+        prepare.main(["align", str(src), str(tmp_path / "dst"), f"--passes={passes}"])
+    assert exit_status(info.value) == 1 and str(info.value.code).startswith(f"error: --passes={passes}: ")
+    assert "\n" not in str(info.value.code) and not (tmp_path / "dst").exists()
+
+
 def test_fetch_att_command(tmp_path, olivetti, capsys):
     prepare.main(["fetch-att", str(tmp_path / "att"), "--seed=1"])
     seed1 = listing(tmp_path / "att")
