@@ -135,7 +135,7 @@ def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=6
     if missing:
         alignment = state["alignment"]
         transform = aligned_as_trained(make_transform(state["image_size"], train=False, pixels=True),
-                                       FaceAligner() if alignment else None,
+                                       FaceAligner.as_recorded(alignment) if alignment else None,
                                        alignment and alignment["size"], data_dir)
         device = device if isinstance(teacher, EmbeddingNet) else "cpu"  # (dlib and onnxruntime: the CPU)
         compute_missing(teacher.to(device), faces, transform, keys, missing[rank::world_size], folder, device,

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from align import FaceAligner, alignment_record, face_model_file, import_dlib, main_face
+from align import PASSES, FaceAligner, alignment_record, face_model_file, import_dlib, main_face
 from checkpoint import CheckpointError, is_checkpoint, read_weights
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from files import save_json
@@ -88,7 +88,7 @@ def from_insightface(state, path):
     config = dict(backbone=name, embedding_dim=int(state["fc.weight"].shape[0]), head="fc_bn", hidden_dim=512,
                   input_norm=[list(v) for v in INSIGHTFACE_NORM])
     return dict(model=renamed, model_config=config, image_size=[112, 112], classes=[], epoch=None, metrics={},
-                config={}, alignment=alignment_record(112), network=f"insightface {name} ({os.path.basename(path)})")
+                config={}, alignment=alignment_record(112, PASSES), network=f"insightface {name} ({os.path.basename(path)})")
 
 
 def load_network_file(path):
@@ -179,7 +179,7 @@ class OnnxFace(nn.Module):
                                                                                         ONNX_PIXEL_NORM[1]))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).expand(3).reshape(1, 3, 1, 1))
-        self.alignment = side.get("alignment", alignment_record(112))
+        self.alignment = side.get("alignment", alignment_record(112, PASSES))
         self.classes = side.get("classes", [])
         self.input_name = self.session.get_inputs()[0].name
         dim = self.session.get_outputs()[0].shape[-1]

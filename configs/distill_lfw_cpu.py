@@ -4,7 +4,7 @@
 # grey photos, AdamW one-cycle. The teacher's embeddings are computed once (about 20 minutes on 2 CPU cores) into
 # data/teacher_cache and shared by every run. The checkpoint is chosen on verification pairs of the valid people,
 # never trained on; DST/unseen, never read here, measures the result (docs/results.md, "Learning from dlib").
-#   python prepare.py align lfw/images data/lfw_aligned
+#   python prepare.py align lfw/images data/lfw_aligned --passes=hog
 #   python prepare.py split data/lfw_aligned data/lfw --valid=0 --test=0.2 --unseen=0.2 --valid_people=0.05
 #   python train.py configs/distill_lfw_cpu.py
 #   python test.py --data_dir=data/lfw/unseen             # people never trained on
