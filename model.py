@@ -122,7 +122,15 @@ def build_backbone(name, pretrained=False, zero_init_residual=False):
     return network, classifier.in_features
 
 
-class EmbeddingNet(nn.Module):
+class Embedder(nn.Module):
+    """A network whose embedding is its `unnormalised` output L2-normalised. The flip test adds the unnormalised
+    embeddings of an image and of its mirror image before normalising, as insightface's evaluation does."""
+
+    def forward(self, images):
+        return F.normalize(self.unnormalised(images), dim=1)
+
+
+class EmbeddingNet(Embedder):
     """Image batch (N, 3, H, W) -> L2-normalised embeddings (N, embedding_dim).
 
     backbone: a torchvision ResNet without its classifier (2048 features for resnet50 and deeper, 512 below);
@@ -180,11 +188,11 @@ class EmbeddingNet(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, images):
-        return F.normalize(self.head(self.backbone(images)), dim=1)
+    def unnormalised(self, images):
+        return self.head(self.backbone(images))
 
 
-class PixelBaseline(nn.Module):
+class PixelBaseline(Embedder):
     """The reference a trained network has to beat: a photo's grey levels as its embedding. Image batch (N, 3, H, W),
     normalised as the networks' input -> (N, H * W): the mean of the three channels, less the photo's own mean
     brightness, L2-normalised (so a pair's cosine similarity is the correlation of its pixels). Nothing to train."""
@@ -194,12 +202,12 @@ class PixelBaseline(nn.Module):
         height, width = image_size
         self.config = dict(backbone="pixels", embedding_dim=height * width)
 
-    def forward(self, images):
+    def unnormalised(self, images):
         grey = images.mean(1).flatten(1)
-        return F.normalize(grey - grey.mean(1, keepdim=True), dim=1)
+        return grey - grey.mean(1, keepdim=True)
 
 
-class DlibReference(nn.Module):
+class DlibReference(Embedder):
     """The reference of a face network trained elsewhere on millions of photos: dlib's ResNet face descriptor, which
     face-recognition-models installs. Image batch (N, 3, H, W), normalised as the networks' input -> (N, 128): per
     image, the main face dlib's detector finds (with `upsample`; the whole image when none), its 68 landmarks,
@@ -222,10 +230,10 @@ class DlibReference(nn.Module):
         chip = self.dlib.get_face_chip(pixels, self.aligner.predictor(pixels, rect), size=150, padding=0.25)
         return np.asarray(self.encoder.compute_face_descriptor(chip), dtype=np.float32)
 
-    def forward(self, images):
+    def unnormalised(self, images):
         pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         described = np.stack([self.descriptor(np.ascontiguousarray(image)) for image in pixels])
-        return F.normalize(torch.from_numpy(described), dim=1).to(images.device)
+        return torch.from_numpy(described).to(images.device)
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):

@@ -16,11 +16,13 @@ from PIL import Image
 import prepare
 from checkpoint import load_checkpoint
 from configurator import ConfigError
-from conftest import make_faces, run_script, write_verification_bin
+from conftest import insightface_accuracy, make_faces, run_script, write_verification_bin
 from data_utils import DatasetError, FaceFolder, make_transform, read_verification_bins, train_loader_for, write_skipped
 from engine import epoch_summary, evaluate_bins, selection_key
 from evaluation import bin_pairs, score_pairs
 from figures import plot_history
+from inference import embed_files
+from model import Embedder
 from recordio import RecordFaces, RecordWriter, pack_payload, training_images
 
 
@@ -165,11 +167,11 @@ def test_score_pairs_of_hand_made_embeddings_leaves_out_pairs_with_an_unreadable
     assert score_pairs(embeddings[:4], [0, 1, 2, 3], rows, folds) == (None, [0, 1])  # 2 pairs: no figures
 
 
-class Pixels(torch.nn.Module):
+class Pixels(Embedder):
     """An 'embedding network' whose embedding is the image's pixels: alike images embed alike."""
 
-    def forward(self, images):
-        return torch.nn.functional.normalize(images.flatten(1), dim=1)
+    def unnormalised(self, images):
+        return images.flatten(1)
 
 
 def test_evaluate_bins_embeds_each_set_with_its_mirror_images_and_averages_their_accuracies():
@@ -188,9 +190,12 @@ def test_evaluate_bins_embeds_each_set_with_its_mirror_images_and_averages_their
     hard = [(encoded[k], encoded[k + 1], k % 2 == 0) for k in range(10)]  # "same" pairs of two images: chance
     bins = {name: ([image for a, b, _ in pairs for image in (a, b)], np.array([s for *_, s in pairs]))
             for name, pairs in (("easy", easy), ("hard", hard))}
-    metrics = evaluate_bins(Pixels(), bins, make_transform((16, 16), train=False, pixels=True), "cpu",
-                            torch.autocast("cpu", enabled=False))
+    transform, autocast = make_transform((16, 16), train=False, pixels=True), torch.autocast("cpu", enabled=False)
+    metrics = evaluate_bins(Pixels(), bins, transform, "cpu", autocast)
     assert metrics["bin_easy_accuracy"] == 1.0 and 0 <= metrics["bin_hard_accuracy"] < 1
+    embedded, _ = embed_files(Pixels(), [io.BytesIO(image) for image in bins["hard"][0]], transform, "cpu", autocast,
+                              flip=True)
+    assert metrics["bin_hard_accuracy"] == pytest.approx(insightface_accuracy(embedded, bins["hard"][1]), abs=1e-6)
     assert metrics["bins_accuracy"] == pytest.approx((1.0 + metrics["bin_hard_accuracy"]) / 2)
     assert evaluate_bins(Pixels(), {}, None, "cpu", None) == {}
 

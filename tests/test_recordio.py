@@ -228,6 +228,7 @@ def test_pack_writes_the_insightface_header_and_identity_ranges(packed):
     assert header["flag"] == 2 and labels == (13.0, 16.0) and image == b""
     ranges = [tuple(int(v) for v in reader.read_header(key)[1]) for key in range(13, 16)]
     assert ranges == [(1, 5), (5, 9), (9, 13)]
+    assert all(reader.read_header(key)[0]["id"] == key for key in reader.keys())  # a lost .idx can be rebuilt
     assert [unpack_payload(reader.read(key))[1] for key in (1, 5, 12)] == [(0.0,), (1.0,), (2.0,)]
     faces = RecordFaces(str(folder))
     assert faces.ranges == ranges and faces.keys == list(range(1, 13))
