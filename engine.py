@@ -52,6 +52,8 @@ def check_config(config):
         ("partial_fc", not 0 <= c["partial_fc"] <= 1, "is a sample rate: 0 (off) or above 0 up to 1"),
         ("partial_fc", c["partial_fc"] and c["loss"] not in MARGIN_SOFTMAX,
          "shards the class centres of a margin softmax: use it with --loss=arcface or cosface"),
+        ("arcface_form", c["arcface_form"] != "paper" and c["loss"] != "arcface",
+         "is the form of ArcFace's margin: use it with --loss=arcface (or leave it at paper)"),
     ]
     for flag, broken, message in rules:
         if broken:
