@@ -1,7 +1,7 @@
 """Metrics of embeddings: identification by class centroids (closed set, and open set with a threshold calibrated
-for a false-accept rate); verification of image pairs (ROC, EER, TAR@FAR, LFW-protocol 10-fold accuracy) and
-precision / recall / F1 of same-person decisions; retrieval (P@1, R-precision, MAP@R). Embedding passes are in
-inference.py, figures in figures.py."""
+for a false-accept rate); verification of image pairs (ROC, EER, TAR@FAR, LFW-protocol 10-fold accuracy, and
+insightface's own for its .bin sets) and precision / recall / F1 of same-person decisions; retrieval (P@1,
+R-precision, MAP@R). Embedding passes are in inference.py, figures in figures.py."""
 import os
 
 import numpy as np
