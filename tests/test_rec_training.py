@@ -6,6 +6,7 @@ on packed AT&T faces."""
 import io
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -136,6 +137,22 @@ def test_a_bad_val_bins_entry_is_refused_naming_val_bins(tmp_path, case):
     with pytest.raises(ConfigError) as info:
         read_verification_bins(entry, str(tmp_path))
     assert info.value.flag == "val_bins"
+
+
+class PersistentIds(pickle.Pickler):
+    """A pickler that stores the second image as a persistent id, which only its own unpickler could resolve."""
+
+    def persistent_id(self, obj):
+        return "image-1" if obj == png(2) else None
+
+
+@pytest.mark.e2e
+def test_test_py_refuses_a_bin_holding_a_persistent_id_in_one_line_naming_val_bins(tmp_path):
+    with open(tmp_path / "crafted.bin", "wb") as f:
+        PersistentIds(f, protocol=4).dump(([png(1), png(2)] * 2, [True, False]))
+    proc = run_script("test.py", "--checkpoint=pixels", f"--data_dir={tmp_path}", "--val_bins=crafted", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(errors) == 1 and "--val_bins" in errors[0], proc.stderr
 
 
 # -----------------------------------------------------------------------------
