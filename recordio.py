@@ -442,8 +442,9 @@ class RecordFaces(LabelledImages):
             else:
                 bare.append(str(key))
         if bare:
-            self.lost.append(f"{self.rec_path}: left out {len(bare)} record(s) without an image (insightface's "
-                             f"identity records, their header record 0 lost?): keys {some_names(bare)}")
+            self.lost.append(f"{self.rec_path}: left out {len(bare)} record(s) without an image, keys "
+                             f"{some_names(bare)}: insightface's identity records, their image ranges lost with the "
+                             f"header record 0")
         return np.array(kept, np.int64), np.array(values, np.int64)
 
     def record_name(self, key):
