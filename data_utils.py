@@ -535,6 +535,10 @@ class _VerificationUnpickler(pickle.Unpickler):
         raise DatasetError(f"refused: it would load {module}.{name}; a verification set holds only image bytes and "
                            f"booleans, and a pickle naming anything else can run code")
 
+    def persistent_load(self, pid):  # (the default's refusal is a message of two lines)
+        raise DatasetError(f"refused: it holds a persistent id ({str(pid)[:40]!r}), which only the program that "
+                           f"wrote it can resolve; a verification set holds only image bytes and booleans")
+
 
 def read_verification_bin(path):
     """(images: list of 2N encoded images as bytes, same: (N,) bool numpy array) of an insightface verification
@@ -592,8 +596,9 @@ def read_pairs_file(path, root, extensions=IMAGE_EXTENSIONS, name_format="{name}
     without a header], folds=S (1 without a header), missing=[(line number, path)]). A pair with a missing
     image is left out of `pairs` and its image listed in `missing` (ROOT/<name>/<stem>.* when several
     extensions were tried). Raises DatasetError naming the file and line for a malformed line, header counts
-    that do not match the lines, and a name whose image would lie outside `root` once real paths are
-    resolved (../, absolute paths, path separators, a symlink leading out).
+    that do not match the lines, and a name whose image would lie outside `root` once its path is
+    written out (../, absolute paths, path separators); identity folders that are symlinks are followed (an LFW
+    assembled from two halves).
     """
     if not os.path.isdir(os.path.realpath(root)):
         raise DatasetError(f"{root}: no such folder")
@@ -660,15 +665,16 @@ def _pair_fields(where, fields):
 def _pair_image(where, name, index, root, order, name_format):
     """(path, None) for image `index` of `name`: ROOT/<name>/<name_format>.<ext> with the first extension of `order`
     that exists; (None, what was looked for) when there is none. Raises DatasetError for an index that is not a
-    number and for a name whose image would lie outside `root` (real paths, so a symlink leading out counts)."""
+    number and for a name (or `name_format`) whose image path leads outside `root` as written: symlinks below `root`
+    are followed, a user's linked folders being theirs."""
     if not re.fullmatch(r"[0-9]+", index):
         raise DatasetError(f"{where}: image index {index!r} is not a non-negative integer")
     if name in (".", "..") or any(c in name for c in "/\\\0"):
         raise DatasetError(f"{where}: name {name!r} is not a folder name below {root} (no path separators, no ..)")
     stem = os.path.join(root, name, name_format.format(name=name, index=int(index)))
+    if not os.path.abspath(stem).startswith(os.path.abspath(root) + os.sep):
+        raise DatasetError(f"{where}: image {stem} lies outside {root}")
     found = next((stem + ext for ext in order if os.path.isfile(stem + ext)), None)
-    if not os.path.realpath(found or stem).startswith(os.path.realpath(root) + os.sep):
-        raise DatasetError(f"{where}: image {found or stem} lies outside {root}")
     return found, None if found else stem + (order[0] if len(order) == 1 else ".*")
 
 

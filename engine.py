@@ -18,7 +18,7 @@ from tqdm import tqdm
 from configurator import ConfigError
 from data_utils import as_hw
 from evaluation import (bin_pairs, cosine_similarity_pairs, identification_accuracy, pair_decisions, relabel,
-                        score_pairs, triplet_accuracy, verification_metrics)
+                        score_pairs_as_insightface, triplet_accuracy, verification_metrics)
 from inference import device_batch, embed, embed_files
 from losses import MARGIN_SOFTMAX, PAIR_BCE_MINING, batch_rows, gather_batch
 
@@ -55,6 +55,8 @@ def check_config(config):
         ("loss", c["loss"] == "none" and not c["teacher"], "none learns from a teacher alone: give --teacher"),
         ("distill", c["distill"] < 0 or (c["teacher"] and not c["distill"] > 0),
          "weighs the teacher's term: a positive number (with --teacher)"),
+        ("arcface_form", c["arcface_form"] != "paper" and c["loss"] != "arcface",
+         "is the form of ArcFace's margin: use it with --loss=arcface (or leave it at paper)"),
     ]
     for flag, broken, message in rules:
         if broken:
@@ -320,14 +322,14 @@ def selection_key(select_on, probe_targets, probe_classes, train_classes, held_o
 def evaluate_bins(model, bins, transform, device, autocast, batch_size=64):
     """insightface's verification of the sets of `bins` ({name: (images, same)}, data_utils.read_verification_bins'),
     scored as test.py --val_bins scores them: each image through `transform` and embedded with its mirror image
-    (the two added), 10 folds of consecutive pairs (evaluation.bin_pairs, score_pairs). Returns
-    {f"bin_{name}_accuracy": the mean fold accuracy (NaN when too few of its images could be read)} and
+    (insightface's flip test), insightface's 10-fold accuracy (evaluation.bin_pairs, score_pairs_as_insightface).
+    Returns {f"bin_{name}_accuracy": the mean fold accuracy (NaN when too few of its images could be read)} and
     bins_accuracy, their mean; {} without sets."""
     result = {}
     for name, (images, same) in bins.items():
         embeddings, readable = embed_files(model, [io.BytesIO(image) for image in images], transform, device,
                                            autocast, batch_size, flip=True)
-        figures, _ = score_pairs(embeddings, readable, *bin_pairs(same))
+        figures, _ = score_pairs_as_insightface(embeddings, readable, *bin_pairs(same))
         result[f"bin_{name}_accuracy"] = figures["accuracy_mean"] if figures else float("nan")
     if result:
         result["bins_accuracy"] = float(np.mean(list(result.values())))

@@ -1,7 +1,7 @@
 """Metrics of embeddings: identification by class centroids (closed set, and open set with a threshold calibrated
-for a false-accept rate); verification of image pairs (ROC, EER, TAR@FAR, LFW-protocol 10-fold accuracy) and
-precision / recall / F1 of same-person decisions; retrieval (P@1, R-precision, MAP@R). Embedding passes are in
-inference.py, figures in figures.py."""
+for a false-accept rate); verification of image pairs (ROC, EER, TAR@FAR, LFW-protocol 10-fold accuracy, and
+insightface's own for its .bin sets) and precision / recall / F1 of same-person decisions; retrieval (P@1,
+R-precision, MAP@R). Embedding passes are in inference.py, figures in figures.py."""
 import os
 
 import numpy as np
@@ -292,16 +292,24 @@ def verifiable(same):
     return len(same) >= 4 and bool(same.any()) and not same.all()
 
 
+def readable_pairs(readable, pair_rows):
+    """((K, 3) int64 rows (row of i, row of j, same) into the embeddings of an embedding pass that read the sources
+    listed in `readable`, one row each in that order; the indices into `pair_rows` of those K pairs (i, j, same)
+    whose two images were read)."""
+    row_of = {i: row for row, i in enumerate(readable)}
+    scored = [k for k, (i, j, _) in enumerate(pair_rows) if i in row_of and j in row_of]
+    index_rows = np.array([(row_of[i], row_of[j], same) for i, j, same in (pair_rows[k] for k in scored)],
+                          dtype=np.int64).reshape(-1, 3)
+    return index_rows, scored
+
+
 def score_pairs(embeddings, readable, pair_rows, fold_ids, seed=0):
     """(verification_metrics of the pairs (i, j, same) of `pair_rows` whose two images were read, or None unless
     they are verifiable; the indices into `pair_rows` of those pairs). i and j index the sources of an embedding
     pass of which those listed in `readable` were read, one row of `embeddings` each in that order
     (inference.embed_files'). The pairs scored keep their `fold_ids`; fewer than two folds among them (a pairs file
     of one set, or none) fall back to stratified random folds of `seed`."""
-    row_of = {i: row for row, i in enumerate(readable)}
-    scored = [k for k, (i, j, _) in enumerate(pair_rows) if i in row_of and j in row_of]
-    index_rows = np.array([(row_of[i], row_of[j], same) for i, j, same in (pair_rows[k] for k in scored)],
-                          dtype=np.int64).reshape(-1, 3)
+    index_rows, scored = readable_pairs(readable, pair_rows)
     if not verifiable(index_rows[:, 2]):
         return None, scored
     folds = np.asarray(fold_ids)[scored]
@@ -309,11 +317,65 @@ def score_pairs(embeddings, readable, pair_rows, fold_ids, seed=0):
                                 fold_ids=folds if len(np.unique(folds)) >= 2 else None), scored
 
 
+# insightface's accuracy (arcface_torch's eval/verification.py), to the number: "same" iff the squared L2 distance of
+# the two normalised embeddings (in [0, 4]) is below a threshold of this grid
+INSIGHTFACE_THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+def contiguous_folds(count, folds=10):
+    """(count,) int64 fold of each of `count` items: min(folds, count) consecutive blocks, the first count % folds
+    of them one item larger, as scikit-learn's KFold(folds, shuffle=False) splits (insightface's folds)."""
+    folds = min(folds, count)
+    sizes = count // folds + (np.arange(folds) < count % folds)
+    return np.repeat(np.arange(folds), sizes)
+
+
+def _grid_correct(distances, same, thresholds):
+    """(T,): how many of the pairs `distances` (with truth `same`) 'same iff distance < t' decides right, per t."""
+    positives, negatives = np.sort(distances[same]), np.sort(distances[~same])
+    # searchsorted (side "left") counts the distances below t
+    return np.searchsorted(positives, thresholds) + len(negatives) - np.searchsorted(negatives, thresholds)
+
+
+def grid_kfold_accuracy(distances, same, fold_ids, thresholds=INSIGHTFACE_THRESHOLDS):
+    """(accuracies, thresholds), one per distinct value of `fold_ids` in increasing order: the accuracy on that
+    fold's pairs of 'same iff distance < t', t the threshold of `thresholds` right most often on all the OTHER
+    pairs (the first of equally good ones), and that t. insightface's calculate_roc accuracy: distances (M,),
+    same (M,) bools."""
+    folds = np.unique(fold_ids)
+    correct = np.array([_grid_correct(distances[fold_ids == f], same[fold_ids == f], thresholds) for f in folds])
+    accuracies, chosen = [], []
+    for k, fold in enumerate(folds):
+        best = int(np.argmax(correct.sum(axis=0) - correct[k]))
+        accuracies.append(float(correct[k, best] / np.sum(fold_ids == fold)))
+        chosen.append(float(thresholds[best]))
+    return accuracies, chosen
+
+
+def score_pairs_as_insightface(embeddings, readable, pair_rows, fold_ids, seed=0):
+    """score_pairs' (figures, scored), the figures' 10-fold accuracy that of insightface's evaluation
+    (grid_kfold_accuracy of the squared L2 distances of the normalised embeddings, in float64, over the pairs'
+    `fold_ids`): accuracy_mean, accuracy_std, fold_accuracies, and threshold_mean a squared distance. Those of exact
+    thresholds on the cosine similarity (kfold_accuracy's) go under "exact_thresholds"; the ROC figures are
+    score_pairs'. None for figures with fewer than two folds among the pairs scored."""
+    figures, scored = score_pairs(embeddings, readable, pair_rows, fold_ids, seed)
+    folds = np.asarray(fold_ids)[scored]
+    if figures is None or len(np.unique(folds)) < 2:
+        return None, scored
+    index_rows, _ = readable_pairs(readable, pair_rows)
+    unit = np.asarray(embeddings, dtype=np.float64)
+    unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
+    distances = np.sum((unit[index_rows[:, 0]] - unit[index_rows[:, 1]]) ** 2, axis=1)
+    accuracies, thresholds = grid_kfold_accuracy(distances, index_rows[:, 2].astype(bool), folds)
+    exact = {key: figures.pop(key) for key in ("accuracy_mean", "accuracy_std", "threshold_mean", "fold_accuracies")}
+    return dict(figures, accuracy_mean=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
+                threshold_mean=float(np.mean(thresholds)), fold_accuracies=accuracies, exact_thresholds=exact), scored
+
+
 def bin_pairs(same, folds=10):
     """(pair rows (2k, 2k + 1, same[k]), fold of each pair) of an insightface verification set of len(same) pairs
-    (data_utils.read_verification_bin's): its images two a pair, its folds consecutive tenths of the pairs, as
-    insightface's unshuffled 10-fold split."""
-    return [(2 * k, 2 * k + 1, bool(s)) for k, s in enumerate(same)], np.arange(len(same)) * folds // len(same)
+    (data_utils.read_verification_bin's): its images two a pair, its folds insightface's contiguous_folds."""
+    return [(2 * k, 2 * k + 1, bool(s)) for k, s in enumerate(same)], contiguous_folds(len(same), folds)
 
 
 def _ratio(numerator, denominator):

@@ -22,15 +22,15 @@ def device_batch(images, device, memory_format=torch.channels_last):
 @torch.inference_mode()
 def embed_batch(model, images, device, autocast, flip=False):
     """Embeddings (N, D) float32 on the CPU of one image batch (N, 3, H, W), uint8 or float, through device_batch
-    and `model` under `autocast`. With `flip`, each image's embedding and its mirror image's are added and
-    L2-normalised again (insightface's flip test): a photo and its mirror then embed alike. The model's mode is
-    the caller's (embed puts it in eval mode)."""
+    and `model` (a model.Embedder) under `autocast`. With `flip`, the unnormalised embeddings of each image and of
+    its mirror image are added, then L2-normalised (insightface's flip test): a photo and its mirror then embed
+    alike. The model's mode is the caller's (embed puts it in eval mode)."""
     images = device_batch(images, device)
     with autocast:
-        embeddings = model(images).float()
         if flip:
-            embeddings = F.normalize(embeddings + model(images.flip(3)).float(), dim=1)
-    return embeddings.cpu()
+            return F.normalize(model.unnormalised(images).float() + model.unnormalised(images.flip(3)).float(),
+                               dim=1).cpu()
+        return model(images).float().cpu()
 
 
 @torch.inference_mode()

@@ -265,14 +265,32 @@ class PairClassifierLoss(nn.Module):
 # -----------------------------------------------------------------------------
 # classification over the training identities
 
+ARCFACE_FORMS = ("paper", "arcface_torch")
+# arcface_torch's cross-entropy takes the log of max(p, 1e-30): no sample's loss exceeds -log(1e-30), about 69.08
+LOSS_CAP = -math.log(1e-30)
+
+
+def capped(losses):
+    """Per-sample cross-entropies `losses` whose values are capped at LOSS_CAP, as arcface_torch's are, and whose
+    gradient is left whole, as arcface_torch's is (its backward is the softmax less the one-hot label whatever the
+    cap): training is the same, the loss shown is its."""
+    return losses - (losses - losses.clamp_max(LOSS_CAP)).detach()
+
+
 class ArcFaceLoss(nn.Module):
     """Additive angular margin softmax (ArcFace, Deng et al. 2019) over the training identities.
 
     Holds one learnable centre per identity, `weight` (num_classes, embedding_dim). Embeddings and centres are
     L2-normalised, so the logits are the cosines of their angles theta; the label's logit becomes
-    cos(theta + margin), and the loss is the cross-entropy of scale * logits. Where theta + margin would pass
-    pi, past which cos(theta + margin) grows again with theta, the label's logit is
-    cos(theta) - margin * sin(pi - margin) instead (as in insightface), which keeps falling with theta.
+    cos(theta + margin), and the loss is the cross-entropy of scale * logits, each sample's capped at LOSS_CAP in
+    value (`capped`). `form` says how the label's logit is made of cos(theta):
+      'paper'          the paper's formula, differentiated as it stands; where theta + margin would pass pi, past
+                       which cos(theta + margin) grows again with theta, the logit is cos(theta) - margin *
+                       sin(pi - margin) instead (as insightface's code had it until 2022), which keeps falling;
+      'arcface_torch'  arcface_torch's since December 2022: cos(theta + margin) through arccos without a gradient,
+                       so that the gradient reaches cos(theta) with slope 1, and no fallback past pi (the cosines
+                       clamped to [-1, 1] first, as arcface_torch does).
+    The two agree in value while theta + margin < pi; their gradients differ everywhere but at theta = pi/2 - m/2.
 
     Trains on labelled batches (rows = None; the rows argument is ignored): labels (N,) integers in
     [0, num_classes). stats: {"accuracy": share of embeddings whose nearest centre by cosine (without the margin)
@@ -281,7 +299,7 @@ class ArcFaceLoss(nn.Module):
 
     rows, figure = None, "accuracy"
 
-    def __init__(self, embedding_dim, num_classes, scale=30.0, margin=0.5):
+    def __init__(self, embedding_dim, num_classes, scale=30.0, margin=0.5, form="paper"):
         super().__init__()
         if embedding_dim < 1 or num_classes < 1:
             raise ValueError(f"embedding_dim and num_classes must be positive, got {embedding_dim}, {num_classes}")
@@ -289,14 +307,21 @@ class ArcFaceLoss(nn.Module):
             raise ValueError(f"margin must be an angle in [0, pi) radians, got {margin}")
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
+        if form not in ARCFACE_FORMS:
+            raise ValueError(f"form must be one of {', '.join(ARCFACE_FORMS)}, got {form!r}")
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
-        self.scale, self.margin = scale, margin
+        self.scale, self.margin, self.form = scale, margin, form
         self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
         self.threshold, self.fallback = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
 
     def target_logit(self, cos_t):
         """The label's logit for the cosines `cos_t` (N, 1) of the embeddings with their own centres."""
+        if self.form == "arcface_torch":
+            cos_t = cos_t.clamp(-1, 1)
+            with torch.no_grad():
+                shift = torch.cos(torch.acos(cos_t) + self.margin) - cos_t
+            return cos_t + shift
         # clamped away from 0, where the square root's gradient is infinite (an embedding on its centre)
         sin_t = (1 - cos_t.pow(2)).clamp_min(1e-7).sqrt()
         phi = cos_t * self.cos_m - sin_t * self.sin_m  # cos(theta + margin)
@@ -316,7 +341,7 @@ class ArcFaceLoss(nn.Module):
         labels = labels.to(cos.device)
         logits = cos.scatter(1, labels[:, None], self.target_logit(cos.gather(1, labels[:, None])))
         accuracy = (cos.argmax(dim=1) == labels).float().mean().item()
-        return F.cross_entropy(self.scale * logits, labels), {"accuracy": accuracy}
+        return capped(F.cross_entropy(self.scale * logits, labels, reduction="none")).mean(), {"accuracy": accuracy}
 
 
 class CosFaceLoss(ArcFaceLoss):
@@ -351,8 +376,8 @@ class PartialFC(nn.Module):
     over that share (its margin and scale apply). Each step scores the global batch (every process's embeddings
     and labels, gathered beforehand as gather_batch does) against the centres of the batch's classes plus a random
     `sample_rate` share of the others of this process, and the softmax's normaliser is summed over the processes:
-    at sample_rate 1 the loss is the full margin softmax over all C classes. Per process the centres take C /
-    world_size x D floats, not C x D.
+    at sample_rate 1 the loss is the full margin softmax over all C classes, each sample's capped in value as
+    arcface_torch's (`capped`). Per process the centres take C / world_size x D floats, not C x D.
 
     Contract: embeddings (N, D), labels (N,) in [0, C), the same global batch on every process; rows ignored.
     Gradients: the centres get exactly their share of the loss's gradient (do not wrap this module in
@@ -430,7 +455,7 @@ class PartialFC(nn.Module):
         exp_sum = _AllReduceSum.apply((logits - shift[:, None]).exp().sum(dim=1))
         label_logit = _AllReduceSum.apply(torch.zeros_like(shift).index_put((rows_with,), logits[rows_with,
                                                                                                target[has]]))
-        loss = (exp_sum.log() + shift - label_logit).mean()
+        loss = capped(exp_sum.log() + shift - label_logit).mean()
         with torch.no_grad():
             best = cos.max(dim=1).values
             own = torch.zeros_like(best).index_put((rows_with,), cos_t.squeeze(1))
@@ -495,12 +520,12 @@ def batch_rows(loss, mining="none"):
 
 def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim=128, num_classes=0,
                     arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35, partial_fc=0.0,
-                    rank=0, world_size=1):
+                    rank=0, world_size=1, arcface_form="paper"):
     """The training objective `loss` (one of OBJECTIVES) with `mining` (one of MINING): "none" trains the triplet
     and contrastive losses on given rows, the others mine labelled batches; pair_bce takes none or batch_all;
     arcface and cosface classify labelled batches whatever the mining, over `num_classes` training identities
-    (arcface_scale is the scale of both); with `partial_fc` > 0, as PartialFC of that sample rate, process `rank` of
-    `world_size` holding its share of the centres."""
+    (arcface_scale is the scale of both; arcface_form ArcFaceLoss's form); with `partial_fc` > 0, as PartialFC of
+    that sample rate, process `rank` of `world_size` holding its share of the centres."""
     if loss not in OBJECTIVES:
         raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     check_mining(mining)
@@ -522,7 +547,7 @@ def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim
     if loss == "cosface":
         softmax = CosFaceLoss(embedding_dim, end - start, arcface_scale, cosface_margin)
     else:
-        softmax = ArcFaceLoss(embedding_dim, end - start, arcface_scale, arcface_margin)
+        softmax = ArcFaceLoss(embedding_dim, end - start, arcface_scale, arcface_margin, arcface_form)
     return PartialFC(softmax, num_classes, partial_fc, rank, world_size) if partial_fc else softmax
 
 

@@ -163,7 +163,15 @@ def build_backbone(name, pretrained=False, zero_init_residual=False):
     return network, classifier.in_features
 
 
-class EmbeddingNet(nn.Module):
+class Embedder(nn.Module):
+    """A network whose embedding is its `unnormalised` output L2-normalised. The flip test adds the unnormalised
+    embeddings of an image and of its mirror image before normalising, as insightface's evaluation does."""
+
+    def forward(self, images):
+        return F.normalize(self.unnormalised(images), dim=1)
+
+
+class EmbeddingNet(Embedder):
     """Image batch (N, 3, H, W) -> L2-normalised embeddings (N, embedding_dim).
 
     backbone: a torchvision ResNet without its classifier (2048 features for resnet50 and deeper, 512 below);
@@ -239,10 +247,10 @@ class EmbeddingNet(nn.Module):
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images):
+    def unnormalised(self, images):
         if "input_norm" in self.config:
             images = torch.addcmul(self.input_shift, images, self.input_scale)
-        return F.normalize(self.head(self.backbone(images)), dim=1)
+        return self.head(self.backbone(images))
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):

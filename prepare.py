@@ -349,7 +349,8 @@ def pack_dataset(src, out_rec, log=print):
                 key += 1
         start = 1
         for label, paths in enumerate(kept):
-            writer.write(first_identity + label, pack_payload([start, start + len(paths)], b"", id=label))
+            key = first_identity + label  # its header's id too, as insightface's writers: a lost .idx is rebuilt
+            writer.write(key, pack_payload([start, start + len(paths)], b"", id=key))
             start += len(paths)
     folder = os.path.dirname(os.path.abspath(out_rec))
     atomic_write(os.path.join(folder, "property"), lambda f: f.write(f"{len(kept)},{size[1]},{size[0]}\n"), mode="w")

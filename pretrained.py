@@ -13,14 +13,12 @@ import re
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from align import PASSES, FaceAligner, alignment_record, face_model_file, import_dlib, main_face
 from checkpoint import CheckpointError, is_checkpoint, read_weights
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from files import save_json
-from model import IRESNET_BLOCKS, model_from_checkpoint
+from model import IRESNET_BLOCKS, Embedder, model_from_checkpoint
 
 INSIGHTFACE_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (x / 255 - 0.5) / 0.5 of RGB pixels
 ONNX_PIXEL_NORM = (127.5, 127.5)  # insightface's ONNX models: (pixel - 127.5) / 127.5, RGB
@@ -154,7 +152,7 @@ def read_onnx_side(path):
     return side
 
 
-class OnnxFace(nn.Module):
+class OnnxFace(Embedder):
     """An ONNX face model run with onnxruntime on the CPU: input (N, 3, H, W) RGB pixels normalised as
     (pixel - input_mean) / input_std (0-255 units; insightface's 127.5 and 127.5 unless `pixel_norm` or the model's
     side file MODEL.onnx.json says otherwise), output (N, D), L2-normalised here. Its image size is the model's own
@@ -200,11 +198,11 @@ class OnnxFace(nn.Module):
                                   f"{onnx_side_file(path)} as \"image_size\": [H, W]")
         return own or wanted
 
-    def forward(self, images):
+    def unnormalised(self, images):
         pixels = denormalize(images) * 255
         inputs = ((pixels - self.mean) / self.std).numpy().astype(np.float32)
         embeddings = torch.from_numpy(np.asarray(self.session.run(None, {self.input_name: inputs})[0]))
-        return F.normalize(embeddings.float().flatten(1), dim=1).to(images.device)
+        return embeddings.float().flatten(1).to(images.device)
 
 
 def write_onnx_side(path, image_size, alignment, classes=()):
@@ -218,7 +216,7 @@ def write_onnx_side(path, image_size, alignment, classes=()):
 # -----------------------------------------------------------------------------
 # references: raw pixels and dlib's descriptor
 
-class PixelBaseline(nn.Module):
+class PixelBaseline(Embedder):
     """The reference a trained network has to beat: a photo's grey levels as its embedding. Image batch (N, 3, H, W),
     normalised as the networks' input -> (N, H * W): the mean of the three channels, less the photo's own mean
     brightness, L2-normalised (so a pair's cosine similarity is the correlation of its pixels). Nothing to train."""
@@ -228,12 +226,12 @@ class PixelBaseline(nn.Module):
         height, width = image_size
         self.config = dict(backbone="pixels", embedding_dim=height * width)
 
-    def forward(self, images):
+    def unnormalised(self, images):
         grey = images.mean(1).flatten(1)
-        return F.normalize(grey - grey.mean(1, keepdim=True), dim=1)
+        return grey - grey.mean(1, keepdim=True)
 
 
-class DlibReference(nn.Module):
+class DlibReference(Embedder):
     """The reference of a face network trained elsewhere on millions of photos: dlib's ResNet face descriptor, which
     face-recognition-models installs. Image batch (N, 3, H, W), normalised as the networks' input -> (N, 128): per
     image, the main face dlib's detector finds (with `upsample`; the whole image when none), its 68 landmarks,
@@ -256,10 +254,10 @@ class DlibReference(nn.Module):
         chip = self.dlib.get_face_chip(pixels, self.aligner.predictor(pixels, rect), size=150, padding=0.25)
         return np.asarray(self.encoder.compute_face_descriptor(chip), dtype=np.float32)
 
-    def forward(self, images):
+    def unnormalised(self, images):
         pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         described = np.stack([self.descriptor(np.ascontiguousarray(image)) for image in pixels])
-        return F.normalize(torch.from_numpy(described), dim=1).to(images.device)
+        return torch.from_numpy(described).to(images.device)
 
 
 def load_face_network(spec, image_size=None, pixel_norm=None):

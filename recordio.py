@@ -207,29 +207,67 @@ def _read_record(f, path):
     return MAGIC_BYTES.join(parts)
 
 
+def _read_header(f, path, size):
+    """(header, labels, image size in bytes) of the record at `f`'s position in a file of `size` bytes, as
+    unpack_payload's, reading only the header and labels (the image is checked to lie within the file, not read);
+    `f` is left at the next record. Raises RecordError when they cannot be read."""
+    start = f.tell()
+    cflag, length = next(_parts(f, path))
+    if cflag != 0:  # split at a magic, perhaps inside the header: join the parts
+        f.seek(start)
+        header, labels, image = unpack_payload(_read_record(f, path))
+        return header, labels, len(image)
+    end = f.tell() + length
+    if end > size:
+        raise RecordError(f"{path}: truncated record at offset {start}")
+    data = f.read(min(length, HEADER.size))
+    if len(data) == HEADER.size:
+        data += f.read(min(length - HEADER.size, 4 * HEADER.unpack(data)[0]))
+    header, labels, _ = unpack_payload(data)
+    f.seek(end + -length % 4)
+    return header, labels, length - len(data)
+
+
 def scan_index(rec_path, log=print):
-    """{key: offset} rebuilt by walking the records of `rec_path`, keys 0, 1, ... in file order (as insightface's
-    files are keyed), for a .rec without its .idx. Stops at the first record that cannot be read, logging where."""
-    index, size = {}, os.path.getsize(rec_path)
+    """({key: offset}, whether every record was read) of `rec_path` rebuilt by walking its records, for a .rec
+    without its .idx. Stops at the first record that cannot be read, logging where. A record's key is the id in
+    its header, as insightface's writers (RecBuilder, face2rec) and prepare.py pack set it: their header record 0
+    comes after the images and identity records, so the file order is not the keys' order. Where ids repeat
+    (writers that leave them 0), the keys are numbered in file order, which is right for a file of images only
+    and for one that begins with its header record; any other file is refused (RecordError): its keys cannot be
+    told."""
+    records, size, whole = [], os.path.getsize(rec_path), True
     with open(rec_path, "rb") as f:
         while f.tell() < size:
             offset = f.tell()
             try:
-                for _, length in _parts(f, rec_path):
-                    f.seek(length + -length % 4, os.SEEK_CUR)
-                if f.tell() > size:
-                    raise RecordError(f"{rec_path}: truncated record at offset {offset}")
+                header, _, image = _read_header(f, rec_path, size)
             except RecordError as err:
-                log(f"{err}; indexed the {len(index)} records before it")
+                log(f"{err}; indexed the {len(records)} records before it")
+                whole = False
                 break
-            index[len(index)] = offset
-    return index
+            records.append((header["id"], offset, header["flag"] >= 2 and not image))
+    ids = [key for key, _, _ in records]
+    if len(set(ids)) == len(ids):
+        return {key: offset for key, offset, _ in records}, whole
+    if records[0][2] or not any(bare for _, _, bare in records):  # the header record first, or images only
+        return {key: offset for key, (_, offset, _) in enumerate(records)}, whole
+    raise RecordError(f"{rec_path}: its {index_path(rec_path)} is missing and its records' keys cannot be told (their "
+                      f"headers' ids repeat, and its header record is not the first): restore the .idx")
+
+
+def write_index(idx_path, index):
+    """Write {key: offset} as an .idx file, atomically, its lines in the records' order."""
+    lines = [f"{key}\t{offset}\n" for key, offset in sorted(index.items(), key=lambda item: item[1])]
+    atomic_write(idx_path, lambda f: f.writelines(lines), mode="w")
 
 
 class RecordReader:
-    """Random access to the records of a .rec through its .idx (default: beside, same stem; rebuilt by scan_index,
-    with a message through `log`, when missing). The file is opened on first use in each process, so that DataLoader
-    workers forked after the parent read do not share its file position."""
+    """Random access to the records of a .rec through its .idx (default: beside, same stem). A missing .idx is
+    rebuilt by scan_index, with a message through `log`, and written beside the .rec, so that the walk runs once;
+    not when the walk stopped short (a file cut off, perhaps still being copied), whose index would outlive it. The
+    file is opened on first use in each process, so that DataLoader workers forked after the parent read do not
+    share its file position."""
 
     def __init__(self, rec_path, idx_path=None, log=print):
         self._file, self._pid = None, None
@@ -238,9 +276,12 @@ class RecordReader:
         self.path, idx_path = rec_path, idx_path or index_path(rec_path)
         if os.path.isfile(idx_path):
             self.index = read_index(idx_path)
-        else:
-            log(f"{idx_path} not found: indexing {rec_path} by walking its records")
-            self.index = scan_index(rec_path, log)
+            return
+        log(f"{idx_path} not found: indexing {rec_path} by walking its records")
+        self.index, whole = scan_index(rec_path, log)
+        if whole:
+            with contextlib.suppress(OSError):  # a read-only folder: walk again next time
+                write_index(idx_path, self.index)
 
     def keys(self):
         return sorted(self.index)
@@ -260,18 +301,10 @@ class RecordReader:
         return _read_record(self._seek(key), self.path)
 
     def read_header(self, key):
-        """(header, labels) of record `key`, as unpack_payload's, reading only their bytes (the image is checked to
-        lie within the file, not read). Raises RecordError when they cannot be read."""
+        """(header, labels, image size in bytes) of record `key`, as _read_header's. Raises RecordError when they
+        cannot be read."""
         f = self._seek(key)
-        cflag, length = next(_parts(f, self.path))
-        if cflag != 0:  # split at a magic, perhaps inside the header: join the parts
-            return unpack_payload(self.read(key))[:2]
-        if f.tell() + length > os.fstat(f.fileno()).st_size:
-            raise RecordError(f"{self.path}: truncated record at offset {self.index[key]}")
-        data = f.read(min(length, HEADER.size))
-        if len(data) == HEADER.size:
-            data += f.read(min(length - HEADER.size, 4 * HEADER.unpack(data)[0]))
-        return unpack_payload(data)[:2]
+        return _read_header(f, self.path, os.fstat(f.fileno()).st_size)
 
     def close(self):
         if self._file is not None:
@@ -306,7 +339,10 @@ class RecordFaces(LabelledImages):
     keep their size and modification time. Records whose header cannot be read (bad magic, truncated) are left out;
     an image that fails to decode later is replaced by another image of the same identity. Either way it is warned
     about and kept in `skipped` as "PATH.rec#KEY". `ranges` holds the identity records' [first, end) image keys, by
-    label (None without insightface's header record).
+    label (None without insightface's header record). Without a readable header record (a file in insightface's
+    layout, whose header comes last, cut short) every whole record with an image is an image, and the identity
+    records are left out; what is lost so, or unreadable among the identity records, is warned about and kept in
+    `lost`, one line each.
     """
 
     unit = "record"
@@ -314,7 +350,7 @@ class RecordFaces(LabelledImages):
     def __init__(self, root, transform=None, name="train", log=print):
         if not os.path.isdir(root):
             raise DatasetError(f"{root}: no such folder")
-        self.root, self.transform, self.skipped = root, transform, []
+        self.root, self.transform, self.skipped, self.lost = root, transform, [], []
         self.rec_path = self.source = os.path.join(root, f"{name}.rec")
         self.reader = RecordReader(self.rec_path, log=log)
         self.property = read_property(root)
@@ -325,7 +361,8 @@ class RecordFaces(LabelledImages):
             labels = self._read_labels()
             with contextlib.suppress(OSError):  # a read-only folder: read the headers again next time
                 atomic_write(cache, lambda f: np.savez(f, stamp=stamp, keys=labels[0], labels=labels[1],
-                                                       ranges=labels[2], skipped=np.array(self.skipped, dtype=str)))
+                                                       ranges=labels[2], skipped=np.array(self.skipped, dtype=str),
+                                                       lost=np.array(self.lost, dtype=str)))
         keys, values, ranges = labels
         if not len(keys):
             raise DatasetError(f"{self.rec_path}: no readable image records")
@@ -338,6 +375,8 @@ class RecordFaces(LabelledImages):
         if self.skipped:
             warnings.warn(f"{self.rec_path}: skipped {len(self.skipped)} unreadable record(s): "
                           + some_names(self.skipped))
+        for line in self.lost:
+            warnings.warn(line)
 
     def _stamp(self):
         """What the labels cache is valid for: size and modification time of the .rec and the .idx (-1: none)."""
@@ -345,39 +384,68 @@ class RecordFaces(LabelledImages):
         return np.array([v for s in stats for v in ((s.st_size, s.st_mtime_ns) if s else (-1, -1))], dtype=np.int64)
 
     def _cached(self, cache, stamp):
-        """(keys, labels, ranges) from the cache when it was written for these files (its skipped records restored
-        into `skipped`), else None."""
+        """(keys, labels, ranges) from the cache when it was written for these files (its skipped records and lost
+        ones restored into `skipped` and `lost`), else None."""
         try:
             with np.load(cache) as saved:
                 if not np.array_equal(saved["stamp"], stamp):
                     return None
-                self.skipped = saved["skipped"].tolist()
+                self.skipped, self.lost = saved["skipped"].tolist(), saved["lost"].tolist()
                 return saved["keys"], saved["labels"], saved["ranges"]
         except (OSError, ValueError, KeyError):  # none yet, or unreadable: read the headers
             return None
 
     def _read_labels(self):
-        """(image keys, their integer labels, identity ranges (n, 2) or (0, 2)) from the record headers; unreadable
-        records are added to `skipped`."""
-        image_keys, ranges = self.reader.keys(), []
-        first = unpack_payload(self.reader.read(0)) if 0 in self.reader.index else None
-        if first and first[0]["flag"] >= 2 and not first[2]:  # insightface's header: images 1..a-1, identities a..b-1
-            first_identity, end = int(first[1][0]), int(first[1][1])
-            image_keys = [k for k in range(1, first_identity) if k in self.reader.index]
-            for key in range(first_identity, end):
-                try:
-                    ranges.append([int(v) for v in self.reader.read_header(key)[1][:2]])
-                except RecordError as err:
-                    warnings.warn(f"identity record {key} unreadable ({err}): its image range is unknown")
-                    ranges.append([-1, -1])
-        keys, values = [], []
-        for key in image_keys:
+        """(image keys, their integer labels, identity ranges (n, 2) or (0, 2)) from the record headers: with
+        insightface's header record [a, b], images 1..a-1 and identities a..b-1; else every record with an image."""
+        header = self._header()
+        if header is None:
+            return (*self._labels_of(self.reader.keys()), np.empty((0, 2), np.int64))
+        first_identity, end = header
+        ranges = [self._identity_range(key) for key in range(first_identity, end)]
+        keys, values = self._labels_of([k for k in range(1, first_identity) if k in self.reader.index])
+        return keys, values, np.array(ranges, np.int64).reshape(-1, 2)
+
+    def _header(self):
+        """(a, b) of insightface's header record 0, or None: no record 0, one that is an image, or one that cannot
+        be read (which _labels_of then reports as an unreadable record, and its identity records as records without
+        an image)."""
+        try:
+            header, labels, image = unpack_payload(self.reader.read(0))
+        except RecordError:
+            return None
+        return (int(labels[0]), int(labels[1])) if header["flag"] >= 2 and not image else None
+
+    def _identity_range(self, key):
+        """[first, end) image keys of identity record `key`; [-1, -1] when it cannot be read (noted in `lost`)."""
+        try:
+            return [int(v) for v in self.reader.read_header(key)[1][:2]]
+        except RecordError as err:
+            self.lost.append(f"{self.rec_path}: identity record {key} cannot be read ({err}): its image range is "
+                             f"unknown")
+            return [-1, -1]
+
+    def _labels_of(self, keys):
+        """(keys, integer labels) of the records of `keys` that hold an image. Unreadable ones are added to
+        `skipped`; records without an image (insightface's identity records, once its header record is lost) are
+        left out, noted in `lost`."""
+        kept, values, bare = [], [], []
+        for key in keys:
             try:
-                values.append(int(self.reader.read_header(key)[1][0]))
-                keys.append(key)
+                _, labels, image = self.reader.read_header(key)
             except RecordError as err:
                 self._skip(self.record_name(key), err)
-        return np.array(keys, np.int64), np.array(values, np.int64), np.array(ranges, np.int64).reshape(-1, 2)
+                continue
+            if image:
+                kept.append(key)
+                values.append(int(labels[0]))
+            else:
+                bare.append(str(key))
+        if bare:
+            self.lost.append(f"{self.rec_path}: left out {len(bare)} record(s) without an image, keys "
+                             f"{some_names(bare)}: insightface's identity records, their image ranges lost with the "
+                             f"header record 0")
+        return np.array(kept, np.int64), np.array(values, np.int64)
 
     def record_name(self, key):
         """How `skipped` and `samples` name the record `key`: "PATH.rec#KEY"."""

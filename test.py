@@ -39,8 +39,8 @@ from align import AlignmentUnavailable, FaceAligner, aligned_as_trained, read_al
 from data_utils import (DatasetError, FaceFolder, as_hw, loader_workers, make_transform, read_pairs_file,
                         read_verification_bins)
 from evaluation import (bin_pairs, cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
-                        open_set_evaluation, pair_decisions, relabel, retrieval_metrics, score_pairs, verifiable,
-                        verification_metrics, verification_pairs)
+                        open_set_evaluation, pair_decisions, relabel, retrieval_metrics, score_pairs,
+                        score_pairs_as_insightface, verifiable, verification_metrics, verification_pairs)
 from figures import plot_confusion_matrix, plot_embeddings_2d, plot_roc
 from files import save_json
 from inference import embed, embed_files
@@ -63,15 +63,15 @@ pairs = ""  # an LFW-style pairs.txt to score with its own 10 folds; empty: none
 pairs_root = ""  # folder of the pairs file's identity folders; empty: the pairs file's folder (its images/, as LFW)
 pairs_name_format = "{name}_{index:04d}"  # image file name in a pairs file's identity folder (AT&T: {index})
 val_bins = ""  # insightface verification sets, comma-separated: paths of .bin files, or names of data_dir's
-#   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...); scored as insightface does, 10 folds, mirror images added; alone
-#   when data_dir has no train/ (a .rec dataset)
+#   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...); scored as insightface does (its 10 folds, mirror images added,
+#   its accuracy; that of exact thresholds beside it); alone when data_dir has no train/ (a .rec dataset)
 # metrics
 target_far = 1e-2  # open set: false-accept rate the unknown-person threshold is calibrated for
 pair_images = "auto"  # verification pairs among: probes | all (gallery and probes; people with one or two photos
 #   each, as LFW's) | auto (all when no probe's person was trained on, else probes)
 max_same_pairs = 0  # verification: same-identity pairs to sample (0: all), plus as many different pairs
 seed = 0  # verification pair sampling, folds, t-SNE
-flip = False  # embed each image and its mirror image, added (insightface's flip test)
+flip = False  # embed each image and its mirror image, added before normalising (insightface's flip test)
 batch_size = 64  # images per embedding batch
 num_workers = -1  # DataLoader worker processes: -1 auto (0 on the CPU, up to 8 on CUDA) | 0 (the main process) | N
 # system
@@ -150,28 +150,33 @@ def verify(name, figures, same):
     rows.extend([(f"{name}: ROC AUC", f"{figures['auc']:.4f}"), (f"{name}: EER", percent(figures["eer"]))])
     rows.extend((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < figures["far_floor"] else ""))
                 for far, tar in figures["tar_at_far"].items())
-    rows.append((f"{name}: {figures['folds']}-fold accuracy",
+    exact = figures.get("exact_thresholds")  # (.bin sets: insightface's accuracy, and that of exact thresholds)
+    rows.append((f"{name}: {figures['folds']}-fold accuracy" + (" (insightface's)" if exact else ""),
                  f"{percent(figures['accuracy_mean'])} ± {100 * figures['accuracy_std']:.2f}"))
+    if exact:
+        rows.append((f"{name}: {figures['folds']}-fold accuracy (exact thresholds)",
+                     f"{percent(exact['accuracy_mean'])} ± {100 * exact['accuracy_std']:.2f}"))
     return figures
 
 
-def embed_and_score(name, sources, pair_rows, fold_ids, data_transform, mirror, counted):
+def embed_and_score(name, sources, pair_rows, fold_ids, data_transform, mirror, counted, score=score_pairs):
     """Verification figures (verify's, or None) of pairs (i, j, same) of `pair_rows`, i and j indices into
     `sources` (image paths or file objects), each image embedded once; pairs with an unreadable image are left out
-    and the rest scored over their `fold_ids` (evaluation.score_pairs). A summary row says how many were scored
-    (`counted(scored)`, before the figures). Returns (figures, the indices of the pairs scored, the indices of the
-    sources read)."""
+    and the rest scored over their `fold_ids` by `score` (evaluation.score_pairs, or score_pairs_as_insightface). A
+    summary row says how many were scored (`counted(scored)`, before the figures). Returns (figures, the indices of
+    the pairs scored, the indices of the sources read)."""
     emb, readable = embed_files(model, sources, data_transform, device, autocast, batch_size, mirror)
-    figures, scored = score_pairs(emb, readable, pair_rows, fold_ids, seed)
+    figures, scored = score(emb, readable, pair_rows, fold_ids, seed)
     rows.append((f"{name}: pairs scored", counted(len(scored))))
     return verify(name, figures, [pair_rows[k][2] for k in scored]), scored, readable
 
 
 def score_bin(name, images, same):
     """results["bins"][name] for an insightface verification set: its aligned images embedded with their mirror
-    images, its pairs scored over insightface's 10 folds (consecutive tenths of the pairs)."""
+    images, its pairs scored as insightface scores them (evaluation.score_pairs_as_insightface: its 10 folds of
+    consecutive pairs, its accuracy; that of exact thresholds beside it)."""
     figures, scored, _ = embed_and_score(name, [io.BytesIO(image) for image in images], *bin_pairs(same), transform,
-                                         True, lambda count: f"{count} of {len(same)}")
+                                         True, lambda count: f"{count} of {len(same)}", score_pairs_as_insightface)
     return dict(figures or {}, pairs_in_file=len(same), pairs_scored=len(scored))
 
 

@@ -42,7 +42,7 @@ from engine import (OPTIMIZERS, SCHEDULES, SELECTED, NonFinite, StopRequested, S
 from figures import plot_history, save_triplet_examples
 from evaluation import held_out_pairs
 from files import reported, save_json
-from losses import MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
+from losses import ARCFACE_FORMS, MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
 from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_device
 from prepare import ensure_att
 from pretrained import init_weights
@@ -86,6 +86,9 @@ margin = 0.2  # triplet: in units of the distance below; contrastive: Euclidean 
 squared = True  # triplet: squared Euclidean distances (FaceNet); False: plain Euclidean
 arcface_scale = 30.0  # arcface and cosface: logit scale
 arcface_margin = 0.5  # arcface: additive angular margin, radians
+arcface_form = "paper"  # arcface: paper: cos(theta + margin), cos(theta) - margin * sin(margin) past pi (insightface
+#   until 2022) | arcface_torch: its form since December 2022, cos(theta + margin) without that fallback and with the
+#   gradient of cos(theta) (its MS1MV3 recipe's)
 cosface_margin = 0.35  # cosface: additive cosine margin
 pair_hidden_dim = 64  # pair_bce: width of the pair classifier
 partial_fc = 0.0  # arcface and cosface: PartialFC, the class centres sharded over torchrun's processes, each step
@@ -126,8 +129,8 @@ resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out
 # -----------------------------------------------------------------------------
 CHOICES = dict(fill=("repeat", "drop"), augment=AUGMENTATIONS, cache_images=configurator.TRISTATE,
                backbone=BACKBONES, head=HEADS, loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS,
-               lr_schedule=SCHEDULES, distill_loss=DISTILL_LOSSES, plot_x=("epoch", "step"), channels_last=configurator.TRISTATE,
-               select_on=("auto", "top1", "pairs", "bins"))
+               lr_schedule=SCHEDULES, distill_loss=DISTILL_LOSSES, plot_x=("epoch", "step"),
+               channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs", "bins"), arcface_form=ARCFACE_FORMS)
 defaults = configurator.constants(globals())
 config = configurator.parse(globals(), description=__doc__.split("\n")[0], choices=CHOICES)
 
@@ -258,8 +261,8 @@ try:
         print(f"network initialised from {init_from}: its {' and '.join(init_weights(model, init_from))}")
     model = model.to(device, memory_format=memory_format)
     objective = build_objective(loss, mining, margin, squared, embedding_dim, len(train_faces.classes), arcface_scale,
-                                arcface_margin, pair_hidden_dim, cosface_margin, partial_fc, rank,
-                                world_size).to(device)
+                                arcface_margin, pair_hidden_dim, cosface_margin, partial_fc, rank, world_size,
+                                arcface_form).to(device)
     distiller = Distillation(embedding_dim, targets.shape[1], distill_loss).to(device) if teacher else None
 except CheckpointError as err:
     sys.exit(f"error: --init_from: {err}")

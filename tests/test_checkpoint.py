@@ -168,6 +168,18 @@ def test_a_constant_newer_than_the_checkpoint_keeps_its_value(tmp_path):
     assert resumed["sync_bn"] is True
 
 
+def test_a_run_resumes_in_its_arcface_form(tmp_path):
+    defaults = dict(DEFAULTS, arcface_form="paper")
+    path = write_last(tmp_path / "torch", dict(defaults, arcface_form="arcface_torch"), trained=1)
+    resumed, _ = resume_config(dict(defaults), defaults, path, "out")
+    assert resumed["arcface_form"] == "arcface_torch"
+    with pytest.raises(ConfigError) as info:  # not in RESUMABLE: it shapes the optimisation
+        resume_config(dict(defaults, arcface_form="other"), defaults, path, "out")
+    assert info.value.flag == "arcface_form"
+    older = write_last(tmp_path / "older", DEFAULTS, trained=1)  # saved before the flag: it trained in the paper's
+    assert resume_config(dict(defaults), defaults, older, "out")[0]["arcface_form"] == "paper"
+
+
 def test_a_checkpoint_without_training_state_cannot_be_resumed(tmp_path):
     model, objective, *_ = tiny_parts()
     saver = Checkpointer(str(tmp_path), model, objective, dict(DEFAULTS), CLASSES, (32, 32))

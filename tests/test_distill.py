@@ -13,22 +13,15 @@ import torch.nn.functional as F
 
 import distill
 from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
-from configurator import ConfigError
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, TripletFaceDataset, collate_rows, make_transform, normalize, train_loader_for
 from distill import Distillation, centred, teacher_targets
-from engine import TrainingStep, build_optimizer, build_schedule, check_config
+from engine import TrainingStep, build_optimizer, build_schedule
 from losses import NoObjective, batch_rows, build_objective
 from model import EmbeddingNet, model_from_checkpoint
 
 SIZE = (16, 16)
 TEACHER_DIM = 8
-# train.py's defaults of the settings check_config reads
-VALID = dict(loss="arcface", mining="none", anchor_pattern="", device="auto", num_workers=-1, images_per_identity=4,
-             batch_size=32, epochs=30, eval_every=1, save_every=0, lr=2e-3, embedding_dim=128, image_size=(64, 56),
-             partial_fc=0.0, teacher="", distill=1.0)
-
-
 def unit_rows(*shape, seed=0):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
@@ -370,18 +363,6 @@ def test_a_training_step_with_a_distiller_moves_the_student_towards_the_teacher(
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert not torch.equal(distiller.projection.weight, projection)
     assert eval_loss() < before - 0.1
-
-
-def test_check_config_wants_a_teacher_for_loss_none_and_a_positive_distill():
-    """loss none without --teacher: ConfigError on "loss"; a negative distill, or none with a teacher: on
-    "distill"; loss none with a teacher passes."""
-    check_config(dict(VALID, loss="none", teacher="teacher.pth"))
-    check_config(dict(VALID, teacher="teacher.pth", distill=0.5))
-    for change, flag in ((dict(loss="none"), "loss"), (dict(distill=-1.0), "distill"),
-                         (dict(teacher="teacher.pth", distill=0.0), "distill")):
-        with pytest.raises(ConfigError) as info:
-            check_config(dict(VALID, **change))
-        assert info.value.flag == flag, change
 
 
 def test_checkpoints_keep_the_distiller_and_resume_loads_it(tmp_path):

@@ -8,10 +8,11 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support, roc_curve
 
 import evaluation
-from evaluation import (best_threshold, calibrate_threshold, cosine_similarity_pairs, different_identity_pairs,
-                        identification_accuracy, kfold_accuracy, open_set_evaluation, open_set_metrics,
-                        pair_decisions, retrieval_metrics, sample_different_pairs, stratified_folds,
-                        verification_metrics, verification_pairs)
+from conftest import insightface_accuracy
+from evaluation import (best_threshold, bin_pairs, calibrate_threshold, contiguous_folds, cosine_similarity_pairs,
+                        different_identity_pairs, identification_accuracy, kfold_accuracy, open_set_evaluation,
+                        open_set_metrics, pair_decisions, retrieval_metrics, sample_different_pairs,
+                        score_pairs_as_insightface, stratified_folds, verification_metrics, verification_pairs)
 
 
 def unit_vectors(degrees):
@@ -122,6 +123,55 @@ def test_the_threshold_of_a_fold_never_sees_that_fold():
     result = verification_metrics(scores, same, fold_ids=fold_ids)
     assert result["fold_accuracies"] == [0.25, 1.0] and result["folds"] == 2
     assert result["accuracy_mean"] == pytest.approx(0.625) and result["threshold_mean"] == pytest.approx(0.3875)
+
+
+# -----------------------------------------------------------------------------
+# insightface's .bin accuracy
+
+def bin_embeddings(pairs, seed, dim=32):
+    """Unnormalised embeddings of `pairs` pairs (images 2k, 2k + 1), half of them of one person, of varied lengths;
+    (embeddings (2 * pairs, dim), same (pairs,))."""
+    rng = np.random.default_rng(seed)
+    same = rng.permutation(np.arange(pairs) < pairs // 2)
+    first = rng.normal(size=(pairs, dim))
+    second = np.where(same[:, None], first + rng.normal(scale=2.0, size=(pairs, dim)), rng.normal(size=(pairs, dim)))
+    embeddings = np.stack([first, second], axis=1).reshape(2 * pairs, dim)
+    return (embeddings * rng.uniform(0.5, 3, (2 * pairs, 1))).astype(np.float32), same
+
+
+def test_contiguous_folds_are_scikit_learns_unshuffled_kfold():
+    from sklearn.model_selection import KFold
+    for count in (605, 6000, 23, 4):
+        folds = contiguous_folds(count)
+        splits = KFold(n_splits=min(10, count), shuffle=False).split(np.arange(count))
+        assert [np.flatnonzero(folds == f).tolist() for f in range(min(10, count))] == \
+            [test.tolist() for _, test in splits]
+
+
+@pytest.mark.parametrize("pairs,seed", [(6000, 0), (605, 1), (605, 2)])
+def test_bin_accuracy_is_insightfaces_to_the_number(pairs, seed):
+    embeddings, same = bin_embeddings(pairs, seed)
+    figures, scored = score_pairs_as_insightface(embeddings, list(range(2 * pairs)), *bin_pairs(same))
+    reference = insightface_accuracy(embeddings, same)
+    assert scored == list(range(pairs)) and figures["folds"] == 10
+    assert abs(figures["accuracy_mean"] - reference) < 1e-6
+    assert 0.6 < reference < 0.95  # thresholds matter: neither chance nor separated
+    exact = figures["exact_thresholds"]  # exact thresholds on the cosine, beside it
+    assert exact["accuracy_mean"] != figures["accuracy_mean"] and 0.6 < exact["accuracy_mean"] < 0.95
+    assert 0 < figures["threshold_mean"] < 4 and -1 < exact["threshold_mean"] < 1  # a squared distance; a cosine
+
+
+def test_bin_accuracy_leaves_out_pairs_with_an_unreadable_image_and_keeps_their_folds():
+    embeddings, same = bin_embeddings(605, 3)
+    readable = [i for i in range(1210) if i not in (7, 500)]  # pairs 3 and 250 lose an image
+    figures, scored = score_pairs_as_insightface(embeddings[readable], readable, *bin_pairs(same))
+    kept = [k for k in range(605) if k not in (3, 250)]
+    assert scored == kept and figures["pairs"] == 603
+    folds = contiguous_folds(605)[kept]
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    distances = np.sum((unit[0::2] - unit[1::2]) ** 2, axis=1)[kept]
+    accuracies, _ = evaluation.grid_kfold_accuracy(distances.astype(np.float64), same[kept], folds)
+    assert figures["fold_accuracies"] == pytest.approx(accuracies, abs=1e-12)
 
 
 def test_threshold_choice_receives_only_the_training_folds(monkeypatch):

@@ -6,7 +6,7 @@ import torch
 import inference
 from conftest import write_image
 from data_utils import load_image, make_transform, normalize
-from model import EmbeddingNet
+from model import Embedder, EmbeddingNet
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
@@ -29,19 +29,36 @@ def test_embed_feeds_channels_last_and_matches_a_plain_forward(backbone):
     assert embedded_labels.tolist() == labels.tolist()
 
 
-def test_the_flip_test_adds_the_mirror_image_and_makes_a_photo_and_its_mirror_embed_alike():
+class Ramp(Embedder):
+    """An 'embedding network' whose unnormalised output is the pixels weighed more to the right: an image whose
+    content lies left embeds shorter than its mirror image."""
+
+    def unnormalised(self, images):
+        return (images * torch.linspace(1, 4, images.shape[3])).flatten(1)
+
+
+def test_the_flip_test_adds_the_unnormalised_mirror_image_and_makes_a_photo_and_its_mirror_embed_alike():
     torch.manual_seed(0)
-    model = EmbeddingNet("smallcnn", embedding_dim=16, hidden_dim=32).eval()
-    images = torch.randn(3, 3, 32, 28)
+    model = Ramp()
+    images = torch.randn(3, 3, 8, 6) * torch.tensor([1.0, 1, 1, 0.2, 0.2, 0.2])  # the content on the left
     flipped = inference.embed_batch(model, images, "cpu", NO_AUTOCAST, flip=True)
-    with torch.no_grad():
-        reference = torch.nn.functional.normalize(model(images) + model(images.flip(3)), dim=1)
-    torch.testing.assert_close(flipped, reference, atol=1e-5, rtol=1e-5)
+    raw, mirror = model.unnormalised(images), model.unnormalised(images.flip(3))
+    torch.testing.assert_close(flipped, torch.nn.functional.normalize(raw + mirror, dim=1))  # insightface's
+    unit_sum = torch.nn.functional.normalize(model(images) + model(images.flip(3)), dim=1)
+    assert not torch.allclose(flipped, unit_sum, atol=1e-2)  # not the sum of the two unit embeddings
     assert torch.allclose(flipped.norm(dim=1), torch.ones(3))
     mirrored = inference.embed_batch(model, images.flip(3), "cpu", NO_AUTOCAST, flip=True)
     torch.testing.assert_close(mirrored, flipped, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(inference.embed_batch(model, images.flip(3), "cpu", NO_AUTOCAST),
                               inference.embed_batch(model, images, "cpu", NO_AUTOCAST), atol=1e-3)
+
+
+def test_the_networks_unnormalised_output_is_the_heads_and_their_embedding_its_normalised_form():
+    torch.manual_seed(0)
+    network, images = EmbeddingNet("smallcnn", embedding_dim=16, hidden_dim=32).eval(), torch.randn(2, 3, 32, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(network.unnormalised(images), network.head(network.backbone(images)))
+        torch.testing.assert_close(network(images), torch.nn.functional.normalize(network.unnormalised(images)))
 
 
 def test_uint8_batches_are_normalised_on_arrival_and_float_ones_pass_as_they_are():

@@ -9,9 +9,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from distill import Distillation
-from losses import (MINING, OBJECTIVES, PAIR_BCE_MINING, ArcFaceLoss, CollapseDetector, ContrastiveLoss,
-                    CosFaceLoss, PairClassifierLoss, PartialFC, TripletLoss, batch_rows, build_objective,
-                    embedding_spread, gather_batch, pair_distance, pairwise_distances, partial_fc_shard)
+from losses import (ARCFACE_FORMS, MINING, OBJECTIVES, PAIR_BCE_MINING, ArcFaceLoss, CollapseDetector,
+                    ContrastiveLoss, CosFaceLoss, PairClassifierLoss, PartialFC, TripletLoss, batch_rows,
+                    build_objective, embedding_spread, gather_batch, pair_distance, pairwise_distances,
+                    partial_fc_shard)
 
 
 def embeddings(n=16, d=8, seed=0):
@@ -548,6 +549,102 @@ def test_arcface_is_computed_in_float32_ignores_rows_and_checks_its_inputs():
         ArcFaceLoss(4, 0)
 
 
+def cross_entropy_as_arcface_torch(logits, labels, scale):
+    """arcface_torch's cross-entropy of scale * `logits` (N, C), written out: each sample's loss -log(max(p, 1e-30))
+    of its label's softmax probability p, their mean; its backward the softmax less the one-hot labels, over N,
+    whatever the cap, handed to `logits`. Returns the loss."""
+    rows = torch.arange(len(labels))
+    p = torch.softmax(scale * logits.detach(), dim=1)
+    loss = -p[rows, labels].clamp_min(1e-30).log().mean()
+    (scale * logits).backward((p - F.one_hot(labels, logits.shape[1])) / len(labels))
+    return loss
+
+
+def arcface_torch_logits(cos, labels, margin):
+    """arcface_torch's ArcFace as it computes it: the cosines clamped to [-1, 1], then, without a gradient and in
+    place, arccos of every one, the margin added to the label's angle, and the cosine of every one."""
+    logits = cos.clamp(-1, 1)
+    rows = torch.arange(len(labels))
+    with torch.no_grad():
+        target = logits[rows, labels].arccos() + margin
+        logits.arccos_()
+        logits[rows, labels] = target
+        logits.cos_()
+    return logits
+
+
+def paper_logits(cos, labels, margin):
+    """The paper's ArcFace, differentiated as it stands: the label's logit cos(theta + margin), or cos(theta) -
+    margin * sin(pi - margin) where theta + margin would pass pi."""
+    theta = torch.acos(cos.gather(1, labels[:, None]))
+    target = torch.where(theta + margin < math.pi, torch.cos(theta + margin),
+                         torch.cos(theta) - margin * math.sin(math.pi - margin))
+    return cos.scatter(1, labels[:, None], target)
+
+
+def far_batch(seed=0, n=12, d=8, classes=5):
+    """(embeddings, labels, centres) at scale 64's usual start: a third of the embeddings near the opposite of
+    their own centre (theta + 0.5 past pi), the others at random."""
+    g = torch.Generator().manual_seed(seed)
+    centres, labels = torch.randn(classes, d, generator=g), torch.arange(n) % classes
+    embeddings = torch.randn(n, d, generator=g)
+    embeddings[::3] = -F.normalize(centres[labels[::3]], dim=1) + 0.1 * torch.randn(len(labels[::3]), d, generator=g)
+    return embeddings, labels, centres
+
+
+@pytest.mark.parametrize("form,formula", [("paper", paper_logits), ("arcface_torch", arcface_torch_logits)])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_each_arcface_form_is_its_formula_in_value_and_gradient(form, formula, sharded):
+    embeddings_, labels, centres = far_batch()
+    arcface = ArcFaceLoss(8, 5, scale=64.0, margin=0.5, form=form)
+    with torch.no_grad():
+        arcface.weight.copy_(centres)
+    objective = PartialFC(arcface, num_classes=5) if sharded else arcface  # (sample rate 1)
+    mine = embeddings_.clone().requires_grad_()
+    loss, _ = objective(mine, labels)
+    loss.backward()
+    theirs, their_centres = embeddings_.clone().requires_grad_(), centres.clone().requires_grad_()
+    cos = F.normalize(theirs, dim=1) @ F.normalize(their_centres, dim=1).T
+    assert (cos.gather(1, labels[:, None]) <= math.cos(math.pi - 0.5)).sum() == 4  # theta + m past pi: 4 rows
+    reference = cross_entropy_as_arcface_torch(formula(cos, labels, 0.5), labels, 64.0)
+    torch.testing.assert_close(loss, reference, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(arcface.weight.grad, their_centres.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_two_arcface_forms_differ_past_pi_in_value_and_before_it_in_gradient():
+    embeddings_, labels, centres = far_batch(seed=1)
+    losses, grads = {}, {}
+    for form in ARCFACE_FORMS:
+        arcface = ArcFaceLoss(8, 5, scale=16.0, margin=0.5, form=form)  # (at 64 both far losses pass the cap)
+        with torch.no_grad():
+            arcface.weight.copy_(centres)
+        mine = embeddings_.clone().requires_grad_()
+        losses[form], _ = arcface(mine, labels)
+        losses[form].backward()
+        grads[form] = mine.grad
+    assert abs(losses["paper"].item() - losses["arcface_torch"].item()) > 0.1
+    near = slice(1, None, 3)  # rows at random angles, theta + m before pi: the same logit, not the same gradient
+    assert not torch.allclose(grads["paper"][near], grads["arcface_torch"][near], rtol=0.01)
+
+
+def test_margin_softmax_losses_are_capped_in_value_as_arcface_torchs_not_in_gradient():
+    embeddings_, labels, centres = far_batch(seed=2)
+    cosface = CosFaceLoss(8, 5, scale=64.0, margin=0.35)
+    with torch.no_grad():
+        cosface.weight.copy_(centres)
+    mine, theirs = embeddings_.clone().requires_grad_(), embeddings_.clone().requires_grad_()
+    loss, _ = cosface(mine, labels)
+    loss.backward()
+    cos = F.normalize(theirs, dim=1) @ F.normalize(centres, dim=1).T
+    logits = 64.0 * (cos - 0.35 * F.one_hot(labels, 5))
+    uncapped = F.cross_entropy(logits, labels, reduction="none")
+    assert (uncapped > -math.log(1e-30)).any()  # samples the cap holds
+    torch.testing.assert_close(loss, uncapped.clamp_max(-math.log(1e-30)).mean())
+    uncapped.mean().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad)
+
+
 # -----------------------------------------------------------------------------
 # CosFace
 
@@ -556,8 +653,8 @@ def test_cosface_subtracts_its_margin_from_the_label_cosine():
     cosface = CosFaceLoss(6, 5, scale=64.0, margin=0.35)
     loss, stats = cosface(embeddings_, labels)
     cos = F.normalize(embeddings_, dim=1) @ F.normalize(cosface.weight.detach(), dim=1).T
-    expected = F.cross_entropy(64.0 * (cos - 0.35 * F.one_hot(labels, 5)), labels)
-    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-4)
+    per_sample = F.cross_entropy(64.0 * (cos - 0.35 * F.one_hot(labels, 5)), labels, reduction="none")
+    torch.testing.assert_close(loss, per_sample.clamp_max(-math.log(1e-30)).mean(), atol=1e-4, rtol=1e-4)
     assert stats["accuracy"] == pytest.approx((cos.argmax(dim=1) == labels).float().mean().item())
     loss.backward()
     assert torch.isfinite(cosface.weight.grad).all() and cosface.weight.grad.abs().sum() > 0
@@ -631,7 +728,11 @@ def test_build_objective_passes_its_options():
                                                                                           hidden_dim=32)
     arcface = build_objective("arcface", "batch_hard", embedding_dim=16, num_classes=7, arcface_scale=10.0,
                               arcface_margin=0.3)
-    assert arcface.weight.shape == (7, 16) and (arcface.scale, arcface.margin) == (10.0, 0.3)
+    assert arcface.weight.shape == (7, 16) and (arcface.scale, arcface.margin, arcface.form) == (10.0, 0.3, "paper")
+    for partial_fc in (0.0, 1.0):
+        objective = build_objective("arcface", embedding_dim=16, num_classes=7, partial_fc=partial_fc,
+                                    arcface_form="arcface_torch")
+        assert (objective.margin if partial_fc else objective).form == "arcface_torch"
 
 
 def test_build_objective_rejects_bad_combinations_and_unknown_names():

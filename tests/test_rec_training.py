@@ -6,6 +6,7 @@ on packed AT&T faces."""
 import io
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -16,11 +17,13 @@ from PIL import Image
 import prepare
 from checkpoint import load_checkpoint
 from configurator import ConfigError
-from conftest import make_faces, run_script, write_verification_bin
+from conftest import insightface_accuracy, make_faces, run_script, write_verification_bin
 from data_utils import DatasetError, FaceFolder, make_transform, read_verification_bins, train_loader_for, write_skipped
 from engine import epoch_summary, evaluate_bins, selection_key
 from evaluation import bin_pairs, score_pairs
 from figures import plot_history
+from inference import embed_files
+from model import Embedder
 from recordio import RecordFaces, RecordWriter, pack_payload, training_images
 
 
@@ -136,6 +139,22 @@ def test_a_bad_val_bins_entry_is_refused_naming_val_bins(tmp_path, case):
     assert info.value.flag == "val_bins"
 
 
+class PersistentIds(pickle.Pickler):
+    """A pickler that stores the second image as a persistent id, which only its own unpickler could resolve."""
+
+    def persistent_id(self, obj):
+        return "image-1" if obj == png(2) else None
+
+
+@pytest.mark.e2e
+def test_test_py_refuses_a_bin_holding_a_persistent_id_in_one_line_naming_val_bins(tmp_path):
+    with open(tmp_path / "crafted.bin", "wb") as f:
+        PersistentIds(f, protocol=4).dump(([png(1), png(2)] * 2, [True, False]))
+    proc = run_script("test.py", "--checkpoint=pixels", f"--data_dir={tmp_path}", "--val_bins=crafted", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(errors) == 1 and "--val_bins" in errors[0], proc.stderr
+
+
 # -----------------------------------------------------------------------------
 # scoring a .bin set as insightface does
 
@@ -165,11 +184,11 @@ def test_score_pairs_of_hand_made_embeddings_leaves_out_pairs_with_an_unreadable
     assert score_pairs(embeddings[:4], [0, 1, 2, 3], rows, folds) == (None, [0, 1])  # 2 pairs: no figures
 
 
-class Pixels(torch.nn.Module):
+class Pixels(Embedder):
     """An 'embedding network' whose embedding is the image's pixels: alike images embed alike."""
 
-    def forward(self, images):
-        return torch.nn.functional.normalize(images.flatten(1), dim=1)
+    def unnormalised(self, images):
+        return images.flatten(1)
 
 
 def test_evaluate_bins_embeds_each_set_with_its_mirror_images_and_averages_their_accuracies():
@@ -188,9 +207,12 @@ def test_evaluate_bins_embeds_each_set_with_its_mirror_images_and_averages_their
     hard = [(encoded[k], encoded[k + 1], k % 2 == 0) for k in range(10)]  # "same" pairs of two images: chance
     bins = {name: ([image for a, b, _ in pairs for image in (a, b)], np.array([s for *_, s in pairs]))
             for name, pairs in (("easy", easy), ("hard", hard))}
-    metrics = evaluate_bins(Pixels(), bins, make_transform((16, 16), train=False, pixels=True), "cpu",
-                            torch.autocast("cpu", enabled=False))
+    transform, autocast = make_transform((16, 16), train=False, pixels=True), torch.autocast("cpu", enabled=False)
+    metrics = evaluate_bins(Pixels(), bins, transform, "cpu", autocast)
     assert metrics["bin_easy_accuracy"] == 1.0 and 0 <= metrics["bin_hard_accuracy"] < 1
+    embedded, _ = embed_files(Pixels(), [io.BytesIO(image) for image in bins["hard"][0]], transform, "cpu", autocast,
+                              flip=True)
+    assert metrics["bin_hard_accuracy"] == pytest.approx(insightface_accuracy(embedded, bins["hard"][1]), abs=1e-6)
     assert metrics["bins_accuracy"] == pytest.approx((1.0 + metrics["bin_hard_accuracy"]) / 2)
     assert evaluate_bins(Pixels(), {}, None, "cpu", None) == {}
 

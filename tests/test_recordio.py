@@ -105,20 +105,79 @@ def test_magic_at_the_payload_start_and_end_gives_empty_parts(tmp_path):
 def test_read_index_and_scan_index_agree(packed):
     _, folder = packed
     index = read_index(folder / "train.idx")
-    assert index == scan_index(str(folder / "train.rec"))
+    assert scan_index(str(folder / "train.rec")) == (index, True)  # every record read
     assert sorted(index) == list(range(len(index))) and len(index) == 1 + 12 + 3
     assert list(index.values()) == sorted(index.values())
 
 
-def test_missing_index_is_rebuilt_with_a_message(packed):
+def test_missing_index_is_rebuilt_with_a_message_and_written_once(packed):
     _, folder = packed
-    expected = read_index(folder / "train.idx")
+    expected = (folder / "train.idx").read_text()
     os.remove(folder / "train.idx")
     lines = []
     reader = RecordReader(str(folder / "train.rec"), log=lines.append)
-    assert reader.index == expected and len(lines) == 1 and "train.idx" in lines[0]
+    assert reader.index == read_index(folder / "train.idx") and len(lines) == 1 and "train.idx" in lines[0]
+    assert (folder / "train.idx").read_text() == expected  # written as the writer wrote it
+    RecordReader(str(folder / "train.rec"), log=lines.append)
+    assert len(lines) == 1  # the second reader reads it: no walk
     faces = RecordFaces(str(folder), log=quiet)
     assert len(faces) == 12
+
+
+def write_insightface_order(folder):
+    """folder/train.rec and .idx in the order of insightface's writers (RecBuilder, face2rec): images 1-4 (labels
+    0, 0, 1, 1), identity records 5 -> [1, 3] and 6 -> [3, 5], then the header record 0 -> [5, 7], each record's
+    key in its header's id. Returns the .rec's path."""
+    os.makedirs(folder, exist_ok=True)
+    with RecordWriter(os.path.join(folder, "train.rec")) as writer:
+        for key, label in zip(range(1, 5), (0, 0, 1, 1)):
+            writer.write(key, pack_payload(label, png(key), id=key))
+        for key, first in ((5, 1), (6, 3)):
+            writer.write(key, pack_payload([first, first + 2], b"", id=key))
+        writer.write(0, pack_payload([5, 7], b"", id=0))
+    return os.path.join(folder, "train.rec")
+
+
+def test_a_missing_index_of_insightfaces_record_order_is_rebuilt_from_the_header_ids(tmp_path):
+    rec = write_insightface_order(tmp_path)
+    written = read_index(tmp_path / "train.idx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        indexed = RecordFaces(str(tmp_path))
+    os.remove(tmp_path / "train.idx")
+    os.remove(tmp_path / "train.labels.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rebuilt = RecordFaces(str(tmp_path), log=quiet)
+    assert read_index(tmp_path / "train.idx") == rebuilt.reader.index == written
+    for faces in (indexed, rebuilt):
+        assert faces.keys == [1, 2, 3, 4] and faces.classes == ["0", "1"] and faces.targets == [0, 0, 1, 1]
+        assert faces.ranges == [(1, 3), (3, 5)] and faces.image_bytes(2) == png(3)
+    assert os.path.isfile(rec)
+
+
+def test_a_missing_index_whose_keys_cannot_be_told_is_refused(tmp_path):
+    # ids all 0 (a writer that leaves them), and the header record after the images: file order is not key order
+    write_plain(tmp_path, [pack_payload(label, png(label)) for label in (0, 1)] + [pack_payload([1, 3], b"")])
+    os.remove(tmp_path / "train.idx")
+    with pytest.raises(RecordError):
+        RecordFaces(str(tmp_path), log=quiet)
+    assert not (tmp_path / "train.idx").exists()
+
+
+def test_a_missing_index_of_a_file_numbered_in_file_order_is_rebuilt_in_file_order(tmp_path):
+    # ids repeat, but the header record comes first (prepare.py pack's order, whose identity records had their
+    # label as id): the keys are the file order
+    with RecordWriter(str(tmp_path / "train.rec")) as writer:
+        writer.write(0, pack_payload([3, 5], b""))
+        for key, label in ((1, 0), (2, 1)):
+            writer.write(key, pack_payload(label, png(key), id=key))
+        for key, label in ((3, 0), (4, 1)):
+            writer.write(key, pack_payload([label + 1, label + 2], b"", id=label))
+    written = read_index(tmp_path / "train.idx")
+    os.remove(tmp_path / "train.idx")
+    faces = RecordFaces(str(tmp_path), log=quiet)
+    assert faces.reader.index == written and faces.targets == [0, 1] and faces.ranges == [(1, 2), (2, 3)]
 
 
 def test_malformed_index_and_unknown_key_raise_record_errors(tmp_path):
@@ -169,6 +228,7 @@ def test_pack_writes_the_insightface_header_and_identity_ranges(packed):
     assert header["flag"] == 2 and labels == (13.0, 16.0) and image == b""
     ranges = [tuple(int(v) for v in reader.read_header(key)[1]) for key in range(13, 16)]
     assert ranges == [(1, 5), (5, 9), (9, 13)]
+    assert all(reader.read_header(key)[0]["id"] == key for key in reader.keys())  # a lost .idx can be rebuilt
     assert [unpack_payload(reader.read(key))[1] for key in (1, 5, 12)] == [(0.0,), (1.0,), (2.0,)]
     faces = RecordFaces(str(folder))
     assert faces.ranges == ranges and faces.keys == list(range(1, 13))
@@ -239,6 +299,38 @@ def test_truncated_rec_is_reported_and_its_last_record_skipped(tmp_path):
     assert sorted(RecordReader(rec, log=lines.append).index) == [0, 1, 2] and len(lines) == 2
 
 
+@pytest.mark.parametrize("index", ["kept", "missing"])
+def test_a_cut_file_in_insightfaces_order_keeps_every_whole_image_and_says_what_was_lost(tmp_path, index):
+    rec = write_insightface_order(tmp_path)
+    offsets = read_index(tmp_path / "train.idx")
+    with open(rec, "r+b") as f:
+        f.truncate(offsets[0] + 10)  # the header record 0, written last, cut
+    if index == "missing":
+        os.remove(tmp_path / "train.idx")
+    lines = []
+    with pytest.warns(UserWarning):
+        faces = RecordFaces(str(tmp_path), log=lines.append)
+    assert faces.keys == [1, 2, 3, 4] and faces.classes == ["0", "1"] and faces.targets == [0, 0, 1, 1]
+    assert faces.ranges is None and len(faces.lost) == 1  # the identity records 5 and 6, left out
+    if index == "missing":  # the walk says where it stopped, and writes no index of the cut file
+        assert len(lines) == 2 and str(offsets[0]) in lines[1] and not (tmp_path / "train.idx").exists()
+    else:
+        assert faces.skipped == [f"{rec}#0"]
+    with pytest.warns(UserWarning):  # said again from the labels cache
+        assert RecordFaces(str(tmp_path), log=quiet).lost == faces.lost
+
+
+def test_a_file_in_insightfaces_order_cut_inside_an_image_keeps_the_images_before_it(tmp_path):
+    rec = write_insightface_order(tmp_path)
+    with open(rec, "r+b") as f:
+        f.truncate(read_index(tmp_path / "train.idx")[4] + 30)
+    os.remove(tmp_path / "train.idx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the walk stopped before anything but images
+        faces = RecordFaces(str(tmp_path), log=quiet)
+    assert faces.keys == [1, 2, 3] and faces.targets == [0, 0, 1] and faces.lost == []
+
+
 def test_bad_magic_in_the_middle_is_reported_and_skipped(packed):
     src, folder = packed
     offset = read_index(folder / "train.idx")[6]
@@ -265,12 +357,15 @@ def test_undecodable_image_is_replaced_by_another_of_its_identity(tmp_path):
     assert faces.skipped == [f"{tmp_path / 'train.rec'}#1"]
 
 
-def test_corrupt_header_record_is_a_clear_error(packed):
-    _, folder = packed
+def test_a_corrupt_header_record_keeps_the_images_and_says_what_was_lost(packed):
+    src, folder = packed
     rec = folder / "train.rec"
     rec.write_bytes(b"\0" * 8 + rec.read_bytes()[8:])
-    with pytest.raises(RecordError):
-        RecordFaces(str(folder))
+    with pytest.warns(UserWarning):
+        faces = RecordFaces(str(folder))
+    assert faces.keys == list(range(1, 13)) and faces.targets == FaceFolder(str(src)).targets
+    assert faces.ranges is None and faces.skipped == [f"{rec}#0"]
+    assert len(faces.lost) == 1 and "13, 14, 15" in faces.lost[0]  # the identity records, left out
 
 
 # -----------------------------------------------------------------------------
