@@ -128,7 +128,11 @@ def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=6
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, "teacher.json"), lambda f: json.dump(settings, f, indent=1), mode="w")
     keys = photo_keys(faces)
+    if distributed:  # every process reads the cache as it stands before any of them adds to it
+        dist.barrier()
     cached = read_cache(folder)
+    if distributed:  # so that all find the same photos missing, and share them out alike
+        dist.barrier()
     missing = [i for i, key in enumerate(keys) if key is not None and key not in cached]
     log(f"teacher {state.get('network', spec)}: {len(keys) - len(missing)} of {len(keys)} training photos cached "
         f"in {folder}")

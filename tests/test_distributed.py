@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bench
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, read_weights
 from conftest import ROOT, run_script
 from model import model_from_checkpoint
 
@@ -128,3 +128,20 @@ def test_sync_bn_on_the_cpu_is_refused_before_training(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "--sync_bn" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_two_processes_share_the_teachers_photos_and_learn_from_one_cache(att_subset, tmp_path):
+    """--teacher under torchrun: each process embeds its share of the training photos (a part file each), both then
+    learn from the whole cache; a second run computes nothing."""
+    teacher = tmp_path / "teacher"
+    run_script("train.py", f"--data_dir={att_subset}", f"--out_dir={teacher}", "--epochs=0", *SMALL)
+    cache = tmp_path / "cache"
+    flags = [f"--data_dir={att_subset}", "--loss=none", "--epochs=1", "--batch_size=8",
+             f"--teacher={teacher / 'tb_model.pth'}", f"--teacher_cache={cache}", *SMALL]
+    torchrun(*flags, f"--out_dir={tmp_path / 'first'}")
+    parts = {p: p.stat().st_mtime_ns for p in cache.glob("*/part-*.pt")}
+    photos = sum(len(read_weights(str(p))["keys"]) for p in parts)
+    assert len(parts) == 2 and photos == 48  # the six people's 8 training photos each, half a process
+    torchrun(*flags, f"--out_dir={tmp_path / 'second'}")
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/part-*.pt")} == parts
+    assert load_checkpoint(str(tmp_path / "second" / "last.pth"))["config"]["teacher"] == str(teacher / "tb_model.pth")
