@@ -22,7 +22,7 @@ from tqdm import tqdm
 from align import FaceAligner, aligned_as_trained, face_model_file
 from checkpoint import CheckpointError, read_weights
 from data_utils import UNREADABLE_IMAGE, DatasetError, make_transform
-from files import atomic_write
+from files import atomic_write, save_json
 from inference import device_batch
 from model import EmbeddingNet
 from pretrained import DLIB_DESCRIPTOR, load_face_network
@@ -126,7 +126,7 @@ def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=6
     settings, name = teacher_identity(spec, state)
     folder = os.path.join(cache_dir, name)
     os.makedirs(folder, exist_ok=True)
-    atomic_write(os.path.join(folder, "teacher.json"), lambda f: json.dump(settings, f, indent=1), mode="w")
+    save_json(settings, os.path.join(folder, "teacher.json"))
     keys = photo_keys(faces)
     if distributed:  # every process reads the cache as it stands before any of them adds to it
         dist.barrier()

@@ -69,7 +69,6 @@ def from_insightface(state, path):
     network to the last weight, renamed; insightface's input normalisation and 112x112 five-point alignment
     recorded, so that every later use prepares faces alike. Raises CheckpointError for an IResNet of another
     depth or a key it cannot place."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     blocks = insightface_blocks(state)
     name = next((n for n, b in IRESNET_BLOCKS.items() if b == blocks), None)
     if name is None:
@@ -95,9 +94,10 @@ def load_network_file(path):
     state = read_weights(path)
     if is_checkpoint(state):
         return state
-    if is_insightface(state) or is_insightface({k.removeprefix("module."): v for k, v in (
-            state.items() if isinstance(state, dict) else ())}):
-        return from_insightface(state, path)
+    if isinstance(state, dict):  # (DistributedDataParallel's saves prefix every key with module.)
+        plain = {str(k).removeprefix("module."): v for k, v in state.items()}
+        if is_insightface(plain):
+            return from_insightface(plain, path)
     raise CheckpointError(f"{path}: neither a checkpoint of train.py nor insightface's IResNet backbone.pth "
                           f"(a state dict of another architecture?)")
 
