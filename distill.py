@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ from align import FaceAligner, aligned_as_trained, face_model_file
 from checkpoint import CheckpointError, read_weights
 from data_utils import UNREADABLE_IMAGE, DatasetError, make_transform
 from files import atomic_write, save_json
-from inference import device_batch
+from inference import embed_batch
 from model import EmbeddingNet
 from pretrained import DLIB_DESCRIPTOR, load_face_network
 
@@ -87,8 +88,8 @@ def write_part(folder, keys, vectors):
 @torch.inference_mode()
 def embed_views(teacher, images, device):
     """(n, 2, D) float32 CPU vectors of a batch of uint8 images: each image and its mirror image."""
-    images = device_batch(images, device, torch.preserve_format)
-    return torch.stack([teacher(images).float().cpu(), teacher(images.flip(3)).float().cpu()], dim=1)
+    return torch.stack([embed_batch(teacher, views, device, nullcontext()) for views in (images, images.flip(3))],
+                       dim=1)
 
 
 def compute_missing(teacher, faces, transform, keys, missing, folder, device, batch_size, show):
@@ -156,11 +157,16 @@ def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=6
     return targets, state.get("network", spec)
 
 
+def seen_rows(targets):
+    """Which rows of the targets the teacher saw (a photo it could not read has a zero row)."""
+    return targets.abs().sum(1) > 0
+
+
 def centred(targets):
     """The targets less their mean over the photos the teacher saw, normalised again (unseen rows stay zero). Face
     descriptors share a large common direction (dlib's: a cosine of 0.84 between random training photos), on which
     a cosine between student and teacher would otherwise spend itself; centred, random photos are orthogonal."""
-    seen = targets.abs().sum(1) > 0
+    seen = seen_rows(targets)
     result = torch.zeros_like(targets)
     result[seen] = F.normalize(targets[seen] - targets[seen].mean(0), dim=1)
     return result
@@ -183,13 +189,15 @@ class Distillation(nn.Module):
                            if kind == "cosine" and student_dim != teacher_dim else nn.Identity())
 
     def forward(self, embeddings, targets):
-        seen = targets.abs().sum(1) > 0
+        seen = seen_rows(targets)
         student = F.normalize(self.projection(embeddings[seen].float()), dim=1)
         targets = targets[seen].float()
-        if self.kind == "relational":
-            loss = (student @ student.T - targets @ targets.T).pow(2).mean() if len(targets) else student.sum() * 0
+        cosines = (student * targets).sum(1) if student.shape[1] == targets.shape[1] else None
+        if not len(targets):
+            loss = student.sum() * 0
+        elif self.kind == "relational":
+            loss = (student @ student.T - targets @ targets.T).pow(2).mean()
         else:
-            loss = (1 - (student * targets).sum(1)).mean() if len(targets) else student.sum() * 0
-        comparable = student.shape[1] == targets.shape[1] and len(targets)
-        cosine = (student * targets).sum(1).mean().item() if comparable else float("nan")
+            loss = (1 - cosines).mean()
+        cosine = cosines.mean().item() if cosines is not None and len(targets) else float("nan")
         return loss, {"teacher_cosine": cosine}

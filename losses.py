@@ -7,7 +7,8 @@ Every objective is an nn.Module called as `loss, stats = objective(embeddings, l
               triplets, (B, 2) (first, second) for pairs. Whether a pair is of one person is read from labels.
 It returns a scalar loss (an empty batch gives a zero that still backpropagates) and `stats`, a dict of plain
 floats. Its attribute `rows` says what batches it trains on: "triplets" or "pairs" (rows required), None
-(labelled P x K batches; rows are ignored), or "images" (any images; labels and rows are ignored). `figure` is the stats key to show while training.
+(labelled P x K batches; rows are ignored), or "images" (any images; labels and rows are ignored). `figure` is the
+stats key to show while training.
 build_objective makes one from the training options.
 """
 import math

@@ -85,7 +85,8 @@ def from_insightface(state, path):
     config = dict(backbone=name, embedding_dim=int(state["fc.weight"].shape[0]), head="fc_bn", hidden_dim=512,
                   input_norm=[list(v) for v in INSIGHTFACE_NORM])
     return dict(model=renamed, model_config=config, image_size=[112, 112], classes=[], epoch=None, metrics={},
-                config={}, alignment=alignment_record(112, PASSES), network=f"insightface {name} ({os.path.basename(path)})")
+                config={}, alignment=alignment_record(112, PASSES),
+                network=f"insightface {name} ({os.path.basename(path)})")
 
 
 def load_network_file(path):
@@ -278,7 +279,8 @@ def load_face_network(spec, image_size=None, pixel_norm=None):
     if spec.endswith(".onnx"):
         model = OnnxFace(spec, pixel_norm, image_size).eval()
         return model, dict(image_size=list(model.image_size), alignment=model.alignment, classes=model.classes,
-                           epoch=None, network=f"ONNX model {os.path.basename(spec)}, {model.config['embedding_dim']}-d",
+                           epoch=None,
+                           network=f"ONNX model {os.path.basename(spec)}, {model.config['embedding_dim']}-d",
                            pixel_norm=[model.mean.flatten().tolist(), model.std.flatten().tolist()])
     state = load_network_file(spec)
     return model_from_checkpoint(state, spec).eval(), state

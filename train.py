@@ -130,7 +130,8 @@ resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out
 CHOICES = dict(fill=("repeat", "drop"), augment=AUGMENTATIONS, cache_images=configurator.TRISTATE,
                backbone=BACKBONES, head=HEADS, loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS,
                lr_schedule=SCHEDULES, distill_loss=DISTILL_LOSSES, plot_x=("epoch", "step"),
-               channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs", "bins"), arcface_form=ARCFACE_FORMS)
+               channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs", "bins"),
+               arcface_form=ARCFACE_FORMS)
 defaults = configurator.constants(globals())
 config = configurator.parse(globals(), description=__doc__.split("\n")[0], choices=CHOICES)
 
