@@ -320,7 +320,7 @@ def selection_key(select_on, probe_targets, probe_classes, train_classes, held_o
 
 @torch.inference_mode()
 def evaluate_bins(model, bins, transform, device, autocast, batch_size=64):
-    """insightface's verification of the sets of `bins` ({name: (images, same)}, data_utils.read_verification_bins'),
+    """insightface's verification of the sets of `bins` ({name: (images, same)}, pairs.read_verification_bins'),
     scored as test.py --val_bins scores them: each image through `transform` and embedded with its mirror image
     (insightface's flip test), insightface's 10-fold accuracy (evaluation.bin_pairs, score_pairs_as_insightface).
     Returns {f"bin_{name}_accuracy": the mean fold accuracy (NaN when too few of its images could be read)} and

@@ -374,7 +374,7 @@ def score_pairs_as_insightface(embeddings, readable, pair_rows, fold_ids, seed=0
 
 def bin_pairs(same, folds=10):
     """(pair rows (2k, 2k + 1, same[k]), fold of each pair) of an insightface verification set of len(same) pairs
-    (data_utils.read_verification_bin's): its images two a pair, its folds insightface's contiguous_folds."""
+    (pairs.read_verification_bin's): its images two a pair, its folds insightface's contiguous_folds."""
     return [(2 * k, 2 * k + 1, bool(s)) for k, s in enumerate(same)], contiguous_folds(len(same), folds)
 
 

@@ -364,7 +364,7 @@ def pack_dataset(src, out_rec, log=print):
 
 def bin_dataset(src, out_bin, pairs=6000, seed=0, log=print):
     """Write an insightface verification set OUT.bin (a pickled (image bytes, two a pair; is-same flags), read by
-    data_utils.read_verification_bin) of up to `pairs` pairs among the images of SRC's identity folders: half of
+    pairs.read_verification_bin) of up to `pairs` pairs among the images of SRC's identity folders: half of
     them of the same person, drawn with `seed` (evaluation.verification_pairs), ordered so that each tenth of the
     file (insightface's ten folds of consecutive pairs) holds a tenth of each kind. Images are stored as
     pack_dataset stores them. Returns (pairs written, same pairs)."""

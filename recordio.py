@@ -21,7 +21,7 @@ import tempfile
 import warnings
 
 import numpy as np
-from data_utils import UNREADABLE_IMAGE, DatasetError, FaceFolder, LabelledImages, load_image, some_names
+from data_utils import UNREADABLE_IMAGE, DatasetError, LabelledImages, load_image, some_names
 from files import FILE_MODE, atomic_write
 
 MAGIC = 0xCED7230A
@@ -469,19 +469,3 @@ class RecordFaces(LabelledImages):
         except (RecordError, *UNREADABLE_IMAGE) as err:
             return f"{type(err).__name__}: {err}"
         return "readable now"
-
-
-def training_images(data_dir, transform=None, identity_depth=1, log=print):
-    """The training images of a prepared dataset: identity folders data_dir/train/ (a FaceFolder), or insightface's
-    data_dir/train.rec (a RecordFaces; the layout of faces_emore/ and the like, whose .bin verification sets lie
-    beside it). Raises DatasetError when data_dir holds both (which one is meant cannot be guessed) or neither."""
-    folder, records = os.path.join(data_dir, "train"), os.path.join(data_dir, "train.rec")
-    if os.path.isdir(folder) and os.path.isfile(records):
-        raise DatasetError(f"--data_dir={data_dir} holds both train/ (identity folders) and train.rec (records): "
-                           f"keep one of them there, or move train.rec and its .idx to a folder of their own")
-    if os.path.isfile(records):
-        return RecordFaces(data_dir, transform, log=log)
-    if not os.path.isdir(folder):
-        raise DatasetError(f"--data_dir={data_dir} holds neither train/ (identity folders) nor train.rec "
-                           f"(insightface's records): prepare one with prepare.py split or prepare.py pack")
-    return FaceFolder(folder, transform, identity_depth)

@@ -36,8 +36,7 @@ from torch.utils.data import DataLoader
 
 import configurator
 from align import AlignmentUnavailable, FaceAligner, aligned_as_trained, read_alignment
-from data_utils import (DatasetError, FaceFolder, as_hw, loader_workers, make_transform, read_pairs_file,
-                        read_verification_bins)
+from data_utils import DatasetError, FaceFolder, as_hw, make_transform
 from evaluation import (bin_pairs, cosine_similarity_pairs, evaluation_protocol, identification_accuracy, identify,
                         open_set_evaluation, pair_decisions, relabel, retrieval_metrics, score_pairs,
                         score_pairs_as_insightface, verifiable, verification_metrics, verification_pairs)
@@ -46,7 +45,9 @@ from files import save_json
 from inference import embed, embed_files
 from losses import build_objective
 from model import select_device
+from pairs import read_pairs_file, read_verification_bins
 from pretrained import REFERENCES, load_face_network
+from sampling import loader_workers
 
 # -----------------------------------------------------------------------------
 # data

@@ -33,9 +33,7 @@ from align import AlignmentUnavailable, read_alignment
 from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, resume_config,
                         resume_training, training_state)
 from distill import DISTILL_LOSSES, Distillation, centred, teacher_targets
-from data_utils import (AUGMENTATIONS, DatasetError, FaceFolder, TripletFaceDataset, as_hw, draw_pairs,
-                        draw_triplets, loader_workers, make_transform, read_verification_bins, some_names,
-                        train_loader_for, write_skipped)
+from data_utils import AUGMENTATIONS, DatasetError, FaceFolder, as_hw, make_transform, some_names, write_skipped
 from engine import (OPTIMIZERS, SCHEDULES, SELECTED, NonFinite, StopRequested, StopSignals, TrainingStep, agreed,
                     build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, evaluate_bins,
                     poisoned, selection_key, shut_down, train_one_epoch, worker_signals)
@@ -44,9 +42,11 @@ from evaluation import held_out_pairs
 from files import reported, save_json
 from losses import ARCFACE_FORMS, MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
 from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_device
+from pairs import read_verification_bins
 from prepare import ensure_att
 from pretrained import init_weights
-from recordio import training_images
+from sampling import (TripletFaceDataset, draw_pairs, draw_triplets, loader_workers, train_loader_for,
+                      training_images)
 
 # -----------------------------------------------------------------------------
 # data

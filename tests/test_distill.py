@@ -14,11 +14,12 @@ import torch.nn.functional as F
 import distill
 from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
 from conftest import make_faces, write_image
-from data_utils import FaceFolder, TripletFaceDataset, collate_rows, make_transform, normalize, train_loader_for
+from data_utils import FaceFolder, make_transform, normalize
 from distill import Distillation, centred, teacher_targets
 from engine import TrainingStep, build_optimizer, build_schedule
 from losses import NoObjective, batch_rows, build_objective
 from model import EmbeddingNet, model_from_checkpoint
+from sampling import TripletFaceDataset, collate_rows, train_loader_for
 
 SIZE = (16, 16)
 TEACHER_DIM = 8

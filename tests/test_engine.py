@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
 from configurator import ConfigError
 from conftest import make_faces, write_image
-from data_utils import FaceFolder, draw_pairs, draw_triplets, make_transform, normalize, train_loader_for
+from data_utils import FaceFolder, make_transform, normalize
 from engine import (NonFinite, StopRequested, StopSignals, TrainingStep, agreed, build_optimizer, build_schedule,
                     check_config, describe, epoch_summary, evaluate, poisoned, shut_down, train_one_epoch,
                     valid_objective, warmup_cosine, worker_signals)
@@ -25,6 +25,7 @@ from evaluation import identification_accuracy, pair_decisions, relabel, triplet
 from inference import embed
 from losses import batch_rows, build_objective
 from model import EmbeddingNet
+from sampling import draw_pairs, draw_triplets, train_loader_for
 
 SIZE = (32, 32)
 EMBEDDING = 16

@@ -1,5 +1,6 @@
-"""read_pairs_file: LFW-style pairs.txt files, on small files and image trees written into tmp_path; and
-read_verification_bin: insightface's pickled .bin verification sets, read without running code."""
+"""pairs: read_pairs_file (LFW-style pairs.txt files, on small files and image trees written into tmp_path),
+read_verification_bin (insightface's pickled .bin verification sets, read without running code) and
+read_verification_bins (the sets of --val_bins, refused in one line naming it)."""
 import io
 import os
 import pickle
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
-from data_utils import DatasetError, read_pairs_file, read_verification_bin
+from configurator import ConfigError
+from conftest import run_script, write_image, write_verification_bin
+from data_utils import DatasetError
+from pairs import read_pairs_file, read_verification_bin, read_verification_bins
 
 ATT_PAIRS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "att_pairs.txt")
 
@@ -198,3 +201,40 @@ def test_anything_but_bytes_and_booleans_is_refused_in_one_line_without_running_
         read_verification_bin(str(path))
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()  # the pickle's call never ran
+
+
+# -----------------------------------------------------------------------------
+# --val_bins: read once, refused in one line naming it
+
+def test_val_bins_are_names_in_data_dir_or_paths(tmp_path):
+    pairs = [(jpeg(1), jpeg(1), True), (jpeg(2), jpeg(3), False)] * 2
+    write_verification_bin(tmp_path / "lfw.bin", pairs)
+    write_verification_bin(tmp_path / "elsewhere.bin", pairs[:3] + [(jpeg(4), jpeg(4), True)])
+    bins = read_verification_bins(f"lfw, {tmp_path / 'elsewhere.bin'}", str(tmp_path))
+    assert list(bins) == ["lfw", "elsewhere"]
+    images, same = bins["lfw"]
+    assert images[:2] == [jpeg(1), jpeg(1)] and same.tolist() == [True, False, True, False]
+    assert read_verification_bins("", str(tmp_path)) == {}
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_set", "twice", "too_few", "one_kind"])
+def test_a_bad_val_bins_entry_is_refused_naming_val_bins(tmp_path, case):
+    pairs = [(jpeg(1), jpeg(1), True), (jpeg(2), jpeg(3), False)] * 2
+    write_verification_bin(tmp_path / "lfw.bin", pairs)
+    (tmp_path / "junk.bin").write_bytes(b"not a pickle")
+    write_verification_bin(tmp_path / "few.bin", pairs[:3])
+    write_verification_bin(tmp_path / "same.bin", [(jpeg(1), jpeg(1), True)] * 4)
+    entry = dict(missing="cfp_fp", not_a_set="junk", twice=f"lfw,{tmp_path / 'lfw.bin'}", too_few="few",
+                 one_kind="same")[case]
+    with pytest.raises(ConfigError) as info:
+        read_verification_bins(entry, str(tmp_path))
+    assert info.value.flag == "val_bins"
+
+
+@pytest.mark.e2e
+def test_test_py_refuses_a_bin_holding_a_persistent_id_in_one_line_naming_val_bins(tmp_path):
+    with open(tmp_path / "crafted.bin", "wb") as f:
+        PersistentIds(f, protocol=4).dump(([jpeg(1), 5] * 2, [True, False]))
+    proc = run_script("test.py", "--checkpoint=pixels", f"--data_dir={tmp_path}", "--val_bins=crafted", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(errors) == 1 and "--val_bins" in errors[0], proc.stderr

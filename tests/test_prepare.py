@@ -10,8 +10,9 @@ from PIL import Image
 
 import prepare
 from conftest import make_faces, write_image
-from data_utils import DatasetError, read_verification_bin
+from data_utils import DatasetError
 from evaluation import bin_pairs
+from pairs import read_verification_bin
 from prepare import ensure_att, fetch_att, split_dataset
 
 

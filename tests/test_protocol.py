@@ -20,7 +20,7 @@ import prepare
 from checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from configurator import ConfigError
 from conftest import make_faces, run_script, write_image
-from data_utils import DatasetError, FaceFolder, draw_pairs, draw_triplets, make_transform, train_loader_for
+from data_utils import DatasetError, FaceFolder, make_transform
 from engine import evaluate, selection_key
 from evaluation import (cosine_similarity_pairs, evaluation_protocol, held_out_pairs, identification_accuracy,
                         verification_metrics)
@@ -29,6 +29,7 @@ from losses import build_objective
 from model import EmbeddingNet
 from prepare import split_dataset
 from pretrained import init_weights
+from sampling import draw_pairs, draw_triplets, train_loader_for
 
 SIZE = (32, 32)
 EMBEDDING = 16

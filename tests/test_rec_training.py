@@ -1,12 +1,11 @@
-"""Training on insightface's data: a dataset of train.rec records (recordio.training_images) read like identity
-folders (cache, P x K batches, loader workers, distributed shares), the .bin verification sets of --val_bins read
-once (data_utils.read_verification_bins), scored as insightface does (evaluation.score_pairs, bin_pairs;
-engine.evaluate_bins) and choosing the checkpoint (engine.selection_key "bins"), and one run of train.py and test.py
-on packed AT&T faces."""
+"""Training on insightface's data: a dataset of train.rec records (sampling.training_images) read like identity
+folders (cache, P x K batches, loader workers, distributed shares), the .bin verification sets of --val_bins
+(pairs.read_verification_bins, tested in test_pairs.py) scored as insightface does (evaluation.score_pairs,
+bin_pairs; engine.evaluate_bins) and choosing the checkpoint (engine.selection_key "bins"), and one run of train.py
+and test.py on packed AT&T faces."""
 import io
 import json
 import os
-import pickle
 import re
 
 import numpy as np
@@ -17,14 +16,15 @@ from PIL import Image
 import prepare
 from checkpoint import load_checkpoint
 from configurator import ConfigError
-from conftest import insightface_accuracy, make_faces, run_script, write_verification_bin
-from data_utils import DatasetError, FaceFolder, make_transform, read_verification_bins, train_loader_for, write_skipped
+from conftest import insightface_accuracy, make_faces, run_script
+from data_utils import DatasetError, FaceFolder, make_transform, write_skipped
 from engine import epoch_summary, evaluate_bins, selection_key
 from evaluation import bin_pairs, score_pairs
 from figures import plot_history
 from inference import embed_files
 from model import Embedder
-from recordio import RecordFaces, RecordWriter, pack_payload, training_images
+from recordio import RecordFaces, RecordWriter, pack_payload
+from sampling import train_loader_for, training_images
 
 
 def quiet(*_):
@@ -109,50 +109,6 @@ def test_p_x_k_batches_of_records_in_a_worker_give_each_process_disjoint_identit
         assert all(labels_0.tolist().count(label) == 2 for label in labels_0.tolist())
     seen = sorted(label for share in shares for _, labels in share for label in labels.tolist())
     assert seen == sorted(faces.targets)  # together: every image once
-
-
-# -----------------------------------------------------------------------------
-# --val_bins: read once, refused in one line naming it
-
-def test_val_bins_are_names_in_data_dir_or_paths(tmp_path):
-    pairs = [(png(1), png(1), True), (png(2), png(3), False)] * 2
-    write_verification_bin(tmp_path / "lfw.bin", pairs)
-    write_verification_bin(tmp_path / "elsewhere.bin", pairs[:3] + [(png(4), png(4), True)])
-    bins = read_verification_bins(f"lfw, {tmp_path / 'elsewhere.bin'}", str(tmp_path))
-    assert list(bins) == ["lfw", "elsewhere"]
-    images, same = bins["lfw"]
-    assert images[:2] == [png(1), png(1)] and same.tolist() == [True, False, True, False]
-    assert read_verification_bins("", str(tmp_path)) == {}
-
-
-@pytest.mark.parametrize("case", ["missing", "not_a_set", "twice", "too_few", "one_kind"])
-def test_a_bad_val_bins_entry_is_refused_naming_val_bins(tmp_path, case):
-    pairs = [(png(1), png(1), True), (png(2), png(3), False)] * 2
-    write_verification_bin(tmp_path / "lfw.bin", pairs)
-    (tmp_path / "junk.bin").write_bytes(b"not a pickle")
-    write_verification_bin(tmp_path / "few.bin", pairs[:3])
-    write_verification_bin(tmp_path / "same.bin", [(png(1), png(1), True)] * 4)
-    entry = dict(missing="cfp_fp", not_a_set="junk", twice=f"lfw,{tmp_path / 'lfw.bin'}", too_few="few",
-                 one_kind="same")[case]
-    with pytest.raises(ConfigError) as info:
-        read_verification_bins(entry, str(tmp_path))
-    assert info.value.flag == "val_bins"
-
-
-class PersistentIds(pickle.Pickler):
-    """A pickler that stores the second image as a persistent id, which only its own unpickler could resolve."""
-
-    def persistent_id(self, obj):
-        return "image-1" if obj == png(2) else None
-
-
-@pytest.mark.e2e
-def test_test_py_refuses_a_bin_holding_a_persistent_id_in_one_line_naming_val_bins(tmp_path):
-    with open(tmp_path / "crafted.bin", "wb") as f:
-        PersistentIds(f, protocol=4).dump(([png(1), png(2)] * 2, [True, False]))
-    proc = run_script("test.py", "--checkpoint=pixels", f"--data_dir={tmp_path}", "--val_bins=crafted", check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(errors) == 1 and "--val_bins" in errors[0], proc.stderr
 
 
 # -----------------------------------------------------------------------------

@@ -16,11 +16,12 @@ import prepare
 from align import ALIGNMENT_FILE, alignment_record, read_alignment
 import recordio
 from conftest import make_faces, write_image
-from data_utils import DatasetError, FaceFolder, make_transform, train_loader_for
+from data_utils import DatasetError, FaceFolder, make_transform
 from files import save_json
 from prepare import split_dataset
 from recordio import (MAGIC, MAGIC_BYTES, RecordError, RecordFaces, RecordReader, RecordWriter, pack_payload,
                       read_index, scan_index, unpack_payload)
+from sampling import train_loader_for
 
 
 def quiet(*_):
