@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-import bench
+from benchmarks.sharded import trainers
 from checkpoint import load_checkpoint, read_weights
 from conftest import ROOT, run_script
 from model import model_from_checkpoint
@@ -44,7 +44,7 @@ def torchrun(*args, stop_rank=None):
 
 def worker(launcher, rank):
     """The pid of the launcher's child process of that rank."""
-    pid = bench.trainers(launcher).get(rank)
+    pid = trainers(launcher).get(rank)
     assert pid, f"no process of rank {rank} under {launcher}"
     return pid
 
