@@ -16,8 +16,8 @@ from PIL import Image
 from benchmarks.publish import Table, cell
 from benchmarks.runs import peak_rss_mib, read_text, run
 from checkpoint import load_checkpoint
-from data_utils import PKBatchSampler
 from recordio import RecordFaces, RecordWriter, pack_payload
+from sampling import PKBatchSampler
 
 # --sharded: train.py's settings (a small network, the field's 512-d embedding, K = 2: the two photos of each
 # identity; SGD: one momentum per centre, as insightface trains), and the runs: (processes, --partial_fc)

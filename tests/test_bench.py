@@ -15,11 +15,12 @@ from benchmarks import gpu, pipeline, publish, recipes, sharded, students
 from align import ALIGNMENT_FILE, alignment_record, read_alignment
 from checkpoint import Checkpointer, load_checkpoint
 from conftest import make_faces
-from data_utils import FaceFolder, read_verification_bin
+from data_utils import FaceFolder
 from engine import TrainingStep
 from files import save_json
 from losses import build_objective
 from model import EmbeddingNet
+from pairs import read_verification_bin
 from prepare import bin_dataset
 from recordio import RecordFaces
 
