@@ -171,7 +171,7 @@ class RandomState:
 
 
 class ShardedCentres:
-    """PartialFC's class centres (`objective`, a losses.PartialFC: each process holds the rows of its share) and the
+    """PartialFC's class centres (`objective`, a partial_fc.PartialFC: each process holds the rows of its share) and the
     `optimizer`'s state of them (SGD's momentum, Adam's moments), as checkpoints hold them: whole, in the layout of
     the unsharded margin softmax (loss_state {"weight": (C, D)}, the optimiser's state of its (C, D) centres), so
     that a checkpoint does not depend on the process that saved it, and a run resumes on any number of

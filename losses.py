@@ -13,7 +13,6 @@ OBJECTIVES is the table of them, which build_objective, batch_rows, objective_co
 the miners are mining.py's, PartialFC's sharded centres partial_fc.py's.
 """
 import math
-
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Optional
@@ -339,6 +338,9 @@ class NoObjective(nn.Module):
     def forward(self, embeddings, labels, rows=None):
         return embeddings.sum() * 0.0, {}
 
+
+# -----------------------------------------------------------------------------
+# the table of the objectives, and building one
 
 @dataclass(frozen=True)
 class Objective:
