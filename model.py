@@ -258,9 +258,9 @@ class EmbeddingNet(Embedder):
             self.train()
 
     def frozen_part(self):
-        """The part of the backbone that freeze_backbone freezes: the convolutional features of vgg16 and
-        alexnet, the whole of the others. (A method, not an attribute: a module attribute would add its weights
-        to the state dict a second time.)"""
+        """The part of the backbone that freeze_backbone freezes, its BACKBONES entry's `frozen`: the
+        convolutional features of vgg16 and alexnet, the whole of the others. (A method, not an attribute: a
+        module attribute would add its weights to the state dict a second time.)"""
         return self.backbone.get_submodule(BACKBONES[self.config["backbone"]].frozen)
 
     def train(self, mode=True):
