@@ -1,5 +1,5 @@
-"""Checkpoints: the run's state, saving it (atomic, a failure reported), loading it (weights_only) and the rules
-by which a stopped run is resumed.
+"""Checkpoints: the run's state, saving it (atomic, a failure reported), loading it (weights_only), rebuilding the
+network it describes, and the rules by which a stopped run is resumed.
 
 A checkpoint is a dict of tensors and plain values. Every one holds what test.py and predict.py need: `model`,
 `model_config`, `image_size`, `classes`, `epoch` (the last evaluated epoch), `metrics` (its evaluation), `config`
@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from configurator import ConfigError
 from files import atomic_write, reported
-from losses import partial_fc_shard
+from model import EmbeddingNet
+from partial_fc import partial_fc_shard
 
 # what a resumed run may be given anew: nothing that shapes the model, the data or the optimisation
 RESUMABLE = ("resume", "out_dir", "data_dir", "epochs", "num_workers", "verbosity", "eval_every", "save_every",
@@ -59,6 +60,22 @@ def load_checkpoint(path, map_location="cpu"):
     if not is_checkpoint(checkpoint):
         raise CheckpointError(f"{path}: not a checkpoint written by train.py (no 'model' and 'model_config')")
     return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """Rebuild the network a checkpoint describes and load its weights."""
+    config = checkpoint["model_config"]
+    try:
+        model = EmbeddingNet(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its model config {config} cannot be built: {err}") from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({config}): "
+                              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+                              ) from None
+    return model
 
 
 def resume_config(config, defaults, path, out_dir):
@@ -154,7 +171,7 @@ class RandomState:
 
 
 class ShardedCentres:
-    """PartialFC's class centres (`objective`, a losses.PartialFC: each process holds the rows of its share) and the
+    """PartialFC's class centres (`objective`, a partial_fc.PartialFC: each process holds the rows of its share) and the
     `optimizer`'s state of them (SGD's momentum, Adam's moments), as checkpoints hold them: whole, in the layout of
     the unsharded margin softmax (loss_state {"weight": (C, D)}, the optimiser's state of its (C, D) centres), so
     that a checkpoint does not depend on the process that saved it, and a run resumes on any number of

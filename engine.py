@@ -1,6 +1,6 @@
 """The training engine: the run's settings checked, the optimiser and schedule built, one optimiser step, one epoch,
-the evaluation of an epoch, and how a run stops (a stop signal, a non-finite loss), each with explicit arguments so
-that it can be called and tested on its own. train.py puts them together."""
+the evaluation of an epoch, how a run stops (a stop signal, a non-finite loss) and the watch for collapsing embeddings,
+each with explicit arguments so that it can be called and tested on its own. train.py puts them together."""
 import gc
 import io
 import math
@@ -9,10 +9,12 @@ import re
 import signal
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import ConfigError
@@ -20,7 +22,8 @@ from data_utils import as_hw
 from evaluation import (bin_pairs, cosine_similarity_pairs, identification_accuracy, pair_decisions, relabel,
                         score_pairs_as_insightface, triplet_accuracy, verification_metrics)
 from inference import device_batch, embed, embed_files
-from losses import MARGIN_SOFTMAX, PAIR_BCE_MINING, batch_rows, gather_batch
+from losses import OBJECTIVES, batch_rows, objective_conflicts
+from partial_fc import gather_batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "onecycle", "poly")
@@ -33,10 +36,10 @@ def check_config(config):
     """Raise ConfigError for the first setting train.py cannot run with, before anything is scanned, started or
     built. The choices of each constant are checked by configurator.parse; these are the rules between them."""
     c = config
+    conflicts = objective_conflicts(c["loss"], c["mining"], c["partial_fc"])  # (losses.py's rules)
     rules = [
-        ("mining", c["loss"] == "pair_bce" and c["mining"] not in PAIR_BCE_MINING,
-         "--loss=pair_bce trains on given pairs (none) or on every pair of a batch (batch_all)"),
-        ("anchor_pattern", c["anchor_pattern"] and (c["mining"] != "none" or c["loss"] in MARGIN_SOFTMAX),
+        ("mining", "mining" in conflicts, conflicts.get("mining")),
+        ("anchor_pattern", c["anchor_pattern"] and (c["mining"] != "none" or OBJECTIVES[c["loss"]].margin_softmax),
          "chooses the anchors of random triplets and pairs: use it with --mining=none and a triplet, contrastive "
          "or pair_bce loss"),
         ("device", not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c["device"]), "choose auto, cpu, cuda or cuda:N"),
@@ -50,8 +53,7 @@ def check_config(config):
         ("lr", not c["lr"] > 0, "must be positive"),
         ("embedding_dim", c["embedding_dim"] < 1, "must be positive"),
         ("partial_fc", not 0 <= c["partial_fc"] <= 1, "is a sample rate: 0 (off) or above 0 up to 1"),
-        ("partial_fc", c["partial_fc"] and c["loss"] not in MARGIN_SOFTMAX,
-         "shards the class centres of a margin softmax: use it with --loss=arcface or cosface"),
+        ("partial_fc", "partial_fc" in conflicts, conflicts.get("partial_fc")),
         ("loss", c["loss"] == "none" and not c["teacher"], "none learns from a teacher alone: give --teacher"),
         ("distill", c["distill"] < 0 or (c["teacher"] and not c["distill"] > 0),
          "weighs the teacher's term: a positive number (with --teacher)"),
@@ -127,11 +129,11 @@ class TrainingStep:
     (the loss, detached; the objective's stats, with the distiller's; this process's embeddings)."""
 
     def __init__(self, network, objective, optimizer, scheduler, scaler, device, autocast,
-                 memory_format=torch.preserve_format, gather=False, figure="", distiller=None, targets=None,
+                 memory_format=torch.preserve_format, gather=False, stat="", distiller=None, targets=None,
                  weight=1.0):
         self.network, self.objective, self.optimizer, self.scheduler = network, objective, optimizer, scheduler
         self.scaler, self.device, self.autocast, self.memory_format = scaler, device, autocast, memory_format
-        self.gather, self.figure = gather, figure  # figure: the objective's stat shown and averaged per epoch
+        self.gather, self.stat = gather, stat  # the objective's stat shown and averaged per epoch
         self.distiller, self.targets, self.weight = distiller, targets, weight
 
     def embed(self, images):
@@ -246,7 +248,7 @@ def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=Fals
     random state it began with, passes over those it trained, and goes on from the saved state. `randomness` is
     the run's RandomState, `stop` its StopSignals; `collapse` an optional CollapseDetector.
 
-    Returns the epoch's figures: train_loss, train_<figure> (the mean of the objective's stat), epoch_seconds,
+    Returns the epoch's train_stats: train_loss, train_<stat> (the mean of the objective's stat), epoch_seconds,
     images and images_per_second (of the steps trained in this call). Raises StopRequested after the step a
     signal arrived in (not after the last one: the epoch then ends and saves), NonFinite for a non-finite loss."""
     position = run.position if run.position and run.position["epoch"] == epoch else None
@@ -273,9 +275,9 @@ def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=Fals
         stopping = stop.settle(signalled)
         run.step, count, total = run.step + 1, count + 1, total + value
         images += len(embeddings) * world_size
-        second = stats.get(step.figure)
+        second = stats.get(step.stat)
         second_total += second or 0.0
-        bar.set_postfix(loss=f"{total / count:.4f}", **({} if second is None else {step.figure: f"{second:.2f}"}))
+        bar.set_postfix(loss=f"{total / count:.4f}", **({} if second is None else {step.stat: f"{second:.2f}"}))
         if collapse is not None and collapse.update(value, embeddings):
             tqdm.write(f"warning: the embeddings are collapsing (loss {value:.3f} ~ margin {collapse.margin}, "
                        f"spread {collapse.spread:.3f} for {collapse.patience} steps): try a lower --lr, "
@@ -286,7 +288,7 @@ def train_one_epoch(step, loader, epoch, run, stop, randomness, distributed=Fals
                                      rng=epoch_rng))
     seconds = max(time.time() - started, 1e-6)  # (a coarse clock can measure nothing)
     run.train_seconds += seconds
-    return dict(train_loss=total / count, **{f"train_{step.figure}": second_total / count},
+    return dict(train_loss=total / count, **{f"train_{step.stat}": second_total / count},
                 epoch_seconds=round(seconds, 3), images=images, images_per_second=round(images / seconds, 2))
 
 
@@ -318,51 +320,54 @@ def selection_key(select_on, probe_targets, probe_classes, train_classes, held_o
     return "valid_identification" if select_on == "top1" else "valid_pairs_accuracy"
 
 
-@torch.inference_mode()
-def evaluate_bins(model, bins, transform, device, autocast, batch_size=64):
-    """insightface's verification of the sets of `bins` ({name: (images, same)}, pairs.read_verification_bins'),
-    scored as test.py --val_bins scores them: each image through `transform` and embedded with its mirror image
-    (insightface's flip test), insightface's 10-fold accuracy (evaluation.bin_pairs, score_pairs_as_insightface).
-    Returns {f"bin_{name}_accuracy": the mean fold accuracy (NaN when too few of its images could be read)} and
-    bins_accuracy, their mean; {} without sets."""
-    result = {}
-    for name, (images, same) in bins.items():
-        embeddings, readable = embed_files(model, [io.BytesIO(image) for image in images], transform, device,
-                                           autocast, batch_size, flip=True)
-        figures, _ = score_pairs_as_insightface(embeddings, readable, *bin_pairs(same))
-        result[f"bin_{name}_accuracy"] = figures["accuracy_mean"] if figures else float("nan")
-    if result:
-        result["bins_accuracy"] = float(np.mean(list(result.values())))
-    return result
+Embedded = namedtuple("Embedded", "embeddings labels classes")  # a valid folder's, as inference.embed gives them
 
 
 @torch.inference_mode()
-def evaluate(model, objective, gallery_loader, probe_loader, train_classes, valid_rows, device, autocast):
-    """An epoch's validation: identification top-1 of the probes by the centroids of the gallery (test.py's
-    method; NaN when no probe is of a training identity), the 10-fold accuracy and ROC AUC of the verification pairs
-    of the valid people never trained on (valid_rows["held_out"], when there are any), the objective's loss on
-    the probes (on `valid_rows`, dict(triplets=..., pairs=...) of index rows into the probes, for an objective
-    that trains on rows; on the probes of training identities otherwise, as ArcFace's centres are those
-    identities), the share of valid triplets with d(a,p) < d(a,n), and for the pair
-    classifier precision, recall and F1 of its decisions on the valid pairs."""
-    probe_emb, probe_labels = embed(model, probe_loader, device, autocast)
-    gallery, probes = gallery_loader.dataset, probe_loader.dataset
-    result = dict(valid_identification=float("nan"), valid_loss=float("nan"), valid_triplet_accuracy=float("nan"))
-    if (relabel(probe_labels, probes.classes, gallery.classes) >= 0).any():  # else no gallery to embed
-        gallery_emb, gallery_labels = embed(model, gallery_loader, device, autocast)
-        result["valid_identification"] = identification_accuracy(
-            gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels, probes.classes)["accuracy"]
-    if len(valid_rows["triplets"]):
-        result["valid_triplet_accuracy"] = triplet_accuracy(probe_emb, valid_rows["triplets"])
-    held_out = valid_rows.get("held_out", ())
-    if len(held_out):
-        figures = verification_metrics(cosine_similarity_pairs(probe_emb, held_out), held_out[:, 2])
-        result.update(valid_pairs_accuracy=figures["accuracy_mean"], valid_pairs_auc=figures["auc"])
-    objective.eval()
-    result.update(valid_objective(objective, probe_emb.to(device), probe_labels, probes.classes, train_classes,
-                                  valid_rows))
-    objective.train()
-    return result
+def evaluate(model, objective, gallery_loader, probe_loader, train_classes, valid_rows, device, autocast, bins=None,
+             transform=None, batch_size=64):
+    """An epoch's validation, in the order it runs. The valid images embedded (embed_valid): the probes of valid/,
+    and the gallery (the training images) when a probe is of a training identity. From them: the identification
+    top-1 of the probes by the centroids of the gallery (test.py's method; NaN when no probe is of a training
+    identity); the share of valid triplets (valid_rows["triplets"]) with d(a,p) < d(a,n); the 10-fold accuracy and
+    ROC AUC of the verification pairs of the valid people never trained on (held_out_metrics); the objective's
+    loss on the probes, and the pair classifier's decisions (valid_objective). Then the .bin sets of `bins`, each
+    image through `transform` (evaluate_bins). Without valid images (probe_loader None) the sets alone; {} without
+    either."""
+    metrics = {}
+    if probe_loader is not None:
+        probes, gallery = embed_valid(model, gallery_loader, probe_loader, device, autocast)
+        metrics = dict(valid_identification=float("nan"), valid_loss=float("nan"),
+                       valid_triplet_accuracy=float("nan"))
+        if gallery is not None:
+            metrics["valid_identification"] = identification_accuracy(*gallery, *probes)["accuracy"]
+        if len(valid_rows["triplets"]):
+            metrics["valid_triplet_accuracy"] = triplet_accuracy(probes.embeddings, valid_rows["triplets"])
+        metrics.update(held_out_metrics(probes.embeddings, valid_rows.get("held_out", ())))
+        objective.eval()
+        metrics.update(valid_objective(objective, probes.embeddings.to(device), probes.labels, probes.classes,
+                                       train_classes, valid_rows))
+        objective.train()
+    metrics.update(evaluate_bins(model, bins or {}, transform, device, autocast, batch_size))
+    return metrics
+
+
+def embed_valid(model, gallery_loader, probe_loader, device, autocast):
+    """(probes, gallery), each Embedded: the gallery None when no probe is of a training identity (nothing to
+    identify, so the training images are not embedded)."""
+    probes = Embedded(*embed(model, probe_loader, device, autocast), probe_loader.dataset.classes)
+    if not (relabel(probes.labels, probes.classes, gallery_loader.dataset.classes) >= 0).any():
+        return probes, None
+    return probes, Embedded(*embed(model, gallery_loader, device, autocast), gallery_loader.dataset.classes)
+
+
+def held_out_metrics(embeddings, held_out):
+    """valid_pairs_accuracy and valid_pairs_auc: the 10-fold accuracy and ROC AUC of the verification pairs
+    `held_out` (held_out_pairs' rows (i, j, same) into the probes' `embeddings`); {} without pairs."""
+    if not len(held_out):
+        return {}
+    metrics = verification_metrics(cosine_similarity_pairs(embeddings, held_out), held_out[:, 2])
+    return dict(valid_pairs_accuracy=metrics["accuracy_mean"], valid_pairs_auc=metrics["auc"])
 
 
 def valid_objective(objective, embeddings, labels, classes, train_classes, valid_rows):
@@ -371,33 +376,51 @@ def valid_objective(objective, embeddings, labels, classes, train_classes, valid
     if getattr(objective, "sharded", False) or objective.rows == "images":  # (loss none: no objective to score)
         return {}
     device = embeddings.device
-    result = {}
+    metrics = {}
     if hasattr(objective, "logits") and len(valid_rows.get("pairs", ())):  # the pair classifier, however it trains
         pairs = torch.as_tensor(valid_rows["pairs"][:, :2])
         same = (labels[pairs[:, 0]] == labels[pairs[:, 1]]).numpy()
         decided = (objective.logits(embeddings[pairs[:, 0]], embeddings[pairs[:, 1]]) > 0).cpu().numpy()
-        result.update({f"valid_pair_{k}": v for k, v in pair_decisions(same, decided).items()})
+        metrics.update({f"valid_pair_{k}": v for k, v in pair_decisions(same, decided).items()})
     if objective.rows is None:
         labels = relabel(labels, classes, train_classes)
         known = labels >= 0
         if known.any():
-            result["valid_loss"] = objective(embeddings[known.to(device)], labels[known].to(device))[0].item()
-        return result
+            metrics["valid_loss"] = objective(embeddings[known.to(device)], labels[known].to(device))[0].item()
+        return metrics
     rows = torch.as_tensor(valid_rows[objective.rows][:, :3 if objective.rows == "triplets" else 2])
     if len(rows):
-        result["valid_loss"] = objective(embeddings, labels.to(device), rows.to(device))[0].item()
-    return result
+        metrics["valid_loss"] = objective(embeddings, labels.to(device), rows.to(device))[0].item()
+    return metrics
 
 
-def epoch_summary(epoch, epochs, figures, metrics, figure, seconds, improved):
-    """The line printed after each epoch: training figures (none for epoch 0), the evaluation when there was one
-    (`metrics`: evaluate's when there are valid images, evaluate_bins' when there are .bin sets), the seconds of
-    training so far, and whether it is the best epoch yet."""
-    parts = [f"epoch {epoch}/{epochs}", "train loss " + ("-" if not epoch else f"{figures['train_loss']:.4f}")]
+@torch.inference_mode()
+def evaluate_bins(model, bins, transform, device, autocast, batch_size=64):
+    """insightface's verification of the sets of `bins` ({name: (images, same)}, pairs.read_verification_bins'),
+    scored as test.py --val_bins scores them: each image through `transform` and embedded with its mirror image
+    (insightface's flip test), insightface's 10-fold accuracy (evaluation.bin_pairs, score_pairs_as_insightface).
+    Returns {f"bin_{name}_accuracy": the mean fold accuracy (NaN when too few of its images could be read)} and
+    bins_accuracy, their mean; {} without sets."""
+    metrics = {}
+    for name, (images, same) in bins.items():
+        embeddings, readable = embed_files(model, [io.BytesIO(image) for image in images], transform, device,
+                                           autocast, batch_size, flip=True)
+        scored, _ = score_pairs_as_insightface(embeddings, readable, *bin_pairs(same))
+        metrics[f"bin_{name}_accuracy"] = scored["accuracy_mean"] if scored else float("nan")
+    if metrics:
+        metrics["bins_accuracy"] = float(np.mean(list(metrics.values())))
+    return metrics
+
+
+def epoch_summary(epoch, epochs, train_stats, metrics, stat, seconds, improved):
+    """The line printed after each epoch: the training's `train_stats` (train_one_epoch's; none for epoch 0) with
+    the objective's `stat`, the evaluation when there was one (`metrics`, evaluate's), the seconds of training so
+    far, and whether it is the best epoch yet."""
+    parts = [f"epoch {epoch}/{epochs}", "train loss " + ("-" if not epoch else f"{train_stats['train_loss']:.4f}")]
     if epoch:
-        parts.append(f"{figure} {100 * figures[f'train_{figure}']:.0f}%")
+        parts.append(f"{stat} {100 * train_stats[f'train_{stat}']:.0f}%")
     if metrics and "valid_loss" in metrics:
-        # a NaN figure had nothing to measure (one valid image per person has no triplets): left out of the line
+        # a NaN metric had nothing to measure (one valid image per person has no triplets): left out of the line
         if math.isfinite(metrics["valid_loss"]):
             parts.append(f"valid loss {metrics['valid_loss']:.4f}")
         if math.isfinite(metrics["valid_triplet_accuracy"]):
@@ -437,3 +460,28 @@ def shut_down(loaders, step=None, distributed=False):
     gc.collect()
     if distributed:
         dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# training health
+
+def embedding_spread(embeddings):
+    """1 - |mean of the L2-normalised embeddings|^2: 0 when every embedding is the same point, near 1 when they
+    spread over the sphere."""
+    return 1 - F.normalize(embeddings.detach().float(), dim=1).mean(dim=0).pow(2).sum().item()
+
+
+class CollapseDetector:
+    """Watches a margin loss for collapse: every embedding alike (spread below `min_spread`) while the loss sits
+    at the margin (within `tolerance` of it), for `patience` steps in a row. `update` returns True once, at the
+    step where that happens."""
+
+    def __init__(self, margin, patience=10, min_spread=0.05, tolerance=0.1):
+        self.margin, self.patience, self.min_spread, self.tolerance = margin, patience, min_spread, tolerance
+        self.steps, self.spread = 0, 1.0
+
+    def update(self, loss, embeddings):
+        self.spread = embedding_spread(embeddings)
+        at_margin = abs(float(loss) - self.margin) <= self.tolerance * max(self.margin, 1e-8)
+        self.steps = self.steps + 1 if self.spread < self.min_spread and at_margin else 0
+        return self.steps == self.patience

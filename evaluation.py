@@ -147,7 +147,7 @@ def verification_pairs(labels, rng, max_same=None):
 
 
 def evaluation_protocol(probes, trained_classes, trained_data_dir, alignment, probe_split):
-    """What a test.py figure measures, as plain JSON: the probe folder (`probes`, a FaceFolder) and its split
+    """What a test.py metric measures, as plain JSON: the probe folder (`probes`, a FaceFolder) and its split
     name, how many of its people the checkpoint trained on (`trained_classes`), whether it is the valid/ of the data
     the checkpoint was trained on (`trained_data_dir`), which chose the checkpoint, and whether the network was
     trained on aligned faces (`alignment`, the checkpoint's record or None); `summary` says it in one line."""
@@ -287,7 +287,7 @@ def verification_metrics(scores, same, folds=10, seed=0, fold_ids=None, fars=(1e
 
 
 def verifiable(same):
-    """Whether pairs with truth `same` give verification figures: 4 pairs or more, same-identity and different."""
+    """Whether pairs with truth `same` give verification metrics: 4 pairs or more, same-identity and different."""
     same = np.asarray(same, dtype=bool)
     return len(same) >= 4 and bool(same.any()) and not same.all()
 
@@ -353,22 +353,22 @@ def grid_kfold_accuracy(distances, same, fold_ids, thresholds=INSIGHTFACE_THRESH
 
 
 def score_pairs_as_insightface(embeddings, readable, pair_rows, fold_ids, seed=0):
-    """score_pairs' (figures, scored), the figures' 10-fold accuracy that of insightface's evaluation
+    """score_pairs' (metrics, scored), the metrics' 10-fold accuracy that of insightface's evaluation
     (grid_kfold_accuracy of the squared L2 distances of the normalised embeddings, in float64, over the pairs'
     `fold_ids`): accuracy_mean, accuracy_std, fold_accuracies, and threshold_mean a squared distance. Those of exact
-    thresholds on the cosine similarity (kfold_accuracy's) go under "exact_thresholds"; the ROC figures are
-    score_pairs'. None for figures with fewer than two folds among the pairs scored."""
-    figures, scored = score_pairs(embeddings, readable, pair_rows, fold_ids, seed)
+    thresholds on the cosine similarity (kfold_accuracy's) go under "exact_thresholds"; the ROC metrics are
+    score_pairs'. None for metrics with fewer than two folds among the pairs scored."""
+    metrics, scored = score_pairs(embeddings, readable, pair_rows, fold_ids, seed)
     folds = np.asarray(fold_ids)[scored]
-    if figures is None or len(np.unique(folds)) < 2:
+    if metrics is None or len(np.unique(folds)) < 2:
         return None, scored
     index_rows, _ = readable_pairs(readable, pair_rows)
     unit = np.asarray(embeddings, dtype=np.float64)
     unit = unit / np.linalg.norm(unit, axis=1, keepdims=True)
     distances = np.sum((unit[index_rows[:, 0]] - unit[index_rows[:, 1]]) ** 2, axis=1)
     accuracies, thresholds = grid_kfold_accuracy(distances, index_rows[:, 2].astype(bool), folds)
-    exact = {key: figures.pop(key) for key in ("accuracy_mean", "accuracy_std", "threshold_mean", "fold_accuracies")}
-    return dict(figures, accuracy_mean=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
+    exact = {key: metrics.pop(key) for key in ("accuracy_mean", "accuracy_std", "threshold_mean", "fold_accuracies")}
+    return dict(metrics, accuracy_mean=float(np.mean(accuracies)), accuracy_std=float(np.std(accuracies)),
                 threshold_mean=float(np.mean(thresholds)), fold_accuracies=accuracies, exact_thresholds=exact), scored
 
 

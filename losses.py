@@ -7,21 +7,22 @@ Every objective is an nn.Module called as `loss, stats = objective(embeddings, l
               triplets, (B, 2) (first, second) for pairs. Whether a pair is of one person is read from labels.
 It returns a scalar loss (an empty batch gives a zero that still backpropagates) and `stats`, a dict of plain
 floats. Its attribute `rows` says what batches it trains on: "triplets" or "pairs" (rows required), None
-(labelled P x K batches; rows are ignored), or "images" (any images; labels and rows are ignored). `figure` is the
+(labelled P x K batches; rows are ignored), or "images" (any images; labels and rows are ignored). `stat` is the
 stats key to show while training.
-build_objective makes one from the training options.
+OBJECTIVES is the table of them, which build_objective, batch_rows, objective_conflicts and train.py's choices read;
+the miners are mining.py's, PartialFC's sharded centres partial_fc.py's.
 """
 import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-OBJECTIVES = ("triplet", "contrastive", "pair_bce", "arcface", "cosface", "none")
-MARGIN_SOFTMAX = ("arcface", "cosface")  # classify over the training identities, whatever the mining
-MINING = ("none", "batch_all", "batch_hard", "semihard")
-PAIR_BCE_MINING = ("none", "batch_all")  # the pair classifier learns from given pairs or from every pair of a batch
+from configurator import ConfigError
+from mining import MINING, all_pairs, check_mining, mined_triplet_losses
 
 
 def safe_sqrt(d2, eps=1e-12):
@@ -62,11 +63,6 @@ def check_margin(margin):
         raise ValueError(f"margin must be >= 0, got {margin}")
 
 
-def check_mining(mining):
-    if mining not in MINING:
-        raise ValueError(f"mining must be one of {', '.join(MINING)}, got {mining!r}")
-
-
 def check_batch(embeddings, labels):
     """embeddings (N, D) floating point, labels (N,) integers."""
     if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
@@ -92,9 +88,9 @@ def checked_rows(rows, width, n, device):
     return rows.to(device).T
 
 
-def empty_batch(embeddings, figure):
-    """The result of a batch with nothing to learn from: a zero (float32) that still backpropagates, figure 0."""
-    return embeddings.float().sum() * 0.0, {figure: 0.0}
+def empty_batch(embeddings, stat):
+    """The result of a batch with nothing to learn from: a zero (float32) that still backpropagates, `stat` 0."""
+    return embeddings.float().sum() * 0.0, {stat: 0.0}
 
 
 def mean_and_active(losses, embeddings, active_above=0.0, over_active=False):
@@ -111,31 +107,6 @@ def mean_and_active(losses, embeddings, active_above=0.0, over_active=False):
 # -----------------------------------------------------------------------------
 # triplet loss
 
-def mined_triplet_losses(d, labels, margin, mining):
-    """Per-triplet losses max(0, d(a, p) - d(a, n) + margin) of the triplets `mining` picks in a labelled batch,
-    from its (N, N) distances d and (N,) labels on d's device (see TripletLoss); empty when there is none."""
-    if len(labels) == 0:  # (the reductions over a row below fail on an empty one)
-        return d.new_zeros(0)
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=d.device)
-    positive, negative = same & ~eye, ~same
-    hardest_negative = d.masked_fill(~negative, float("inf")).min(dim=1).values  # per anchor
-    if mining == "batch_hard":
-        hardest_positive = (d * positive).max(dim=1).values
-        valid = positive.any(dim=1) & negative.any(dim=1)
-        return torch.relu(hardest_positive - hardest_negative + margin)[valid]
-    d_ap, d_an = d[:, :, None], d[:, None, :]  # [a, p, n]
-    valid = positive[:, :, None] & negative[:, None, :]
-    if mining == "batch_all":
-        return torch.relu(d_ap - d_an + margin)[valid]
-    # semihard: the nearest negative farther than the positive but within the margin, else the hardest
-    semihard = valid & (d_an > d_ap) & (d_an < d_ap + margin)
-    chosen = d_an.expand_as(semihard).masked_fill(~semihard, float("inf")).min(dim=2).values  # per (a, p)
-    chosen = torch.where(torch.isfinite(chosen), chosen, hardest_negative[:, None].expand_as(chosen))
-    pairs = positive & negative.any(dim=1, keepdim=True)
-    return torch.relu(d - chosen + margin)[pairs]
-
-
 class TripletLoss(nn.Module):
     """Mean over triplets of max(0, d(a, p) - d(a, n) + margin).
 
@@ -151,7 +122,7 @@ class TripletLoss(nn.Module):
     stats: {"active": share of the triplets with loss > 0}. No triplet: a zero loss that still backpropagates.
     """
 
-    figure = "active"
+    stat = "active"
 
     def __init__(self, margin=0.2, squared=True, mining="none"):
         super().__init__()
@@ -187,7 +158,7 @@ class ContrastiveLoss(nn.Module):
     loss that still backpropagates.
     """
 
-    figure = "active"
+    stat = "active"
 
     def __init__(self, margin=1.0, mining="none"):
         super().__init__()
@@ -203,7 +174,7 @@ class ContrastiveLoss(nn.Module):
             first, second = checked_rows(rows, 2, len(embeddings), embeddings.device)
             d2 = pair_distance(embeddings[first], embeddings[second])
         else:
-            first, second = torch.triu_indices(len(labels), len(labels), offset=1, device=embeddings.device)
+            first, second = all_pairs(len(labels), embeddings.device)
             d2 = pairwise_distances(embeddings)[first, second]
         return mean_and_active(contrastive_losses(d2, labels[first] != labels[second], self.margin), embeddings)
 
@@ -222,15 +193,13 @@ class PairClassifierLoss(nn.Module):
     backpropagates.
     """
 
-    figure = "accuracy"
+    stat = "accuracy"
 
     def __init__(self, embedding_dim, hidden_dim=64, mining="none"):
         super().__init__()
         if embedding_dim < 1 or hidden_dim < 1:
             raise ValueError(f"embedding_dim and hidden_dim must be positive, got {embedding_dim}, {hidden_dim}")
-        if mining not in PAIR_BCE_MINING:
-            raise ValueError(f"loss='pair_bce' trains on given pairs (mining='none') or on every pair of a batch "
-                             f"(mining='batch_all'), not on {mining!r}")
+        check_objective("pair_bce", mining)
         self.config = dict(embedding_dim=embedding_dim, hidden_dim=hidden_dim)
         self.rows = batch_rows("pair_bce", mining)
         self.classifier = nn.Sequential(nn.Linear(2 * embedding_dim, hidden_dim), nn.ReLU(inplace=True),
@@ -250,10 +219,10 @@ class PairClassifierLoss(nn.Module):
         if self.rows:
             first, second = checked_rows(rows, 2, len(embeddings), embeddings.device)
         else:
-            first, second = torch.triu_indices(len(labels), len(labels), offset=1, device=embeddings.device)
+            first, second = all_pairs(len(labels), embeddings.device)
         logits = self.logits(embeddings[first], embeddings[second])
         if len(logits) == 0:
-            return empty_batch(embeddings, self.figure)
+            return empty_batch(embeddings, self.stat)
         labels = labels.to(logits.device)
         same = labels[first] == labels[second]
         accuracy = ((logits > 0) == same).float().mean().item()
@@ -298,7 +267,7 @@ class ArcFaceLoss(nn.Module):
     is their label's}. An empty batch gives a zero loss that still backpropagates, and accuracy 0.
     """
 
-    rows, figure = None, "accuracy"
+    rows, stat = None, "accuracy"
 
     def __init__(self, embedding_dim, num_classes, scale=30.0, margin=0.5, form="paper"):
         super().__init__()
@@ -334,7 +303,7 @@ class ArcFaceLoss(nn.Module):
         if embeddings.shape[1] != dim:
             raise ValueError(f"expected embeddings of dimension {dim}, got {embeddings.shape[1]}")
         if len(labels) == 0:
-            return empty_batch(embeddings, self.figure)
+            return empty_batch(embeddings, self.stat)
         low, high = labels.min().item(), labels.max().item()
         if low < 0 or high >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes}), got {low} to {high}")
@@ -364,246 +333,90 @@ class NoObjective(nn.Module):
     """No objective on the labels (loss none): a zero loss that still backpropagates, for a student that learns
     from a teacher alone (train.py --teacher), on any images (rows = "images"; labels and rows are ignored)."""
 
-    rows, figure = "images", "teacher_cosine"
+    rows, stat = "images", "teacher_cosine"
 
     def forward(self, embeddings, labels, rows=None):
         return embeddings.sum() * 0.0, {}
 
 
-class PartialFC(nn.Module):
-    """A margin softmax whose class centres are sharded across the processes of a distributed run (PartialFC, An
-    et al. 2022): process `rank` of `world_size` holds the centres of classes [rank * C / world_size, (rank + 1) *
-    C / world_size) of `num_classes` C, in `margin.weight`, where `margin` is an ArcFaceLoss or CosFaceLoss built
-    over that share (its margin and scale apply). Each step scores the global batch (every process's embeddings
-    and labels, gathered beforehand as gather_batch does) against the centres of the batch's classes plus a random
-    `sample_rate` share of the others of this process, and the softmax's normaliser is summed over the processes:
-    at sample_rate 1 the loss is the full margin softmax over all C classes, each sample's capped in value as
-    arcface_torch's (`capped`). Per process the centres take C / world_size x D floats, not C x D.
+# -----------------------------------------------------------------------------
+# the table of the objectives, and building one
 
-    Contract: embeddings (N, D), labels (N,) in [0, C), the same global batch on every process; rows ignored.
-    Gradients: the centres get exactly their share of the loss's gradient (do not wrap this module in
-    DistributedDataParallel: no two processes hold the same centres); the embeddings get world_size times theirs,
-    which gather_batch's backward and DistributedDataParallel's averaging of the network's gradients bring back to
-    the loss's. stats: {"accuracy": share of embeddings whose label's centre is the most similar of those scored}.
-    Outside a distributed run it is the margin softmax on one process (with sampling below sample_rate 1).
+@dataclass(frozen=True)
+class Objective:
+    """An entry of OBJECTIVES. build(options): the objective, from build_objective's keyword options (a namespace;
+    num_classes those this process holds). rows: what batches it trains on without mining ("triplets" or "pairs" of
+    given rows, None for labelled P x K batches, "images" for any; see batch_rows). mining: the mining it takes.
+    margin_softmax: it classifies over the training identities whatever the mining, with centres that PartialFC can
+    shard over the processes (partial_fc applies to these alone)."""
 
-    The centres start uniform in +-sqrt(6 / (C + D)), Xavier's bound of the whole (C, D) layer, whatever the share:
-    as normalised centres, their norm sets how fast they turn, which must not depend on the number of processes.
-    In eval mode every centre of this process is scored (nothing is drawn); a `sharded` one (world_size > 1) needs
-    every process at each call."""
-
-    rows, figure = None, "accuracy"
-
-    def __init__(self, margin, num_classes, sample_rate=1.0, rank=0, world_size=1):
-        super().__init__()
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-        self.start, end = partial_fc_shard(num_classes, rank, world_size)
-        if margin.weight.shape[0] != end - self.start:
-            raise ValueError(f"the margin softmax holds {margin.weight.shape[0]} centres; process {rank} of "
-                             f"{world_size} holds classes {self.start}..{end - 1}")
-        self.margin, self.num_classes, self.sample_rate, self.world_size = margin, num_classes, sample_rate, world_size
-        self.end, self.sharded = end, world_size > 1
-        dim = margin.weight.shape[1]
-        with torch.no_grad():  # the margin softmax drew them with the bound of its share's (end - start, D) layer
-            margin.weight.mul_(math.sqrt((end - self.start + dim) / (num_classes + dim)))
-
-    def summary(self):
-        """The startup line: the centres' memory per process against the unsharded layer's."""
-        dim, size = self.margin.weight.shape[1], self.margin.weight.element_size()
-        largest = max(b - a for a, b in (partial_fc_shard(self.num_classes, r, self.world_size)
-                                         for r in range(self.world_size)))
-        return (f"centres: {self.num_classes:,} x {dim}, {_megabytes(largest * dim * size)} per process of "
-                f"{self.world_size} ({_megabytes(self.num_classes * dim * size)} unsharded; as much again per "
-                f"optimiser moment), each step scoring the batch's classes and {self.sample_rate:.0%} of the others")
-
-    def sampled(self, labels):
-        """(the indices into this process's centres scored this step, each label's position among them or -1):
-        the batch's classes of this share, then a random `sample_rate` share of the rest (in eval mode, all)."""
-        local = labels - self.start
-        mine = (local >= 0) & (local < self.margin.weight.shape[0])
-        count = self.margin.weight.shape[0]
-        positives = torch.unique(local[mine])
-        keep = max(int(self.sample_rate * count), len(positives)) if self.training else count
-        if keep >= count:
-            index = torch.arange(count, device=labels.device)
-        else:  # the positives rank first, then the others at random
-            score = torch.rand(count, device=labels.device)
-            score[positives] = 2.0
-            index = torch.sort(torch.topk(score, keep).indices).values
-        position = torch.full((count,), -1, dtype=torch.long, device=labels.device)
-        position[index] = torch.arange(len(index), device=labels.device)
-        return index, torch.where(mine, position[local.clamp(0, count - 1)], torch.full_like(local, -1))
-
-    def forward(self, embeddings, labels, rows=None):
-        check_batch(embeddings, labels)
-        if len(labels) == 0:
-            return empty_batch(embeddings, self.figure)
-        low, high = labels.min().item(), labels.max().item()
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {low} to {high}")
-        index, target = self.sampled(labels.to(self.margin.weight.device))
-        embeddings = _ScaleGradient.apply(embeddings.float(), float(self.world_size))
-        cos = F.normalize(embeddings, dim=1) @ F.normalize(self.margin.weight[index].float(), dim=1).T
-        has = target >= 0
-        rows_with = has.nonzero().squeeze(1)
-        cos_t = cos[rows_with, target[has]][:, None]
-        logits = cos.index_put((rows_with, target[has]), self.margin.target_logit(cos_t).squeeze(1))
-        logits = self.margin.scale * logits
-        with torch.no_grad():  # a shift for a stable exp: the global maximum (any shift gives the same loss)
-            shift = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX) if self.world_size > 1 else \
-                logits.max(dim=1).values
-        exp_sum = _AllReduceSum.apply((logits - shift[:, None]).exp().sum(dim=1))
-        label_logit = _AllReduceSum.apply(torch.zeros_like(shift).index_put((rows_with,), logits[rows_with,
-                                                                                               target[has]]))
-        loss = capped(exp_sum.log() + shift - label_logit).mean()
-        with torch.no_grad():
-            best = cos.max(dim=1).values
-            own = torch.zeros_like(best).index_put((rows_with,), cos_t.squeeze(1))
-            if self.world_size > 1:
-                best, own = _all_reduce(best, dist.ReduceOp.MAX), _all_reduce(own, dist.ReduceOp.SUM)
-            accuracy = (own >= best).float().mean().item()
-        return loss, {"accuracy": accuracy}
+    build: Callable[[SimpleNamespace], nn.Module]
+    rows: Optional[str]
+    mining: tuple = MINING
+    margin_softmax: bool = False
 
 
-def partial_fc_shard(num_classes, rank, world_size):
-    """[start, end) of the classes process `rank` of `world_size` holds: consecutive, as even as can be."""
-    return rank * num_classes // world_size, (rank + 1) * num_classes // world_size
-
-
-def _megabytes(count):
-    return f"{count / 1e6:,.0f} MB" if count >= 1e7 else f"{count / 1e6:.2g} MB"
-
-
-def _all_reduce(tensor, op):
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op)
-    return tensor
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """The sum over the processes, whose backward hands each process the gradient unchanged: every process
-    computes the same loss from the sum, so its own part's gradient is that loss's gradient (the default
-    all_reduce backward would sum the processes' identical gradients, world_size times too much)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        return _all_reduce(tensor, dist.ReduceOp.SUM) if dist.is_initialized() and dist.get_world_size() > 1 \
-            else tensor.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """The identity, whose backward multiplies the gradient by `factor`."""
-
-    @staticmethod
-    def forward(ctx, tensor, factor):
-        ctx.factor = factor
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
+OBJECTIVES = dict(
+    triplet=Objective(lambda o: TripletLoss(o.margin, o.squared, o.mining), "triplets"),
+    contrastive=Objective(lambda o: ContrastiveLoss(o.margin, o.mining), "pairs"),
+    # the pair classifier learns from given pairs or from every pair of a batch
+    pair_bce=Objective(lambda o: PairClassifierLoss(o.embedding_dim, o.pair_hidden_dim, o.mining), "pairs",
+                       mining=("none", "batch_all")),
+    arcface=Objective(lambda o: ArcFaceLoss(o.embedding_dim, o.num_classes, o.arcface_scale, o.arcface_margin,
+                                            o.arcface_form), None, margin_softmax=True),
+    cosface=Objective(lambda o: CosFaceLoss(o.embedding_dim, o.num_classes, o.arcface_scale, o.cosface_margin),
+                      None, margin_softmax=True),
+    none=Objective(lambda o: NoObjective(), "images"),
+)
 
 
 def batch_rows(loss, mining="none"):
     """What batches the objective `loss` with `mining` trains on (its `rows`), known before anything is built:
     "triplets" or "pairs" of given rows, None for labelled P x K batches, "images" for any."""
-    if loss == "none":
-        return "images"
-    if loss in ("pair_bce", "contrastive") and mining == "none":
-        return "pairs"
-    return "triplets" if loss == "triplet" and mining == "none" else None
+    rows = OBJECTIVES[loss].rows
+    return rows if mining == "none" or rows == "images" else None
 
 
-def build_objective(loss, mining="none", margin=0.2, squared=True, embedding_dim=128, num_classes=0,
+def objective_conflicts(loss, mining="none", partial_fc=0.0):
+    """{option: why} for each option that the objective `loss` cannot train with, by its OBJECTIVES entry: the one
+    home of these rules, which check_objective raises and engine.check_config reports, as ConfigErrors of those
+    flags."""
+    entry, conflicts = OBJECTIVES[loss], {}
+    if mining not in entry.mining:  # (the pair classifier's alone)
+        conflicts["mining"] = f"--loss={loss} trains on given pairs (none) or on every pair of a batch (batch_all)"
+    if partial_fc and not entry.margin_softmax:
+        margin_softmax = " or ".join(name for name, other in OBJECTIVES.items() if other.margin_softmax)
+        conflicts["partial_fc"] = f"shards the class centres of a margin softmax: use it with --loss={margin_softmax}"
+    return conflicts
+
+
+def check_objective(loss, mining="none", partial_fc=0.0):
+    """Raise a ConfigError (a ValueError) for the first of objective_conflicts."""
+    for flag, message in objective_conflicts(loss, mining, partial_fc).items():
+        raise ConfigError(flag, message)
+
+
+def build_objective(loss, *, mining="none", margin=0.2, squared=True, embedding_dim=128, num_classes=0,
                     arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35, partial_fc=0.0,
                     rank=0, world_size=1, arcface_form="paper"):
-    """The training objective `loss` (one of OBJECTIVES) with `mining` (one of MINING): "none" trains the triplet
-    and contrastive losses on given rows, the others mine labelled batches; pair_bce takes none or batch_all;
-    arcface and cosface classify labelled batches whatever the mining, over `num_classes` training identities
+    """The training objective `loss` (of OBJECTIVES) with `mining` (of MINING): "none" trains the triplet and
+    contrastive losses on given rows, the others mine labelled batches; pair_bce takes none or batch_all; arcface
+    and cosface classify labelled batches whatever the mining, over `num_classes` training identities
     (arcface_scale is the scale of both; arcface_form ArcFaceLoss's form); with `partial_fc` > 0, as PartialFC of
     that sample rate, process `rank` of `world_size` holding its share of the centres."""
+    # partial_fc.py builds on this module's margin softmax, so it is imported where it wraps one
+    from partial_fc import PartialFC, partial_fc_shard
+
     if loss not in OBJECTIVES:
         raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     check_mining(mining)
-    if partial_fc and loss not in MARGIN_SOFTMAX:
-        raise ValueError(f"partial_fc shards the centres of a margin softmax ({', '.join(MARGIN_SOFTMAX)}), not "
-                         f"of loss={loss!r}")
+    check_objective(loss, mining, partial_fc)
     if partial_fc and num_classes < world_size:
         raise ValueError(f"partial_fc shares the centres of {num_classes} identities among {world_size} processes: "
                          f"each needs one at least")
-    if loss == "none":
-        return NoObjective()
-    if loss == "triplet":
-        return TripletLoss(margin, squared, mining)
-    if loss == "contrastive":
-        return ContrastiveLoss(margin, mining)
-    if loss == "pair_bce":
-        return PairClassifierLoss(embedding_dim, pair_hidden_dim, mining)
     start, end = partial_fc_shard(num_classes, rank, world_size) if partial_fc else (0, num_classes)
-    if loss == "cosface":
-        softmax = CosFaceLoss(embedding_dim, end - start, arcface_scale, cosface_margin)
-    else:
-        softmax = ArcFaceLoss(embedding_dim, end - start, arcface_scale, arcface_margin, arcface_form)
-    return PartialFC(softmax, num_classes, partial_fc, rank, world_size) if partial_fc else softmax
-
-
-# -----------------------------------------------------------------------------
-# distributed runs
-
-class _GatherWithGradients(torch.autograd.Function):
-    """all_gather whose backward sends each process the gradient of its own rows, summed over the processes."""
-
-    @staticmethod
-    def forward(ctx, local):
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # (gloo has no reduce_scatter)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather_batch(embeddings, labels):
-    """The global batch of a distributed run: every process's (N, D) embeddings and (N,) labels, concatenated in
-    rank order (each process must hold the same N), so that in-batch mining sees the triplets across processes.
-    Gradients flow back to each process's own embeddings summed over the processes; as DistributedDataParallel
-    averages them, the weights get the gradient of the loss on the global batch. Outside a distributed run
-    (or with one process) returns the inputs."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return embeddings, labels
-    parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, labels.contiguous())
-    return _GatherWithGradients.apply(embeddings), torch.cat(parts)
-
-
-# -----------------------------------------------------------------------------
-# training health
-
-def embedding_spread(embeddings):
-    """1 - |mean of the L2-normalised embeddings|^2: 0 when every embedding is the same point, near 1 when they
-    spread over the sphere."""
-    return 1 - F.normalize(embeddings.detach().float(), dim=1).mean(dim=0).pow(2).sum().item()
-
-
-class CollapseDetector:
-    """Watches a margin loss for collapse: every embedding alike (spread below `min_spread`) while the loss sits
-    at the margin (within `tolerance` of it), for `patience` steps in a row. `update` returns True once, at the
-    step where that happens."""
-
-    def __init__(self, margin, patience=10, min_spread=0.05, tolerance=0.1):
-        self.margin, self.patience, self.min_spread, self.tolerance = margin, patience, min_spread, tolerance
-        self.steps, self.spread = 0, 1.0
-
-    def update(self, loss, embeddings):
-        self.spread = embedding_spread(embeddings)
-        at_margin = abs(float(loss) - self.margin) <= self.tolerance * max(self.margin, 1e-8)
-        self.steps = self.steps + 1 if self.spread < self.min_spread and at_margin else 0
-        return self.steps == self.patience
+    objective = OBJECTIVES[loss].build(SimpleNamespace(
+        mining=mining, margin=margin, squared=squared, embedding_dim=embedding_dim, num_classes=end - start,
+        arcface_scale=arcface_scale, arcface_margin=arcface_margin, pair_hidden_dim=pair_hidden_dim,
+        cosface_margin=cosface_margin, arcface_form=arcface_form))
+    return PartialFC(objective, num_classes, partial_fc, rank, world_size) if partial_fc else objective

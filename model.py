@@ -1,20 +1,21 @@
-"""The embedding network (a backbone + an embedding head), the choice of device, and rebuilding a network from a
-checkpoint. Face networks trained elsewhere, and the references a network is measured against, are pretrained.py's."""
+"""The embedding network (a backbone of the table BACKBONES + an embedding head) and the choice of device. Rebuilding
+a network from a checkpoint is checkpoint.py's; face networks trained elsewhere, and the references a network is
+measured against, are pretrained.py's."""
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from checkpoint import CheckpointError
 from data_utils import IMAGENET_MEAN, IMAGENET_STD
 
 IRESNET_BLOCKS = dict(iresnet18=(2, 2, 2, 2), iresnet34=(3, 4, 6, 3), iresnet50=(3, 4, 14, 3),
                       iresnet100=(3, 13, 30, 3))  # blocks per stage, as insightface's
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", *IRESNET_BLOCKS, "mobilefacenet",
-             "vgg16", "alexnet", "smallcnn")
 HEADS = ("mlp", "linear", "fc_bn")
 
 
@@ -143,14 +144,9 @@ class MobileFaceNet(nn.Sequential):
         self.out_features = 512
 
 
-def build_backbone(name, pretrained=False, zero_init_residual=False):
-    """The backbone `name` without its ImageNet classifier, and the size of the feature vector it outputs."""
-    if name in ("smallcnn", "mobilefacenet") or name in IRESNET_BLOCKS:
-        if pretrained:
-            raise ValueError(f"there are no ImageNet weights for {name}; use pretrained=False (or --init_from)")
-        network = (SmallCNN() if name == "smallcnn" else MobileFaceNet() if name == "mobilefacenet" else
-                   IResNet(IRESNET_BLOCKS[name], zero_init_residual=zero_init_residual))
-        return network, network.out_features
+def torchvision_body(name, pretrained=False, zero_init_residual=False):
+    """torchvision's network `name` (with its ImageNet weights when `pretrained`) without its ImageNet classifier,
+    and the size of the feature vector it outputs."""
     # zero_init_residual is an argument of torchvision's ResNet only: the others have no residual branches
     options = dict(zero_init_residual=zero_init_residual) if name.startswith("resnet") else {}
     network = torchvision.models.get_model(name, weights=None, **options)
@@ -161,6 +157,50 @@ def build_backbone(name, pretrained=False, zero_init_residual=False):
     classifier_name, classifier = [(n, m) for n, m in network.named_modules() if isinstance(m, nn.Linear)][-1]
     network.set_submodule(classifier_name, nn.Identity())
     return network, classifier.in_features
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """An entry of BACKBONES. body(pretrained, zero_init_residual): the network without a classifier, and the size
+    of the feature vector it outputs. imagenet: torchvision has ImageNet weights for it (pretrained=True). frozen:
+    the submodule that freeze_backbone freezes ("": the whole network)."""
+
+    body: Callable[[bool, bool], tuple]
+    imagenet: bool = False
+    frozen: str = ""
+
+
+def torchvision_backbone(name, frozen=""):
+    return Backbone(partial(torchvision_body, name), imagenet=True, frozen=frozen)
+
+
+def face_backbone(make):
+    """The entry of a network of this file, `make(zero_init_residual)` (which has `out_features`): no ImageNet
+    weights exist for it."""
+    def body(pretrained, zero_init_residual):
+        network = make(zero_init_residual=zero_init_residual)
+        return network, network.out_features
+    return Backbone(body)
+
+
+BACKBONES = {
+    **{name: torchvision_backbone(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    **{name: face_backbone(partial(IResNet, blocks)) for name, blocks in IRESNET_BLOCKS.items()},
+    "mobilefacenet": face_backbone(lambda zero_init_residual: MobileFaceNet()),
+    # freezing keeps their fully connected layers trainable: frozen ImageNet features + a trainable classifier
+    "vgg16": torchvision_backbone("vgg16", frozen="features"),
+    "alexnet": torchvision_backbone("alexnet", frozen="features"),
+    "smallcnn": face_backbone(lambda zero_init_residual: SmallCNN()),
+}
+
+
+def build_backbone(name, pretrained=False, zero_init_residual=False):
+    """The backbone `name` (of BACKBONES) without its ImageNet classifier, and the size of the feature vector it
+    outputs."""
+    entry = BACKBONES[name]
+    if pretrained and not entry.imagenet:
+        raise ValueError(f"there are no ImageNet weights for {name}; use pretrained=False (or --init_from)")
+    return entry.body(pretrained, zero_init_residual)
 
 
 class Embedder(nn.Module):
@@ -218,10 +258,10 @@ class EmbeddingNet(Embedder):
             self.train()
 
     def frozen_part(self):
-        """The part of the backbone that freeze_backbone freezes: the convolutional features of vgg16 and
-        alexnet, the whole of the others. (A method, not an attribute: a module attribute would add its weights
-        to the state dict a second time.)"""
-        return self.backbone.features if self.config["backbone"] in ("vgg16", "alexnet") else self.backbone
+        """The part of the backbone that freeze_backbone freezes, its BACKBONES entry's `frozen`: the
+        convolutional features of vgg16 and alexnet, the whole of the others. (A method, not an attribute: a
+        module attribute would add its weights to the state dict a second time.)"""
+        return self.backbone.get_submodule(BACKBONES[self.config["backbone"]].frozen)
 
     def train(self, mode=True):
         """nn.Module.train, except that a frozen backbone's BatchNorm layers stay in eval mode: in training mode
@@ -251,19 +291,3 @@ class EmbeddingNet(Embedder):
         if "input_norm" in self.config:
             images = torch.addcmul(self.input_shift, images, self.input_scale)
         return self.head(self.backbone(images))
-
-
-def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """Rebuild the network a checkpoint describes and load its weights."""
-    config = checkpoint["model_config"]
-    try:
-        model = EmbeddingNet(**config)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: its model config {config} cannot be built: {err}") from None
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({config}): "
-                              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
-                              ) from None
-    return model

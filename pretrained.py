@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from align import PASSES, FaceAligner, alignment_record, face_model_file, import_dlib, main_face
-from checkpoint import CheckpointError, is_checkpoint, read_weights
+from checkpoint import CheckpointError, is_checkpoint, model_from_checkpoint, read_weights
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from files import save_json
-from model import IRESNET_BLOCKS, Embedder, model_from_checkpoint
+from model import IRESNET_BLOCKS, Embedder
 
 INSIGHTFACE_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (x / 255 - 0.5) / 0.5 of RGB pixels
 ONNX_PIXEL_NORM = (127.5, 127.5)  # insightface's ONNX models: (pixel - 127.5) / 127.5, RGB

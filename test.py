@@ -9,15 +9,15 @@
 
 The gallery is data_dir/train, the probes data_dir/test (images that chose nothing), or data_dir/valid when there
 is no test/; every image is embedded once. A data_dir without train/ (insightface's train.rec and .bin sets, as
-train.py trains on them) with --val_bins gives the figures of the .bin sets alone. The protocol is stated with the
-figures: whether the probes' people were trained on, and whether the probes chose the checkpoint (train.py's
+train.py trains on them) with --val_bins gives the metrics of the .bin sets alone. The protocol is stated with the
+metrics: whether the probes' people were trained on, and whether the probes chose the checkpoint (train.py's
 valid/). Identification: each gallery identity is the normalised mean of its normalised embeddings, each probe
 goes to the most cosine-similar one (top-1, top-5, report, confusion matrix). Verification: same/different pairs of
 probes, ROC, EER, TAR@FAR, 10-fold accuracy. Open set: a similarity threshold for a target false-accept rate,
 checked on people outside the gallery. Retrieval: probes ranked against gallery images. Writes results.json,
 confusion_matrix.png, roc.png and embeddings.png, and prints a summary table last. A network trained on aligned
 faces (the checkpoint says so) sees every folder's photos aligned alike: photos of a folder that prepare.py align did
-not write are aligned here. `--checkpoint=pixels` gives every figure of raw pixels instead of a network (the
+not write are aligned here. `--checkpoint=pixels` gives every metric of raw pixels instead of a network (the
 photos' grey levels at pixel_size, pretrained.PixelBaseline): the reference a trained network has to beat;
 `--checkpoint=dlib` those of dlib's face descriptor, trained elsewhere on millions of photos
 (pretrained.DlibReference): what a network trained on far more people reaches under the same protocol. A face
@@ -130,55 +130,55 @@ try:
 except (DatasetError, AlignmentUnavailable, configurator.ConfigError) as err:
     sys.exit(f"error: {err}")
 results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir), flip=flip)
-rows, roc_curves = [], []  # (figure, value) of the summary table; (name, fpr, tpr, auc, eer) of roc.png
+rows, roc_curves = [], []  # (metric, value) of the summary table; (name, fpr, tpr, auc, eer) of roc.png
 
 
 def percent(value):
     return "-" if value is None else f"{100 * value:.2f} %"
 
 
-def verify(name, figures, same):
-    """Summary rows of verification figures (verification_metrics'), and their ROC curve for roc.png; None, with a
+def verify(name, metrics, same):
+    """Summary rows of verification metrics (verification_metrics'), and their ROC curve for roc.png; None, with a
     warning, when there are none (`same`: the truth of the pairs there were: too few, or of one kind)."""
-    if figures is None:
+    if metrics is None:
         same = np.asarray(same, dtype=bool)
         print(f"warning: {name}: no verification figures: they need 4 pairs or more, same-identity and different "
               f"ones, and there are {int(same.sum())} same and {int(len(same) - same.sum())} different")
         return None
-    roc = figures.pop("roc")
-    roc_curves.append((name, roc["fpr"], roc["tpr"], figures["auc"], figures["eer"]))
-    unresolved = f" (FAR below 1/{figures['different_pairs']} different pairs: unresolved)"
-    rows.extend([(f"{name}: ROC AUC", f"{figures['auc']:.4f}"), (f"{name}: EER", percent(figures["eer"]))])
-    rows.extend((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < figures["far_floor"] else ""))
-                for far, tar in figures["tar_at_far"].items())
-    exact = figures.get("exact_thresholds")  # (.bin sets: insightface's accuracy, and that of exact thresholds)
-    rows.append((f"{name}: {figures['folds']}-fold accuracy" + (" (insightface's)" if exact else ""),
-                 f"{percent(figures['accuracy_mean'])} ± {100 * figures['accuracy_std']:.2f}"))
+    roc = metrics.pop("roc")
+    roc_curves.append((name, roc["fpr"], roc["tpr"], metrics["auc"], metrics["eer"]))
+    unresolved = f" (FAR below 1/{metrics['different_pairs']} different pairs: unresolved)"
+    rows.extend([(f"{name}: ROC AUC", f"{metrics['auc']:.4f}"), (f"{name}: EER", percent(metrics["eer"]))])
+    rows.extend((f"{name}: TAR @ FAR {far}", percent(tar) + (unresolved if float(far) < metrics["far_floor"] else ""))
+                for far, tar in metrics["tar_at_far"].items())
+    exact = metrics.get("exact_thresholds")  # (.bin sets: insightface's accuracy, and that of exact thresholds)
+    rows.append((f"{name}: {metrics['folds']}-fold accuracy" + (" (insightface's)" if exact else ""),
+                 f"{percent(metrics['accuracy_mean'])} ± {100 * metrics['accuracy_std']:.2f}"))
     if exact:
-        rows.append((f"{name}: {figures['folds']}-fold accuracy (exact thresholds)",
+        rows.append((f"{name}: {metrics['folds']}-fold accuracy (exact thresholds)",
                      f"{percent(exact['accuracy_mean'])} ± {100 * exact['accuracy_std']:.2f}"))
-    return figures
+    return metrics
 
 
 def embed_and_score(name, sources, pair_rows, fold_ids, data_transform, mirror, counted, score=score_pairs):
-    """Verification figures (verify's, or None) of pairs (i, j, same) of `pair_rows`, i and j indices into
+    """Verification metrics (verify's, or None) of pairs (i, j, same) of `pair_rows`, i and j indices into
     `sources` (image paths or file objects), each image embedded once; pairs with an unreadable image are left out
     and the rest scored over their `fold_ids` by `score` (evaluation.score_pairs, or score_pairs_as_insightface). A
-    summary row says how many were scored (`counted(scored)`, before the figures). Returns (figures, the indices of
+    summary row says how many were scored (`counted(scored)`, before the metrics). Returns (metrics, the indices of
     the pairs scored, the indices of the sources read)."""
     emb, readable = embed_files(model, sources, data_transform, device, autocast, batch_size, mirror)
-    figures, scored = score(emb, readable, pair_rows, fold_ids, seed)
+    metrics, scored = score(emb, readable, pair_rows, fold_ids, seed)
     rows.append((f"{name}: pairs scored", counted(len(scored))))
-    return verify(name, figures, [pair_rows[k][2] for k in scored]), scored, readable
+    return verify(name, metrics, [pair_rows[k][2] for k in scored]), scored, readable
 
 
 def score_bin(name, images, same):
     """results["bins"][name] for an insightface verification set: its aligned images embedded with their mirror
     images, its pairs scored as insightface scores them (evaluation.score_pairs_as_insightface: its 10 folds of
     consecutive pairs, its accuracy; that of exact thresholds beside it)."""
-    figures, scored, _ = embed_and_score(name, [io.BytesIO(image) for image in images], *bin_pairs(same), transform,
+    metrics, scored, _ = embed_and_score(name, [io.BytesIO(image) for image in images], *bin_pairs(same), transform,
                                          True, lambda count: f"{count} of {len(same)}", score_pairs_as_insightface)
-    return dict(figures or {}, pairs_in_file=len(same), pairs_scored=len(scored))
+    return dict(metrics or {}, pairs_in_file=len(same), pairs_scored=len(scored))
 
 
 def finish(written):
@@ -287,11 +287,11 @@ def score_pairs_file(pair_list):
         print(f"warning: {pairs}:{line}: missing image {path}")
     files = sorted({path for a, b, _ in pair_list["pairs"] for path in (a, b)})
     position = {path: i for i, path in enumerate(files)}
-    figures, scored, readable = embed_and_score(
+    metrics, scored, readable = embed_and_score(
         os.path.basename(pairs), files, [(position[a], position[b], same) for a, b, same in pair_list["pairs"]],
         pair_list["fold_ids"], aligned_as_trained(transform, aligner, size, pairs_root), flip,
         lambda count: f"{count} (missing images: {len(pair_list['missing'])})")
-    return dict(file=os.path.abspath(pairs), pairs_scored=len(scored), **(figures or {}),
+    return dict(file=os.path.abspath(pairs), pairs_scored=len(scored), **(metrics or {}),
                 missing_images=[dict(line=line, path=path) for line, path in pair_list["missing"]],
                 unreadable_images=sorted(set(files) - {files[i] for i in readable}))
 

@@ -34,13 +34,14 @@ from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, Sh
                         resume_training, training_state)
 from distill import DISTILL_LOSSES, Distillation, centred, teacher_targets
 from data_utils import AUGMENTATIONS, DatasetError, FaceFolder, as_hw, make_transform, some_names, write_skipped
-from engine import (OPTIMIZERS, SCHEDULES, SELECTED, NonFinite, StopRequested, StopSignals, TrainingStep, agreed,
-                    build_optimizer, build_schedule, check_config, describe, epoch_summary, evaluate, evaluate_bins,
-                    poisoned, selection_key, shut_down, train_one_epoch, worker_signals)
+from engine import (OPTIMIZERS, SCHEDULES, SELECTED, CollapseDetector, NonFinite, StopRequested, StopSignals,
+                    TrainingStep, agreed, build_optimizer, build_schedule, check_config, describe, epoch_summary,
+                    evaluate, poisoned, selection_key, shut_down, train_one_epoch, worker_signals)
 from figures import plot_history, save_triplet_examples
 from evaluation import held_out_pairs
 from files import reported, save_json
-from losses import ARCFACE_FORMS, MINING, OBJECTIVES, CollapseDetector, batch_rows, build_objective
+from losses import ARCFACE_FORMS, OBJECTIVES, batch_rows, build_objective
+from mining import MINING
 from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_device
 from pairs import read_verification_bins
 from prepare import ensure_att
@@ -128,7 +129,7 @@ deterministic = False  # CUDA: deterministic kernels only, slower (an op without
 resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out_dir>/last.pth); "": a fresh run
 # -----------------------------------------------------------------------------
 CHOICES = dict(fill=("repeat", "drop"), augment=AUGMENTATIONS, cache_images=configurator.TRISTATE,
-               backbone=BACKBONES, head=HEADS, loss=OBJECTIVES, mining=MINING, optimizer=OPTIMIZERS,
+               backbone=tuple(BACKBONES), head=HEADS, loss=tuple(OBJECTIVES), mining=MINING, optimizer=OPTIMIZERS,
                lr_schedule=SCHEDULES, distill_loss=DISTILL_LOSSES, plot_x=("epoch", "step"),
                channels_last=configurator.TRISTATE, select_on=("auto", "top1", "pairs", "bins"),
                arcface_form=ARCFACE_FORMS)
@@ -261,9 +262,11 @@ try:
     if init_from and not checkpoint:
         print(f"network initialised from {init_from}: its {' and '.join(init_weights(model, init_from))}")
     model = model.to(device, memory_format=memory_format)
-    objective = build_objective(loss, mining, margin, squared, embedding_dim, len(train_faces.classes), arcface_scale,
-                                arcface_margin, pair_hidden_dim, cosface_margin, partial_fc, rank, world_size,
-                                arcface_form).to(device)
+    objective = build_objective(loss, mining=mining, margin=margin, squared=squared, embedding_dim=embedding_dim,
+                                num_classes=len(train_faces.classes), arcface_scale=arcface_scale,
+                                arcface_margin=arcface_margin, pair_hidden_dim=pair_hidden_dim,
+                                cosface_margin=cosface_margin, partial_fc=partial_fc, rank=rank, world_size=world_size,
+                                arcface_form=arcface_form).to(device)
     distiller = Distillation(embedding_dim, targets.shape[1], distill_loss).to(device) if teacher else None
 except CheckpointError as err:
     sys.exit(f"error: --init_from: {err}")
@@ -304,7 +307,7 @@ if distributed:
 if compile:
     network = torch.compile(network)
 step = TrainingStep(network, train_objective, opt, scheduler, scaler, device, autocast, memory_format,
-                    gather=distributed, figure=objective.figure, distiller=train_distiller, targets=targets,
+                    gather=distributed, stat=objective.stat, distiller=train_distiller, targets=targets,
                     weight=distill)
 
 # resume ------------------------------------------------------------------------
@@ -358,14 +361,14 @@ def stop_for_signal(where, position=None):
 collapse = CollapseDetector(margin) if loss == "triplet" else None
 listed, last_saved = None, None
 for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the untrained network
-    figures = {f"train_{objective.figure}": None, "train_loss": None}
+    train_stats = {f"train_{objective.stat}": None, "train_loss": None}
     if epoch > 0:
         model.train()
         for source in epoch_sources:
             source.set_epoch(epoch)
         try:
-            figures = train_one_epoch(step, train_loader, epoch, run, stop, randomness, distributed, world_size,
-                                      collapse, master, f"epoch {epoch}/{epochs}")
+            train_stats = train_one_epoch(step, train_loader, epoch, run, stop, randomness, distributed,
+                                          world_size, collapse, master, f"epoch {epoch}/{epochs}")
         except StopRequested as stopped:
             stop_for_signal(f"in epoch {epoch} after step {stopped.position['batches']} of {len(train_loader)}",
                             stopped.position)
@@ -383,10 +386,8 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         started = time.time()
         if evaluating:
             metrics = evaluate(model, objective, gallery_loader, probe_loader, train_faces.classes, valid_rows,
-                               device, autocast) if has_valid else {}
-            metrics.update(evaluate_bins(model, bins, evaluation_transform, device, autocast,
-                                         loader_args["batch_size"]))
-        run.history.append(dict(epoch=epoch, step=run.step, **figures, **(metrics if evaluating else {}),
+                               device, autocast, bins, evaluation_transform, loader_args["batch_size"])
+        run.history.append(dict(epoch=epoch, step=run.step, **train_stats, **(metrics if evaluating else {}),
                                 train_seconds=round(run.train_seconds, 1), lr=opt.param_groups[0]["lr"],
                                 valid_seconds=round(time.time() - started, 3), save_seconds=None))
         improved = evaluating and run.improved(metrics, select_key)
@@ -400,7 +401,7 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         listed = write_skipped(datasets, saver.path("skipped_files.txt"), listed)
         run.history[-1]["save_seconds"] = round(time.time() - started - run.history[-1]["valid_seconds"], 3)
         reported(saver.path("history.json"), lambda: save_json(run.history, saver.path("history.json")))
-        print(epoch_summary(epoch, epochs, figures, metrics if evaluating else None, objective.figure,
+        print(epoch_summary(epoch, epochs, train_stats, metrics if evaluating else None, objective.stat,
                             run.train_seconds, improved))
     # agreed again: a signal during the evaluation reached one process (an epoch not saved stops at the next step)
     stopping = stop.settle(agreed([stop.signum], device, distributed)[0]) or stopping

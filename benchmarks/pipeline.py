@@ -8,12 +8,12 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from data_utils import FaceFolder, as_hw, make_transform
 from engine import TrainingStep, build_optimizer, build_schedule
 from inference import embed_batch
 from losses import build_objective
-from model import EmbeddingNet, model_from_checkpoint, select_device
+from model import EmbeddingNet, select_device
 
 
 def steady_speed(history):

@@ -40,7 +40,7 @@ def write_verification_bin(path, pairs):
 
 def insightface_accuracy(embeddings, same):
     """insightface's .bin accuracy (arcface_torch's eval/verification.py, calculate_roc) written out, the reference
-    its figure is checked against: images 2k and 2k + 1 a pair; their embeddings normalised (float64); the squared
+    its metric is checked against: images 2k and 2k + 1 a pair; their embeddings normalised (float64); the squared
     L2 distance of each pair; scikit-learn's KFold(10) unshuffled; per fold, the threshold of np.arange(0, 4, 0.01)
     whose 'same iff distance < t' is most accurate on the other nine (the first of ties), its accuracy on the
     fold; the mean of the ten."""

@@ -1,5 +1,5 @@
-"""checkpoint.py: loading a checkpoint safely, the rules of --resume, the run's state, the random generators'
-state, and saving (what each file holds, when it is written, a failed save)."""
+"""checkpoint.py: loading a checkpoint safely, rebuilding its network, the rules of --resume, the run's state, the
+random generators' state, and saving (what each file holds, when it is written, a failed save)."""
 import os
 import random
 from contextlib import nullcontext
@@ -13,11 +13,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, load_checkpoint,
-                        resume_config, resume_training, training_state)
+                        model_from_checkpoint, resume_config, resume_training, training_state)
 from configurator import ConfigError
 from engine import TrainingStep, build_optimizer, build_schedule
-from losses import build_objective, partial_fc_shard
+from losses import build_objective
 from model import EmbeddingNet
+from partial_fc import partial_fc_shard
 
 CLASSES = ["p0", "p1", "p2"]
 # a few of train.py's constants with their defaults: what resume_config compares a resumed run's flags against
@@ -72,6 +73,52 @@ def write_last(folder, config, trained, position=None):
     assert saver.save("last.pth", trained, dict(valid_identification=0.5),
                       training_state(run, optimizer, schedule, scaler, 1))
     return saver.path("last.pth")
+
+
+# -----------------------------------------------------------------------------
+# rebuilding the network a checkpoint describes
+
+def save_model(tmp_path, model, name="model.pth"):
+    path = tmp_path / name
+    torch.save(dict(model=model.state_dict(), model_config=model.config, image_size=[32, 32]), path)
+    return str(path)
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_network(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddingNet("resnet18", embedding_dim=32, head="linear").eval()
+    path = save_model(tmp_path, model)
+    rebuilt = model_from_checkpoint(load_checkpoint(path), path).eval()
+    assert rebuilt.config == model.config
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
+
+
+def test_weights_of_another_architecture_are_an_error_naming_the_config(tmp_path):
+    model = EmbeddingNet("resnet18", embedding_dim=32)
+    state = dict(model=model.state_dict(), model_config=dict(model.config, backbone="resnet34"))
+    torch.save(state, tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointError, match="resnet34"):  # the config it names
+        model_from_checkpoint(load_checkpoint(str(tmp_path / "mixed.pth")), "mixed.pth")
+    state["model_config"] = dict(model.config, embedding_dim=64)
+    torch.save(state, tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointError, match="'embedding_dim': 64"):
+        model_from_checkpoint(load_checkpoint(str(tmp_path / "mixed.pth")), "mixed.pth")
+
+
+def test_smallcnn_checkpoint_round_trip_keeps_weights_and_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddingNet("smallcnn", embedding_dim=16, head="mlp", hidden_dim=32).train()
+    model(torch.randn(4, 3, 48, 40))  # moves the BatchNorm running statistics away from their initial values
+    model.eval()
+    path = save_model(tmp_path, model)
+    rebuilt = model_from_checkpoint(load_checkpoint(path), path).eval()
+    assert rebuilt.config == model.config
+    assert torch.equal(rebuilt.backbone[1].running_mean, model.backbone[1].running_mean)
+    images = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -226,7 +273,7 @@ def test_next_epoch_fresh_after_an_epoch_and_mid_epoch():
     assert mid.next_epoch() == 5
 
 
-def test_improved_only_by_a_strictly_better_figure():
+def test_improved_only_by_a_strictly_better_metric():
     assert RunState().improved(dict(valid_identification=0.0))
     run = RunState(best=dict(valid_identification=0.5, valid_loss=1.0))
     assert run.improved(dict(valid_identification=0.6))
@@ -356,7 +403,7 @@ def test_save_epoch_without_save_every_and_a_failed_last_save(tmp_path, capsys):
 def train_steps(parts, steps=2):
     """A few optimiser steps of the tiny parts on random labelled batches, so that every state has moved."""
     model, objective, optimizer, schedule, scaler = parts
-    step = TrainingStep(model, objective, optimizer, schedule, scaler, "cpu", nullcontext(), figure=objective.figure)
+    step = TrainingStep(model, objective, optimizer, schedule, scaler, "cpu", nullcontext(), stat=objective.stat)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -509,7 +556,7 @@ def sgd_training(network, objective, gather):
     optimizer = build_optimizer("sgd", [*network.parameters(), *objective.parameters()], 0.5, 5e-4)
     schedule = build_schedule("step", optimizer, steps_per_epoch=10, epochs=1)
     return TrainingStep(network, objective, optimizer, schedule, torch.amp.GradScaler("cuda", enabled=False), "cpu",
-                        nullcontext(), gather=gather, figure=objective.figure), optimizer
+                        nullcontext(), gather=gather, stat=objective.stat), optimizer
 
 
 def tiny_network():

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, run_script
 from losses import ArcFaceLoss
-from model import EmbeddingNet, model_from_checkpoint, select_device
+from model import EmbeddingNet, select_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SMALL = ["--backbone=resnet18", "--image_size=48,40", "--batch_size=16"]

@@ -12,13 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import distill
-from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
+from checkpoint import (Checkpointer, RandomState, RunState, load_checkpoint, model_from_checkpoint, resume_training,
+                        training_state)
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, make_transform, normalize
 from distill import Distillation, centred, teacher_targets
 from engine import TrainingStep, build_optimizer, build_schedule
 from losses import NoObjective, batch_rows, build_objective
-from model import EmbeddingNet, model_from_checkpoint
+from model import EmbeddingNet
 from sampling import TripletFaceDataset, collate_rows, train_loader_for
 
 SIZE = (16, 16)
@@ -342,7 +343,7 @@ def test_a_training_step_with_a_distiller_moves_the_student_towards_the_teacher(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     targets = unit_rows(12, TEACHER_DIM)
     step = TrainingStep(model, objective, optimizer, schedule, torch.amp.GradScaler("cuda", enabled=False), "cpu",
-                        nullcontext(), figure=objective.figure, distiller=distiller, targets=targets, weight=2.0)
+                        nullcontext(), stat=objective.stat, distiller=distiller, targets=targets, weight=2.0)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     indices = torch.tensor([0, 2, 3, 5, 7, 8, 10, 11])
     batch = (images, torch.zeros(8, dtype=torch.int64), indices)

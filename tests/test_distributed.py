@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from benchmarks.sharded import trainers
-from checkpoint import load_checkpoint, read_weights
+from checkpoint import load_checkpoint, model_from_checkpoint, read_weights
 from conftest import ROOT, run_script
-from model import model_from_checkpoint
 
 pytestmark = pytest.mark.e2e
 SMALL = ["--backbone=smallcnn", "--image_size=32", "--embedding_dim=32"]

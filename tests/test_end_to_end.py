@@ -23,10 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, make_faces, run_script, write_image, write_verification_bin
 from data_utils import load_rgb, make_transform
-from model import model_from_checkpoint
 from prepare import align_dataset, split_dataset
 from pretrained import load_face_network
 
@@ -331,7 +330,7 @@ def test_onnx_export_gives_the_pytorch_embeddings_or_says_what_to_install(att_ru
 
 @pytest.mark.xdist_group("att")
 def test_test_py_on_one_person_with_a_headerless_pairs_file_says_what_it_cannot_measure(att_run, att_faces, tmp_path):
-    """One person alone has no different pairs and no impostors: those figures are null, with a warning, not a
+    """One person alone has no different pairs and no impostors: those metrics are null, with a warning, not a
     crash. A pairs file of one set (no header: one fold) is scored over random folds."""
     lines = open(PAIRS).read().splitlines()[1:]
     (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
@@ -411,7 +410,7 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
     held = results["bins"]["held"]
     assert held["pairs_scored"] == len(pairs) == held["same_pairs"] + held["different_pairs"]
     assert 0 <= held["accuracy_mean"] <= 1
-    # the student of dlib's descriptor: cached once, resumed with its cache, and its figures name the teacher
+    # the student of dlib's descriptor: cached once, resumed with its cache, and its metrics name the teacher
     distilled, cache = tmp_path / "distill", tmp_path / "cache"
     train("configs/distill_lfw_cpu.py", *shrink, f"--out_dir={distilled}", f"--teacher_cache={cache}")
     parts = {p: p.stat().st_mtime_ns for p in cache.glob("*/part-*.pt")}

@@ -1,6 +1,7 @@
 """engine.py: the rules between train.py's settings, the optimiser and schedules, one training step, one epoch
-(its figures, a stop signal, a non-finite loss, a resumed epoch that ends with the very weights of an uninterrupted
-one), the evaluation of an epoch, the stop signals and the end of a run. Tiny networks on tiny image folders."""
+(its train_stats, a stop signal, a non-finite loss, a resumed epoch that ends with the very weights of an uninterrupted
+one), the evaluation of an epoch, the stop signals, the end of a run and the watch for collapse. Tiny networks on
+tiny image folders."""
 import math
 import multiprocessing
 import os
@@ -12,15 +13,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
 from configurator import ConfigError
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, make_transform, normalize
-from engine import (NonFinite, StopRequested, StopSignals, TrainingStep, agreed, build_optimizer, build_schedule,
-                    check_config, describe, epoch_summary, evaluate, poisoned, shut_down, train_one_epoch,
-                    valid_objective, warmup_cosine, worker_signals)
+from engine import (CollapseDetector, NonFinite, StopRequested, StopSignals, TrainingStep, agreed, build_optimizer,
+                    build_schedule, check_config, describe, embedding_spread, epoch_summary, evaluate, poisoned,
+                    shut_down, train_one_epoch, valid_objective, warmup_cosine, worker_signals)
 from evaluation import identification_accuracy, pair_decisions, relabel, triplet_accuracy
 from inference import embed
 from losses import batch_rows, build_objective
@@ -204,11 +206,11 @@ def batch_for(rows, generator):
 def training_parts(loss, mining, num_classes=3, steps_per_epoch=4):
     """((model, objective, optimizer, schedule, scaler), their TrainingStep), as train.py builds them on the CPU."""
     model = tiny_model()
-    objective = build_objective(loss, mining, embedding_dim=EMBEDDING, num_classes=num_classes)
+    objective = build_objective(loss, mining=mining, embedding_dim=EMBEDDING, num_classes=num_classes)
     optimizer = build_optimizer("adam", [*model.parameters(), *objective.parameters()], 1e-2, 0.0)
     schedule = build_schedule("onecycle", optimizer, steps_per_epoch, epochs=2)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    step = TrainingStep(model, objective, optimizer, schedule, scaler, "cpu", nullcontext(), figure=objective.figure)
+    step = TrainingStep(model, objective, optimizer, schedule, scaler, "cpu", nullcontext(), stat=objective.stat)
     return (model, objective, optimizer, schedule, scaler), step
 
 
@@ -231,7 +233,7 @@ def test_a_training_step_returns_the_detached_loss_stats_and_embeddings_and_trai
     loss_value, stats, embeddings = step(batch)
     assert loss_value.ndim == 0 and torch.isfinite(loss_value) and not loss_value.requires_grad
     assert loss_value.grad_fn is None
-    assert isinstance(stats[objective.figure], float)
+    assert isinstance(stats[objective.stat], float)
     assert embeddings.shape == (len(batch[0]), EMBEDDING) and embeddings.dtype == torch.float32
     assert not torch.equal(model.backbone[0].weight, first_conv) and not torch.equal(model.head[0].weight, head)
     if list(objective.parameters()):  # ArcFace's centres, the pair classifier: they train too
@@ -290,14 +292,14 @@ class Watched:
 
     def __init__(self, step, before=None):
         self.step, self.before, self.losses, self.stats = step, before, [], []
-        self.device, self.figure = step.device, step.figure
+        self.device, self.stat = step.device, step.stat
 
     def __call__(self, batch):
         if self.before:
             self.before(len(self.losses) + 1)
         loss, stats, embeddings = self.step(batch)
         self.losses.append(loss.item())
-        self.stats.append(stats[self.figure])
+        self.stats.append(stats[self.stat])
         return loss, stats, embeddings
 
 
@@ -306,20 +308,20 @@ def signal_at(stop, call, signum=signal.SIGINT):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_an_epoch_returns_its_figures(train_root, path):
+def test_an_epoch_returns_its_train_stats(train_root, path):
     loss, mining, batch_size = PATHS[path]
     built = build_run(train_root, loss, mining, batch_size)
     assert len(built.loader) == 4
     watched, run = Watched(built.step), RunState(step=7, train_seconds=1.0)
-    figures = run_epoch(built, run, StopSignals(), watched)
-    figure = built.step.figure
-    assert set(figures) == {"train_loss", f"train_{figure}", "epoch_seconds", "images", "images_per_second"}
+    train_stats = run_epoch(built, run, StopSignals(), watched)
+    stat = built.step.stat
+    assert set(train_stats) == {"train_loss", f"train_{stat}", "epoch_seconds", "images", "images_per_second"}
     assert len(watched.losses) == 4 and run.step == 11 and run.train_seconds > 1.0
-    assert figures["train_loss"] == pytest.approx(np.mean(watched.losses))
-    assert figures[f"train_{figure}"] == pytest.approx(np.mean(watched.stats))
+    assert train_stats["train_loss"] == pytest.approx(np.mean(watched.losses))
+    assert train_stats[f"train_{stat}"] == pytest.approx(np.mean(watched.stats))
     images_per_batch = {"pk_arcface": 4, "random_triplets": 12, "random_pairs": 16}[path]
-    assert figures["images"] == 4 * images_per_batch
-    assert figures["images_per_second"] > 0 and figures["epoch_seconds"] >= 0
+    assert train_stats["images"] == 4 * images_per_batch
+    assert train_stats["images_per_second"] > 0 and train_stats["epoch_seconds"] >= 0
 
 
 @pytest.mark.parametrize("path", ["pk_arcface", "random_triplets"])
@@ -342,8 +344,8 @@ def test_a_stop_signal_raises_stop_requested_after_its_step(train_root, path):
 def test_a_signal_in_the_last_step_lets_the_epoch_end(train_root):
     built = build_run(train_root, *PATHS["pk_arcface"])
     stop = StopSignals()
-    figures = run_epoch(built, RunState(), stop, Watched(built.step, signal_at(stop, 4, signal.SIGTERM)))
-    assert figures["images"] == 16 and stop.signum == signal.SIGTERM
+    train_stats = run_epoch(built, RunState(), stop, Watched(built.step, signal_at(stop, 4, signal.SIGTERM)))
+    assert train_stats["images"] == 16 and stop.signum == signal.SIGTERM
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -373,13 +375,13 @@ def test_an_epoch_resumed_mid_way_ends_with_the_weights_of_an_uninterrupted_one(
     resumed = build_run(train_root, loss, mining, batch_size, seed=123)  # a new process, other generator states
     resumed_run = resume_training(load_checkpoint(saver.path("last.pth")), resumed.parts, resumed.randomness, 1,
                                   saver.path("tb_model.pth"))
-    figures = run_epoch(resumed, resumed_run, StopSignals(), epoch=2)
+    train_stats = run_epoch(resumed, resumed_run, StopSignals(), epoch=2)
     bit_for_bit = same_weights(weights(*resumed.parts[:2]), expected_weights)
     assert bit_for_bit
-    assert figures["train_loss"] == expected["train_loss"]
-    assert figures[f"train_{objective.figure}"] == expected[f"train_{objective.figure}"]
+    assert train_stats["train_loss"] == expected["train_loss"]
+    assert train_stats[f"train_{objective.stat}"] == expected[f"train_{objective.stat}"]
     assert resumed_run.step == whole_run.step == 8 and resumed_run.position is None
-    assert figures["images"] == expected["images"] * (4 - stopped_after) // 4  # those of the steps trained here
+    assert train_stats["images"] == expected["images"] * (4 - stopped_after) // 4  # those of the steps trained here
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -501,7 +503,7 @@ def test_evaluate_gives_identification_loss_and_triplet_accuracy(train_root, val
     valid_rows["pairs"] = draw_pairs(probes.targets, probes.by_label, rng)
     seed_all(0)
     model = tiny_model()
-    objective = build_objective(loss, mining, embedding_dim=EMBEDDING, num_classes=len(gallery.classes))
+    objective = build_objective(loss, mining=mining, embedding_dim=EMBEDDING, num_classes=len(gallery.classes))
     gallery_loader, probe_loader = DataLoader(gallery, batch_size=5), DataLoader(probes, batch_size=3)
     result = evaluate(model, objective, gallery_loader, probe_loader, gallery.classes, valid_rows, "cpu",
                       nullcontext())
@@ -580,18 +582,18 @@ def test_shut_down_stops_persistent_workers(train_root):
 # -----------------------------------------------------------------------------
 # what a run prints
 
-def test_epoch_summary_has_the_training_and_evaluation_figures_it_was_given():
-    figures = dict(train_loss=0.5, train_accuracy=0.25)
+def test_epoch_summary_has_the_training_and_evaluation_metrics_it_was_given():
+    train_stats = dict(train_loss=0.5, train_accuracy=0.25)
     metrics = dict(valid_loss=0.75, valid_triplet_accuracy=0.5, valid_identification=0.875)
     untrained = epoch_summary(0, 3, {}, metrics, "accuracy", 0.0, True).split(" | ")
     assert untrained == ["epoch 0/3", "train loss -", "valid loss 0.7500", "valid triplets 50.0%",
                          "valid top-1 87.50%", "0s", "best"]
-    trained = epoch_summary(2, 3, figures, None, "accuracy", 12.4, False).split(" | ")
+    trained = epoch_summary(2, 3, train_stats, None, "accuracy", 12.4, False).split(" | ")
     assert trained == ["epoch 2/3", "train loss 0.5000", "accuracy 25%", "12s"]  # an epoch without evaluation
-    with_f1 = epoch_summary(1, 3, figures, dict(metrics, valid_pair_f1=0.5), "accuracy", 1, False)
+    with_f1 = epoch_summary(1, 3, train_stats, dict(metrics, valid_pair_f1=0.5), "accuracy", 1, False)
     assert "valid pair F1 0.500" in with_f1.split(" | ")
     unmeasured = dict(metrics, valid_loss=float("nan"), valid_triplet_accuracy=float("nan"))  # one image a person
-    assert epoch_summary(1, 3, figures, unmeasured, "accuracy", 1, False).split(" | ") == [
+    assert epoch_summary(1, 3, train_stats, unmeasured, "accuracy", 1, False).split(" | ") == [
         "epoch 1/3", "train loss 0.5000", "accuracy 25%", "valid top-1 87.50%", "1s"]
 
 
@@ -606,3 +608,18 @@ def test_describe_prints_as_much_as_verbosity_asks(verbosity, capsys):
     describe(model, objective, optimizer, "onecycle", 3)
     counts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "trainable" in line]
     assert counts == ["  0: 15 parameters, 15 trainable", "  loss: 6 parameters, 6 trainable"]
+
+
+# -----------------------------------------------------------------------------
+# training health
+
+def test_collapse_is_detected_after_patience_steps_and_only_then():
+    alike = torch.ones(16, 8) + 1e-4 * torch.randn(16, 8)
+    spread_out = F.normalize(torch.randn(256, 8), dim=1)
+    assert embedding_spread(alike) < 1e-3 and embedding_spread(spread_out) > 0.9
+    detector = CollapseDetector(margin=0.2, patience=3)
+    assert [detector.update(0.2, alike) for _ in range(5)] == [False, False, True, False, False]
+    detector = CollapseDetector(margin=0.2, patience=3)
+    flags = [detector.update(0.2, alike), detector.update(0.2, spread_out), detector.update(0.2, alike),
+             detector.update(0.05, alike), detector.update(0.2, alike)]
+    assert not any(flags)  # interrupted by a spread batch and by a loss away from the margin

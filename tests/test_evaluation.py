@@ -151,27 +151,27 @@ def test_contiguous_folds_are_scikit_learns_unshuffled_kfold():
 @pytest.mark.parametrize("pairs,seed", [(6000, 0), (605, 1), (605, 2)])
 def test_bin_accuracy_is_insightfaces_to_the_number(pairs, seed):
     embeddings, same = bin_embeddings(pairs, seed)
-    figures, scored = score_pairs_as_insightface(embeddings, list(range(2 * pairs)), *bin_pairs(same))
+    metrics, scored = score_pairs_as_insightface(embeddings, list(range(2 * pairs)), *bin_pairs(same))
     reference = insightface_accuracy(embeddings, same)
-    assert scored == list(range(pairs)) and figures["folds"] == 10
-    assert abs(figures["accuracy_mean"] - reference) < 1e-6
+    assert scored == list(range(pairs)) and metrics["folds"] == 10
+    assert abs(metrics["accuracy_mean"] - reference) < 1e-6
     assert 0.6 < reference < 0.95  # thresholds matter: neither chance nor separated
-    exact = figures["exact_thresholds"]  # exact thresholds on the cosine, beside it
-    assert exact["accuracy_mean"] != figures["accuracy_mean"] and 0.6 < exact["accuracy_mean"] < 0.95
-    assert 0 < figures["threshold_mean"] < 4 and -1 < exact["threshold_mean"] < 1  # a squared distance; a cosine
+    exact = metrics["exact_thresholds"]  # exact thresholds on the cosine, beside it
+    assert exact["accuracy_mean"] != metrics["accuracy_mean"] and 0.6 < exact["accuracy_mean"] < 0.95
+    assert 0 < metrics["threshold_mean"] < 4 and -1 < exact["threshold_mean"] < 1  # a squared distance; a cosine
 
 
 def test_bin_accuracy_leaves_out_pairs_with_an_unreadable_image_and_keeps_their_folds():
     embeddings, same = bin_embeddings(605, 3)
     readable = [i for i in range(1210) if i not in (7, 500)]  # pairs 3 and 250 lose an image
-    figures, scored = score_pairs_as_insightface(embeddings[readable], readable, *bin_pairs(same))
+    metrics, scored = score_pairs_as_insightface(embeddings[readable], readable, *bin_pairs(same))
     kept = [k for k in range(605) if k not in (3, 250)]
-    assert scored == kept and figures["pairs"] == 603
+    assert scored == kept and metrics["pairs"] == 603
     folds = contiguous_folds(605)[kept]
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     distances = np.sum((unit[0::2] - unit[1::2]) ** 2, axis=1)[kept]
     accuracies, _ = evaluation.grid_kfold_accuracy(distances.astype(np.float64), same[kept], folds)
-    assert figures["fold_accuracies"] == pytest.approx(accuracies, abs=1e-12)
+    assert metrics["fold_accuracies"] == pytest.approx(accuracies, abs=1e-12)
 
 
 def test_threshold_choice_receives_only_the_training_folds(monkeypatch):

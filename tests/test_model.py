@@ -7,8 +7,7 @@ import torch.nn as nn
 import torchvision
 
 import model as model_module
-from checkpoint import CheckpointError, load_checkpoint
-from model import EmbeddingNet, PretrainedUnavailable, model_from_checkpoint, select_device
+from model import EmbeddingNet, PretrainedUnavailable, select_device
 from pretrained import PixelBaseline
 
 
@@ -165,52 +164,6 @@ def test_freezing_changes_neither_the_config_nor_the_checkpoint_keys():
     assert list(frozen.state_dict()) == list(plain.state_dict())
     assert not any(is_batchnorm(m) and m.training for m in frozen.backbone.modules())
     assert all(m.training for m in plain.backbone.modules())
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def save(tmp_path, model, name="model.pth"):
-    path = tmp_path / name
-    torch.save(dict(model=model.state_dict(), model_config=model.config, image_size=[32, 32]), path)
-    return str(path)
-
-
-def test_checkpoint_round_trip_rebuilds_the_same_network(tmp_path):
-    torch.manual_seed(0)
-    model = EmbeddingNet("resnet18", embedding_dim=32, head="linear").eval()
-    path = save(tmp_path, model)
-    rebuilt = model_from_checkpoint(load_checkpoint(path), path).eval()
-    assert rebuilt.config == model.config
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
-
-
-def test_weights_of_another_architecture_are_an_error_naming_the_config(tmp_path):
-    model = EmbeddingNet("resnet18", embedding_dim=32)
-    state = dict(model=model.state_dict(), model_config=dict(model.config, backbone="resnet34"))
-    torch.save(state, tmp_path / "mixed.pth")
-    with pytest.raises(CheckpointError, match="resnet34"):  # the config it names
-        model_from_checkpoint(load_checkpoint(str(tmp_path / "mixed.pth")), "mixed.pth")
-    state["model_config"] = dict(model.config, embedding_dim=64)
-    torch.save(state, tmp_path / "mixed.pth")
-    with pytest.raises(CheckpointError, match="'embedding_dim': 64"):
-        model_from_checkpoint(load_checkpoint(str(tmp_path / "mixed.pth")), "mixed.pth")
-
-
-def test_smallcnn_checkpoint_round_trip_keeps_weights_and_batchnorm_statistics(tmp_path):
-    torch.manual_seed(0)
-    model = EmbeddingNet("smallcnn", embedding_dim=16, head="mlp", hidden_dim=32).train()
-    model(torch.randn(4, 3, 48, 40))  # moves the BatchNorm running statistics away from their initial values
-    model.eval()
-    path = save(tmp_path, model)
-    rebuilt = model_from_checkpoint(load_checkpoint(path), path).eval()
-    assert rebuilt.config == model.config
-    assert torch.equal(rebuilt.backbone[1].running_mean, model.backbone[1].running_mean)
-    images = torch.randn(2, 3, 48, 40)
-    with torch.no_grad():
-        torch.testing.assert_close(rebuilt(images), model(images), rtol=0, atol=0)
 
 
 # -----------------------------------------------------------------------------

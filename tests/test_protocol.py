@@ -1,7 +1,7 @@
 """The honest evaluation protocol: prepare.py's people held out whole (DST/unseen, --valid_people), the verification
 pairs of untrained people (evaluation.held_out_pairs) and the metric that chooses the checkpoint
 (engine.selection_key, engine.evaluate's held-out pairs), starting a network from another run's
-(pretrained.init_weights), what a test.py figure measures (evaluation.evaluation_protocol), grayscale augmentation
+(pretrained.init_weights), what a test.py metric measures (evaluation.evaluation_protocol), grayscale augmentation
 (data_utils.make_transform), and, in subprocesses, train.py never reading data_dir/test and test.py stating its
 protocol. In-process tests run on tiny random images written into tmp_path."""
 import json
@@ -347,7 +347,7 @@ def test_evaluate_scores_the_held_out_pairs_as_verification_metrics_does(eval_ro
     top1 = identification_accuracy(gallery_emb, gallery_labels, gallery.classes, probe_emb, probe_labels,
                                    probes.classes)["accuracy"]
     assert result["valid_identification"] == pytest.approx(top1)  # t0's probes: top-1 still measured
-    # without held-out rows: no pairs figures
+    # without held-out rows: no pairs metrics
     plain = evaluate(model, objective, DataLoader(gallery, batch_size=5), DataLoader(probes, batch_size=4),
                      gallery.classes, dict(rows, held_out=np.empty((0, 3), dtype=np.int64)), "cpu", nullcontext())
     assert "valid_pairs_accuracy" not in plain and "valid_pairs_auc" not in plain
@@ -643,7 +643,7 @@ def test_test_py_states_its_protocol_and_init_from_starts_a_run(protocol_runs, t
     assert unseen["protocol"]["probe_people_trained_on"] == 0 and unseen["protocol"]["probes_chose_checkpoint"] is False
     assert unseen["protocol"]["split"] == "test"
     assert unseen["verification"]["images"] == "all"
-    # raw pixels under the same protocol: the same pairs, every figure, and errors naming their flag
+    # raw pixels under the same protocol: the same pairs, every metric, and errors naming their flag
     run_script("test.py", "--checkpoint=pixels", "--pixel_size=16,12", f"--out_dir={tmp_path / 'px'}",
                f"--data_dir={os.path.join(data, 'unseen')}")
     pixels = json.loads((tmp_path / "px" / "results.json").read_text(encoding="utf-8"))

@@ -126,18 +126,18 @@ def test_score_pairs_of_hand_made_embeddings_leaves_out_pairs_with_an_unreadable
     embeddings = np.zeros((40, 4), dtype=np.float32)
     for k, (i, j, s) in enumerate(rows):  # a same pair: one direction; a different one: orthogonal directions
         embeddings[i, k % 4] = embeddings[j, k % 4 if s else (k + 1) % 4] = 1
-    figures, scored = score_pairs(embeddings, list(range(40)), rows, folds)
-    assert figures["accuracy_mean"] == 1.0 and figures["folds"] == 10 and figures["auc"] == 1.0
+    metrics, scored = score_pairs(embeddings, list(range(40)), rows, folds)
+    assert metrics["accuracy_mean"] == 1.0 and metrics["folds"] == 10 and metrics["auc"] == 1.0
     assert scored == list(range(20))
     embeddings[2, :] = -embeddings[3, :]  # pair 1 (different) scores -1, still rightly different
     readable = [i for i in range(40) if i != 5]  # image 5 (pair 2) could not be read: its pair is left out
-    figures, scored = score_pairs(embeddings[readable], readable, rows, folds)
-    assert 2 not in scored and len(scored) == 19 and figures["pairs"] == 19 and figures["accuracy_mean"] == 1.0
+    metrics, scored = score_pairs(embeddings[readable], readable, rows, folds)
+    assert 2 not in scored and len(scored) == 19 and metrics["pairs"] == 19 and metrics["accuracy_mean"] == 1.0
     flipped = embeddings.copy()
     flipped[[1, 5, 9]] = -flipped[[1, 5, 9]]  # three same pairs now look like different people
-    figures, _ = score_pairs(flipped, list(range(40)), rows, folds)
-    assert figures["accuracy_mean"] == pytest.approx(0.85)  # three folds of two pairs get one of them wrong
-    assert score_pairs(embeddings[:4], [0, 1, 2, 3], rows, folds) == (None, [0, 1])  # 2 pairs: no figures
+    metrics, _ = score_pairs(flipped, list(range(40)), rows, folds)
+    assert metrics["accuracy_mean"] == pytest.approx(0.85)  # three folds of two pairs get one of them wrong
+    assert score_pairs(embeddings[:4], [0, 1, 2, 3], rows, folds) == (None, [0, 1])  # 2 pairs: no metrics
 
 
 class Pixels(Embedder):
