@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import ConfigError
 from mining import MINING, all_pairs, check_mining, mined_triplet_losses
 
 
@@ -379,7 +378,7 @@ def batch_rows(loss, mining="none"):
 
 def objective_conflicts(loss, mining="none", partial_fc=0.0):
     """{option: why} for each option that the objective `loss` cannot train with, by its OBJECTIVES entry: the one
-    home of these rules, which check_objective raises and engine.check_config reports, as ConfigErrors of those
+    home of these rules, which check_objective raises and engine.check_config reports as ConfigErrors of those
     flags."""
     entry, conflicts = OBJECTIVES[loss], {}
     if mining not in entry.mining:  # (the pair classifier's alone)
@@ -391,32 +390,24 @@ def objective_conflicts(loss, mining="none", partial_fc=0.0):
 
 
 def check_objective(loss, mining="none", partial_fc=0.0):
-    """Raise a ConfigError (a ValueError) for the first of objective_conflicts."""
+    """Raise a ValueError, naming its flag, for the first of objective_conflicts."""
     for flag, message in objective_conflicts(loss, mining, partial_fc).items():
-        raise ConfigError(flag, message)
+        raise ValueError(f"--{flag}: {message}")
 
 
 def build_objective(loss, *, mining="none", margin=0.2, squared=True, embedding_dim=128, num_classes=0,
-                    arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35, partial_fc=0.0,
-                    rank=0, world_size=1, arcface_form="paper"):
+                    arcface_scale=30.0, arcface_margin=0.5, pair_hidden_dim=64, cosface_margin=0.35,
+                    arcface_form="paper"):
     """The training objective `loss` (of OBJECTIVES) with `mining` (of MINING): "none" trains the triplet and
     contrastive losses on given rows, the others mine labelled batches; pair_bce takes none or batch_all; arcface
     and cosface classify labelled batches whatever the mining, over `num_classes` training identities
-    (arcface_scale is the scale of both; arcface_form ArcFaceLoss's form); with `partial_fc` > 0, as PartialFC of
-    that sample rate, process `rank` of `world_size` holding its share of the centres."""
-    # partial_fc.py builds on this module's margin softmax, so it is imported where it wraps one
-    from partial_fc import PartialFC, partial_fc_shard
-
+    (arcface_scale is the scale of both; arcface_form ArcFaceLoss's form). Their centres sharded across processes:
+    partial_fc.build_partial_fc."""
     if loss not in OBJECTIVES:
         raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     check_mining(mining)
-    check_objective(loss, mining, partial_fc)
-    if partial_fc and num_classes < world_size:
-        raise ValueError(f"partial_fc shares the centres of {num_classes} identities among {world_size} processes: "
-                         f"each needs one at least")
-    start, end = partial_fc_shard(num_classes, rank, world_size) if partial_fc else (0, num_classes)
-    objective = OBJECTIVES[loss].build(SimpleNamespace(
-        mining=mining, margin=margin, squared=squared, embedding_dim=embedding_dim, num_classes=end - start,
+    check_objective(loss, mining)
+    return OBJECTIVES[loss].build(SimpleNamespace(
+        mining=mining, margin=margin, squared=squared, embedding_dim=embedding_dim, num_classes=num_classes,
         arcface_scale=arcface_scale, arcface_margin=arcface_margin, pair_hidden_dim=pair_hidden_dim,
         cosface_margin=cosface_margin, arcface_form=arcface_form))
-    return PartialFC(objective, num_classes, partial_fc, rank, world_size) if partial_fc else objective

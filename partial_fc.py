@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import capped, check_batch, empty_batch
+from losses import build_objective, capped, check_batch, check_objective, empty_batch
 
 
 class PartialFC(nn.Module):
@@ -105,6 +105,19 @@ class PartialFC(nn.Module):
                 best, own = _all_reduce(best, dist.ReduceOp.MAX), _all_reduce(own, dist.ReduceOp.SUM)
             accuracy = (own >= best).float().mean().item()
         return loss, {"accuracy": accuracy}
+
+
+def build_partial_fc(loss, *, num_classes, partial_fc, rank=0, world_size=1, **options):
+    """The margin softmax `loss` (arcface or cosface, with build_objective's `options`) over `num_classes`
+    identities as PartialFC of sample rate `partial_fc`, process `rank` of `world_size` holding its share of the
+    centres (train.py --partial_fc)."""
+    check_objective(loss, partial_fc=partial_fc)
+    if num_classes < world_size:
+        raise ValueError(f"partial_fc shares the centres of {num_classes} identities among {world_size} processes: "
+                         f"each needs one at least")
+    start, end = partial_fc_shard(num_classes, rank, world_size)
+    margin = build_objective(loss, num_classes=end - start, **options)
+    return PartialFC(margin, num_classes, partial_fc, rank, world_size)
 
 
 def partial_fc_shard(num_classes, rank, world_size):

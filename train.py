@@ -43,6 +43,7 @@ from files import reported, save_json
 from losses import ARCFACE_FORMS, OBJECTIVES, batch_rows, build_objective
 from mining import MINING
 from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_device
+from partial_fc import build_partial_fc
 from pairs import read_verification_bins
 from prepare import ensure_att
 from pretrained import init_weights
@@ -262,11 +263,11 @@ try:
     if init_from and not checkpoint:
         print(f"network initialised from {init_from}: its {' and '.join(init_weights(model, init_from))}")
     model = model.to(device, memory_format=memory_format)
-    objective = build_objective(loss, mining=mining, margin=margin, squared=squared, embedding_dim=embedding_dim,
-                                num_classes=len(train_faces.classes), arcface_scale=arcface_scale,
-                                arcface_margin=arcface_margin, pair_hidden_dim=pair_hidden_dim,
-                                cosface_margin=cosface_margin, partial_fc=partial_fc, rank=rank, world_size=world_size,
-                                arcface_form=arcface_form).to(device)
+    options = dict(mining=mining, margin=margin, squared=squared, embedding_dim=embedding_dim,
+                   num_classes=len(train_faces.classes), arcface_scale=arcface_scale, arcface_margin=arcface_margin,
+                   pair_hidden_dim=pair_hidden_dim, cosface_margin=cosface_margin, arcface_form=arcface_form)
+    objective = (build_partial_fc(loss, partial_fc=partial_fc, rank=rank, world_size=world_size, **options)
+                 if partial_fc else build_objective(loss, **options)).to(device)
     distiller = Distillation(embedding_dim, targets.shape[1], distill_loss).to(device) if teacher else None
 except CheckpointError as err:
     sys.exit(f"error: --init_from: {err}")

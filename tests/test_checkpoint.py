@@ -18,7 +18,7 @@ from configurator import ConfigError
 from engine import TrainingStep, build_optimizer, build_schedule
 from losses import build_objective
 from model import EmbeddingNet
-from partial_fc import partial_fc_shard
+from partial_fc import build_partial_fc, partial_fc_shard
 
 CLASSES = ["p0", "p1", "p2"]
 # a few of train.py's constants with their defaults: what resume_config compares a resumed run's flags against
@@ -49,10 +49,11 @@ def assert_same(a, b, where="state"):
 
 def tiny_parts(seed=0, scaler=None, **sharding):
     """(model, objective, optimizer, schedule, scaler) of a tiny arcface run, as train.py builds them; `sharding`:
-    build_objective's partial_fc, rank and world_size."""
+    build_partial_fc's partial_fc, rank and world_size."""
     torch.manual_seed(seed)
     model = EmbeddingNet("smallcnn", 16, "mlp", 32)
-    objective = build_objective("arcface", embedding_dim=16, num_classes=len(CLASSES), **sharding)
+    build = build_partial_fc if sharding.get("partial_fc") else build_objective
+    objective = build("arcface", embedding_dim=16, num_classes=len(CLASSES), **sharding)
     optimizer = build_optimizer("adam", [*model.parameters(), *objective.parameters()], 1e-3, 0.0)
     schedule = build_schedule("onecycle", optimizer, steps_per_epoch=2, epochs=3)
     return model, objective, optimizer, schedule, scaler or torch.amp.GradScaler("cuda", enabled=False)
@@ -568,7 +569,7 @@ def sharded_training_worker(rank, world_size, init_file, out):
     """train.py's way under torchrun: the network DistributedDataParallel, PartialFC (sample rate 1) not."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     network = torch.nn.parallel.DistributedDataParallel(tiny_network())
-    objective = build_objective("arcface", embedding_dim=6, num_classes=5, partial_fc=1.0, rank=rank,
+    objective = build_partial_fc("arcface", embedding_dim=6, num_classes=5, partial_fc=1.0, rank=rank,
                                 world_size=world_size)
     with torch.no_grad():
         objective.margin.weight.copy_(initial_centres()[objective.start:objective.end])

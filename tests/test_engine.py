@@ -27,6 +27,7 @@ from evaluation import identification_accuracy, pair_decisions, relabel, triplet
 from inference import embed
 from losses import batch_rows, build_objective
 from model import EmbeddingNet
+from partial_fc import build_partial_fc
 from sampling import draw_pairs, draw_triplets, train_loader_for
 
 SIZE = (32, 32)
@@ -552,13 +553,13 @@ def test_valid_loss_of_partial_fc_in_one_process_is_the_margin_softmax_and_of_sh
     torch.manual_seed(0)
     embeddings, labels, classes = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), ["p0", "p1", "p2"]
     full = build_objective("arcface", embedding_dim=4, num_classes=3).eval()
-    single = build_objective("arcface", embedding_dim=4, num_classes=3, partial_fc=0.4).eval()
+    single = build_partial_fc("arcface", embedding_dim=4, num_classes=3, partial_fc=0.4).eval()
     with torch.no_grad():
         single.margin.weight.copy_(full.weight)
     expected = valid_objective(full, embeddings, labels, classes, classes, {})["valid_loss"]
     assert valid_objective(single, embeddings, labels, classes, classes, {})["valid_loss"] == pytest.approx(expected)
     # process 0 of 2 evaluating alone holds half the centres: no loss, and no collective that would wait forever
-    sharded = build_objective("arcface", embedding_dim=4, num_classes=3, partial_fc=1.0, rank=0, world_size=2)
+    sharded = build_partial_fc("arcface", embedding_dim=4, num_classes=3, partial_fc=1.0, rank=0, world_size=2)
     assert valid_objective(sharded.eval(), embeddings, labels, classes, classes, {}) == {}
 
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from losses import ArcFaceLoss, ContrastiveLoss, CosFaceLoss, TripletLoss, build_objective
-from partial_fc import PartialFC, gather_batch, partial_fc_shard
+from partial_fc import PartialFC, build_partial_fc, gather_batch, partial_fc_shard
 
 
 # -----------------------------------------------------------------------------
@@ -136,11 +136,11 @@ def test_partial_fc_in_eval_mode_scores_every_centre_and_draws_nothing():
 
 
 @pytest.mark.parametrize("loss", ["arcface", "cosface"])
-def test_build_objective_gives_each_process_its_share_started_as_the_whole_layer(loss):
+def test_build_partial_fc_gives_each_process_its_share_started_as_the_whole_layer(loss):
     classes, dim = 1000, 8
     bound = math.sqrt(6 / (classes + dim))  # Xavier's, of the whole (classes, dim) layer
     for world_size in (1, 2, 3):
-        shares = [build_objective(loss, embedding_dim=dim, num_classes=classes, partial_fc=0.3, rank=rank,
+        shares = [build_partial_fc(loss, embedding_dim=dim, num_classes=classes, partial_fc=0.3, rank=rank,
                                   world_size=world_size) for rank in range(world_size)]
         assert all(isinstance(share, PartialFC) and share.sample_rate == 0.3 for share in shares)
         assert all(isinstance(share.margin, CosFaceLoss) == (loss == "cosface") for share in shares)
@@ -154,20 +154,20 @@ def test_build_objective_gives_each_process_its_share_started_as_the_whole_layer
     torch.manual_seed(0)
     unsharded = build_objective(loss, embedding_dim=dim, num_classes=classes)
     torch.manual_seed(0)  # one process, every class: the very centres of the margin softmax
-    assert torch.equal(build_objective(loss, embedding_dim=dim, num_classes=classes, partial_fc=1.0).margin.weight,
-                       unsharded.weight)
+    whole = build_partial_fc(loss, embedding_dim=dim, num_classes=classes, partial_fc=1.0)
+    assert torch.equal(whole.margin.weight, unsharded.weight)
 
 
-def test_build_objective_refuses_partial_fc_without_a_margin_softmax_or_with_too_few_classes():
+def test_build_partial_fc_refuses_without_a_margin_softmax_or_with_too_few_classes():
     for loss in ("triplet", "contrastive", "pair_bce"):
         with pytest.raises(ValueError):
-            build_objective(loss, embedding_dim=8, num_classes=10, partial_fc=0.5)
+            build_partial_fc(loss, embedding_dim=8, num_classes=10, partial_fc=0.5)
     with pytest.raises(ValueError):
-        build_objective("arcface", embedding_dim=8, num_classes=3, partial_fc=0.5, rank=0, world_size=4)
+        build_partial_fc("arcface", embedding_dim=8, num_classes=3, partial_fc=0.5, rank=0, world_size=4)
 
 
 def test_partial_fc_summary_reports_the_centres_memory_per_process_and_unsharded():
-    partial = build_objective("arcface", embedding_dim=100, num_classes=10_000, partial_fc=0.5, rank=1,
+    partial = build_partial_fc("arcface", embedding_dim=100, num_classes=10_000, partial_fc=0.5, rank=1,
                               world_size=2)
     line = partial.summary()
     assert "10,000 x 100" in line and re.findall(r"([\d.,]+) MB", line) == ["2", "4"]  # float32: 4 bytes each
