@@ -69,6 +69,14 @@ def check_config(config):
         raise ConfigError("image_size", str(err)) from None
 
 
+def deterministic_kernels(device):
+    """On the CPU, PyTorch's deterministic kernels (as train.py --deterministic asks of CUDA): its threads otherwise
+    sum some gradients in varying order (indexing's backward over repeated rows, as the pair classifier's every pair
+    of a batch), and the same seed would not give the same weights."""
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+
 def build_optimizer(name, params, lr, weight_decay):
     """Adam, AdamW or SGD (momentum 0.9) over `params`, fused: one kernel for the whole update (on the CPU the
     per-tensor loop costs ~10 % of a ResNet18 step)."""

@@ -35,8 +35,9 @@ from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, Sh
 from distill import DISTILL_LOSSES, Distillation, centred, teacher_targets
 from data_utils import AUGMENTATIONS, DatasetError, FaceFolder, as_hw, make_transform, some_names, write_skipped
 from engine import (OPTIMIZERS, SCHEDULES, SELECTED, CollapseDetector, NonFinite, StopRequested, StopSignals,
-                    TrainingStep, agreed, build_optimizer, build_schedule, check_config, describe, epoch_summary,
-                    evaluate, poisoned, selection_key, shut_down, train_one_epoch, worker_signals)
+                    TrainingStep, agreed, build_optimizer, build_schedule, check_config, describe,
+                    deterministic_kernels, epoch_summary, evaluate, poisoned, selection_key, shut_down,
+                    train_one_epoch, worker_signals)
 from figures import plot_history, save_triplet_examples
 from evaluation import held_out_pairs
 from files import reported, save_json
@@ -126,7 +127,7 @@ seed = 0  # same seed and data on the CPU -> the same weights
 channels_last = "auto"  # train in NHWC memory format: auto (on CUDA, for its tensor cores; not on the CPU)
 compile = False  # torch.compile the network for training (PyTorch 2; the first steps wait for the compiler)
 sync_bn = False  # torchrun on GPUs: batch-norm statistics over the global batch rather than each GPU's share
-deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU already is
+deterministic = False  # CUDA: deterministic kernels only, slower (an op without one stops the run); the CPU always
 resume = ""  # continue a stopped run: the path of its last.pth, or last (= <out_dir>/last.pth); "": a fresh run
 # -----------------------------------------------------------------------------
 CHOICES = dict(fill=("repeat", "drop"), augment=AUGMENTATIONS, cache_images=configurator.TRISTATE,
@@ -165,6 +166,7 @@ try:
     workers = loader_workers(num_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 except ValueError as err:
     sys.exit(f"error: {err}")
+deterministic_kernels(device)
 # measured: ResNet50 at 224x224 on an H100 trains 1.7 times faster in it, ResNet18 at 64x56 on the CPU slower
 nhwc = channels_last == "true" or (channels_last == "auto" and device.startswith("cuda"))
 memory_format = torch.channels_last if nhwc else torch.preserve_format  # of the weights and the batches

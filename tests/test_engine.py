@@ -21,8 +21,8 @@ from configurator import ConfigError
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, make_transform, normalize
 from engine import (CollapseDetector, NonFinite, StopRequested, StopSignals, TrainingStep, agreed, build_optimizer,
-                    build_schedule, check_config, describe, embedding_spread, epoch_summary, evaluate, poisoned,
-                    shut_down, train_one_epoch, valid_objective, warmup_cosine, worker_signals)
+                    build_schedule, check_config, describe, deterministic_kernels, embedding_spread, epoch_summary,
+                    evaluate, poisoned, shut_down, train_one_epoch, valid_objective, warmup_cosine, worker_signals)
 from evaluation import identification_accuracy, pair_decisions, relabel, triplet_accuracy
 from inference import embed
 from losses import batch_rows, build_objective
@@ -624,3 +624,23 @@ def test_collapse_is_detected_after_patience_steps_and_only_then():
     flags = [detector.update(0.2, alike), detector.update(0.2, spread_out), detector.update(0.2, alike),
              detector.update(0.05, alike), detector.update(0.2, alike)]
     assert not any(flags)  # interrupted by a spread batch and by a loss away from the margin
+
+
+def test_on_the_cpu_the_same_batch_gives_the_same_gradient_bit_for_bit():
+    """The pair classifier's every pair of a batch gathers each embedding many times, whose backward the CPU's
+    threads otherwise sum in varying order: train.py's kernels make a seed give one set of weights."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)  # (the one_thread fixture gives the threads back afterwards)
+    try:
+        deterministic_kernels("cpu")
+        torch.manual_seed(0)
+        objective = build_objective("pair_bce", mining="batch_all", embedding_dim=128)
+        embeddings, labels = F.normalize(torch.randn(64, 128), dim=1), torch.arange(32).repeat_interleave(2)
+        gradients = []
+        for _ in range(20):
+            leaf = embeddings.clone().requires_grad_()
+            objective(leaf, labels)[0].backward()
+            gradients.append(leaf.grad)
+        assert all(torch.equal(gradients[0], gradient) for gradient in gradients)
+    finally:
+        torch.use_deterministic_algorithms(was)
