@@ -390,7 +390,9 @@ def objective_conflicts(loss, mining="none", partial_fc=0.0):
 
 
 def check_objective(loss, mining="none", partial_fc=0.0):
-    """Raise a ValueError, naming its flag, for the first of objective_conflicts."""
+    """Raise a ValueError for an unknown `loss`, or, naming its flag, for the first of objective_conflicts."""
+    if loss not in OBJECTIVES:
+        raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     for flag, message in objective_conflicts(loss, mining, partial_fc).items():
         raise ValueError(f"--{flag}: {message}")
 
@@ -403,8 +405,6 @@ def build_objective(loss, *, mining="none", margin=0.2, squared=True, embedding_
     and cosface classify labelled batches whatever the mining, over `num_classes` training identities
     (arcface_scale is the scale of both; arcface_form ArcFaceLoss's form). Their centres sharded across processes:
     partial_fc.build_partial_fc."""
-    if loss not in OBJECTIVES:
-        raise ValueError(f"loss={loss!r} is unknown; choose one of {', '.join(OBJECTIVES)}")
     check_mining(mining)
     check_objective(loss, mining)
     return OBJECTIVES[loss].build(SimpleNamespace(

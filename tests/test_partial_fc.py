@@ -158,8 +158,8 @@ def test_build_partial_fc_gives_each_process_its_share_started_as_the_whole_laye
     assert torch.equal(whole.margin.weight, unsharded.weight)
 
 
-def test_build_partial_fc_refuses_without_a_margin_softmax_or_with_too_few_classes():
-    for loss in ("triplet", "contrastive", "pair_bce"):
+def test_build_partial_fc_refuses_an_unknown_loss_one_without_a_margin_softmax_and_too_few_classes():
+    for loss in ("triplet", "contrastive", "pair_bce", "unknown"):
         with pytest.raises(ValueError):
             build_partial_fc(loss, embedding_dim=8, num_classes=10, partial_fc=0.5)
     with pytest.raises(ValueError):
