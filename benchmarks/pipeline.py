@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from data_utils import FaceFolder, as_hw, make_transform
-from engine import TrainingStep, build_optimizer, build_schedule
+from engine import TrainingStep, build_optimizer, build_schedule, deterministic_kernels
 from inference import embed_batch
 from losses import build_objective
 from model import EmbeddingNet, select_device
@@ -27,11 +27,12 @@ def steady_speed(history):
 def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu", amp=False, channels_last=False,
                      compile=False, read_loss=False, num_classes=40):
     """Images/s of train.py's whole training step (engine.TrainingStep: forward, ArcFace loss in float32 over
-    `num_classes` identities, backward, fused Adam update, schedule) of EmbeddingNet(**model_config) on random
-    uint8 images (batch, 3, *image_size) already on `device`, normalised by the step as in training, and random
-    labels. With train.py's autocast (`amp`), memory format and compiler options; with `read_loss` the loss read on
-    the CPU after each step, as train.py does (on a GPU the CPU then waits for the step to finish before it queues
-    the next). Two warm-up steps (and the compilation), then steps until `seconds` have passed (at least three)."""
+    `num_classes` identities, backward, fused Adam update, schedule) of EmbeddingNet(**model_config) on random uint8
+    images (batch, 3, *image_size) already on `device`, normalised by the step as in training, and random labels.
+    With train.py's autocast (`amp`), kernels (deterministic on the CPU), memory format and compiler options; with
+    `read_loss` the loss read on the CPU after each step, as train.py does (on a GPU the CPU then waits for the step
+    to finish before it queues the next). Two warm-up steps (and the compilation), then steps until `seconds` have
+    passed (at least three)."""
     torch.manual_seed(0)
     device, autocast, fp16_scaling = select_device(device, amp)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
@@ -53,14 +54,19 @@ def bare_train_speed(model_config, image_size, batch, seconds=4.0, device="cpu",
         loss = step((images, labels))[0]
         if read_loss:
             loss.item()
-    for _ in range(2):
-        one_step()
-    synchronize()
-    count, started = 0, time.perf_counter()
-    while count < 3 or time.perf_counter() - started < seconds:
-        one_step()
-        count += 1
-    synchronize()  # the GPU runs behind: the time counts until its last step is done
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic_kernels(device)  # as train.py, for these steps only
+    try:
+        for _ in range(2):
+            one_step()
+        synchronize()
+        count, started = 0, time.perf_counter()
+        while count < 3 or time.perf_counter() - started < seconds:
+            one_step()
+            count += 1
+        synchronize()  # the GPU runs behind: the time counts until its last step is done
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     return count * batch / (time.perf_counter() - started)
 
 
