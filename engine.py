@@ -71,8 +71,8 @@ def check_config(config):
 
 def deterministic_kernels(device):
     """On the CPU, PyTorch's deterministic kernels (as train.py --deterministic asks of CUDA): its threads otherwise
-    sum some gradients in varying order (indexing's backward over repeated rows, as the pair classifier's every pair
-    of a batch), and the same seed would not give the same weights."""
+    sum some gradients in varying order (indexing's backward over repeated rows: the pair classifier's every pair of
+    a batch, random triplets), and the same seed would not give the same weights."""
     if device == "cpu":
         torch.use_deterministic_algorithms(True)
 

@@ -626,20 +626,23 @@ def test_collapse_is_detected_after_patience_steps_and_only_then():
     assert not any(flags)  # interrupted by a spread batch and by a loss away from the margin
 
 
-def test_on_the_cpu_the_same_batch_gives_the_same_gradient_bit_for_bit():
-    """The pair classifier's every pair of a batch gathers each embedding many times, whose backward the CPU's
-    threads otherwise sum in varying order: train.py's kernels make a seed give one set of weights."""
+@pytest.mark.parametrize("loss, mining", [("pair_bce", "batch_all"), ("triplet", "none")])
+def test_on_the_cpu_the_same_batch_gives_the_same_gradient_bit_for_bit(loss, mining):
+    """The pair classifier's every pair of a batch, and 128 random triplets, gather embeddings many times, whose
+    backward the CPU's threads otherwise sum in varying order: train.py's kernels make a seed give one set of
+    weights."""
     was = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(2)  # (the one_thread fixture gives the threads back afterwards)
     try:
         deterministic_kernels("cpu")
         torch.manual_seed(0)
-        objective = build_objective("pair_bce", mining="batch_all", embedding_dim=128)
-        embeddings, labels = F.normalize(torch.randn(64, 128), dim=1), torch.arange(32).repeat_interleave(2)
+        objective = build_objective(loss, mining=mining, embedding_dim=128)
+        embeddings, labels = F.normalize(torch.randn(128, 128), dim=1), torch.arange(32).repeat_interleave(4)
+        rows = torch.randint(0, 128, (128, 3)) if objective.rows else None
         gradients = []
         for _ in range(20):
             leaf = embeddings.clone().requires_grad_()
-            objective(leaf, labels)[0].backward()
+            objective(leaf, labels, rows)[0].backward()
             gradients.append(leaf.grad)
         assert all(torch.equal(gradients[0], gradient) for gradient in gradients)
     finally:
