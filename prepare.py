@@ -366,7 +366,8 @@ def bin_dataset(src, out_bin, pairs=6000, seed=0, log=print):
     """Write an insightface verification set OUT.bin (a pickled (image bytes, two a pair; is-same flags), read by
     pairs.read_verification_bin) of up to `pairs` pairs among the images of SRC's identity folders: half of
     them of the same person, drawn with `seed` (evaluation.verification_pairs), ordered so that each tenth of the
-    file (insightface's ten folds of consecutive pairs) holds a tenth of each kind. Images are stored as
+    file (insightface's ten folds of consecutive pairs) holds a tenth of each kind (from ten pairs of each kind on,
+    their number is a multiple of ten, so that the folds are equal). Images are stored as
     pack_dataset stores them. Returns (pairs written, same pairs)."""
     images, labels, unreadable = [], [], []
     for label, folder in enumerate(identity_folders(src).values() if os.path.isdir(src) else ()):
@@ -386,8 +387,10 @@ def bin_dataset(src, out_bin, pairs=6000, seed=0, log=print):
     if not len(same) or not len(different):
         raise DatasetError(f"{src}: verification pairs need an identity folder with two readable images and two "
                            f"identities (expected {src}/<identity>/<image>)")
-    folds = [np.concatenate(chunks) for chunks in zip(np.array_split(rng.permutation(same), 10),
-                                                       np.array_split(rng.permutation(different), 10))]
+    kept = min(len(same), len(different))  # as many of each kind, in tens where there are ten: equal folds
+    kept = kept - kept % 10 if kept >= 10 else kept
+    same, different = rng.permutation(same)[:kept], rng.permutation(different)[:kept]
+    folds = [np.concatenate(chunks) for chunks in zip(np.array_split(same, 10), np.array_split(different, 10))]
     rows = np.concatenate(folds)
     encoded = {}
     for i in np.unique(rows[:, :2]):

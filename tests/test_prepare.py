@@ -236,6 +236,10 @@ def test_bin_writes_balanced_folds_of_pairs_that_read_back_as_the_source_images(
     assert [int(np.sum(issame[folds == f])) for f in range(10)] == [2] * 10
     again = prepare.bin_dataset(str(src), str(tmp_path / "w.bin"), pairs=40, seed=0, log=lambda line: None)
     assert again == (count, same) and (tmp_path / "w.bin").read_bytes() == (tmp_path / "v.bin").read_bytes()
+    # 46 pairs asked: 20 of each kind, so that insightface's ten contiguous folds are equal and balanced
+    count, same = prepare.bin_dataset(str(src), str(tmp_path / "x.bin"), pairs=46, seed=0, log=lambda line: None)
+    issame = read_verification_bin(str(tmp_path / "x.bin"))[1]
+    assert (count, same) == (40, 20) and [int(np.sum(issame[bin_pairs(issame)[1] == f])) for f in range(10)] == [2] * 10
 
 
 def test_bin_refuses_folders_without_pairs_of_both_kinds(tmp_path, capsys):
