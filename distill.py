@@ -25,10 +25,11 @@ from checkpoint import CheckpointError, read_weights
 from data_utils import UNREADABLE_IMAGE, DatasetError, make_transform
 from files import atomic_write, save_json
 from inference import embed_batch
+from losses import ArcFaceLoss
 from model import EmbeddingNet
 from pretrained import DLIB_DESCRIPTOR, load_face_network
 
-DISTILL_LOSSES = ("cosine", "relational")
+DISTILL_LOSSES = ("cosine", "relational", "inherited")
 PART_SIZE = 256  # photos per cache part: what a stopped caching run loses at most
 
 
@@ -118,12 +119,13 @@ def compute_missing(teacher, faces, transform, keys, missing, folder, device, ba
 
 
 def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=64, rank=0, world_size=1,
-                    distributed=False, log=print):
+                    distributed=False, pixel_norm=None, log=print):
     """(the targets (len(faces), D): the normalised sum of the teacher's vectors of each training item and its
-    mirror; zero where a photo could not be read; the teacher's description). Vectors come from the cache in
+    mirror; zero where a photo could not be read; the teacher's description). `pixel_norm`: an ONNX teacher's input
+    normalisation, over its side file's (load_face_network's). Vectors come from the cache in
     `cache_dir` where it has them; the others are computed (each process of a distributed run its share), cached,
     and read back. Raises CheckpointError for a teacher that cannot be loaded."""
-    teacher, state = load_face_network(spec)
+    teacher, state = load_face_network(spec, pixel_norm=pixel_norm)
     settings, name = teacher_identity(spec, state)
     folder = os.path.join(cache_dir, name)
     os.makedirs(folder, exist_ok=True)
@@ -172,23 +174,45 @@ def centred(targets):
     return result
 
 
+def teacher_centres(targets, labels, num_classes):
+    """(num_classes, T): the normalised mean of the teacher's targets of each identity's photos (those it saw); a
+    zero row for an identity it saw none of. The class centres a teacher without a classifier implies."""
+    if num_classes < 2:
+        raise ValueError(f"distill_loss 'inherited' learns the teacher's decision between identities: it needs photos "
+                         f"of two or more, got {num_classes}")
+    seen = seen_rows(targets)
+    sums = torch.zeros(num_classes, targets.shape[1], dtype=targets.dtype, device=targets.device)
+    sums.index_add_(0, torch.as_tensor(labels, device=targets.device)[seen], targets[seen])
+    return F.normalize(sums, dim=1)
+
+
 class Distillation(nn.Module):
-    """The loss by which a student learns a teacher's embeddings: student embeddings (N, D) and the teacher's
-    targets (N, T) of the same photos (unit vectors; a zero row, a photo the teacher could not see, is left out).
+    """The loss by which a student learns a teacher's embeddings: student embeddings (N, D), the teacher's targets
+    (N, T) of the same photos (unit vectors; a zero row, a photo the teacher could not see, is left out) and, for
+    'inherited', their labels (N,).
     'cosine': the mean of 1 - cos(P s, t), P a learnt projection to the teacher's size where D != T (dropped after
     training: the student's embedding is its own); 'relational': the mean squared difference of the batch's
-    cosine-similarity matrices (the student keeps the teacher's geometry, whatever its size). stats:
-    {"teacher_cosine": the mean cosine of the projected student and teacher embeddings, where comparable}."""
+    cosine-similarity matrices (the student keeps the teacher's geometry, whatever its size); 'inherited'
+    (ProxylessKD): an ArcFace loss of `scale` and `margin` over the teacher's class centres, `centres`
+    (num_classes, T) held fixed (teacher_centres), so that the student is placed in the teacher's space by the
+    identities' decision itself. stats: {"teacher_cosine": the mean cosine of the projected student and teacher
+    embeddings, where comparable}."""
 
-    def __init__(self, student_dim, teacher_dim, kind="cosine"):
+    def __init__(self, student_dim, teacher_dim, kind="cosine", centres=None, scale=30.0, margin=0.5):
         super().__init__()
         if kind not in DISTILL_LOSSES:
             raise ValueError(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, got {kind!r}")
         self.kind = kind
         self.projection = (nn.Linear(student_dim, teacher_dim, bias=False)
-                           if kind == "cosine" and student_dim != teacher_dim else nn.Identity())
+                           if kind != "relational" and student_dim != teacher_dim else nn.Identity())
+        if kind == "inherited":
+            if centres is None or centres.shape[1] != teacher_dim:
+                raise ValueError(f"distill_loss 'inherited' needs the teacher's class centres (classes, {teacher_dim})")
+            self.inherited = ArcFaceLoss(teacher_dim, len(centres), scale, margin)
+            self.inherited.weight.data.copy_(centres)
+            self.inherited.weight.requires_grad_(False)
 
-    def forward(self, embeddings, targets):
+    def forward(self, embeddings, targets, labels=None):
         seen = seen_rows(targets)
         student = F.normalize(self.projection(embeddings[seen].float()), dim=1)
         targets = targets[seen].float()
@@ -197,6 +221,8 @@ class Distillation(nn.Module):
             loss = student.sum() * 0
         elif self.kind == "relational":
             loss = (student @ student.T - targets @ targets.T).pow(2).mean()
+        elif self.kind == "inherited":
+            loss = self.inherited(student, labels[seen])[0]
         else:
             loss = (1 - cosines).mean()
         cosine = cosines.mean().item() if cosines is not None and len(targets) else float("nan")

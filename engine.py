@@ -24,6 +24,7 @@ from evaluation import (bin_pairs, cosine_similarity_pairs, identification_accur
 from inference import device_batch, embed, embed_files
 from losses import OBJECTIVES, batch_rows, objective_conflicts
 from partial_fc import gather_batch
+from pretrained import onnx_pixel_norm
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "onecycle", "poly")
@@ -63,6 +64,7 @@ def check_config(config):
     for flag, broken, message in rules:
         if broken:
             raise ConfigError(flag, message)
+    onnx_pixel_norm(c["onnx_norm"], c["teacher"])
     try:
         as_hw(c["image_size"])
     except ValueError as err:
@@ -160,7 +162,7 @@ class TrainingStep:
                                  else (embeddings, labels))
         loss, stats = self.objective(scored, scored_labels, rows)
         if items is not None:
-            distilled, taught = self.distiller(embeddings, self.targets[items])
+            distilled, taught = self.distiller(embeddings, self.targets[items], labels)
             loss, stats = loss + self.weight * distilled, {**stats, **taught}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

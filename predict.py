@@ -12,10 +12,10 @@ it is "unknown". The gallery's centroids are cached beside the checkpoint (<chec
 embedded anew when a gallery file or the checkpoint changes. The threshold is --threshold, else the one
 test.py calibrated for this checkpoint in results.json beside it: results["open_set"]["threshold"], and for
 --verify results["verification"]["threshold_mean"]. Photos of any size and image mode work.
-A network trained on aligned faces (prepare.py align; the checkpoint says so) names every face of a photo: each
-is found, aligned as the training photos were and named, and an annotated copy of the photo goes to out_dir;
---verify compares the main faces of the two photos. Exit status 1 when a photo could not be read (the others are
-still predicted).
+A network trained on aligned faces (prepare.py align; its checkpoint or ONNX side file says so; insightface's
+models are) and dlib name every face of a photo: each is found, aligned as the training photos were and named,
+and an annotated copy of the photo goes to out_dir; --verify compares the main faces of the two photos. Exit
+status 1 when a photo could not be read (the others are still predicted).
 """
 import os
 import sys
@@ -23,7 +23,8 @@ import sys
 import torch
 
 import configurator
-from align import AlignmentUnavailable, FaceAligner, MainFace, aligned_as_trained, face_model_file, photo_faces
+from align import (PASSES, AlignmentUnavailable, FaceAligner, MainFace, aligned_as_trained, alignment_record,
+                   face_model_file, photo_faces)
 from checkpoint import CheckpointError
 from data_utils import UNREADABLE_IMAGE, DatasetError, as_hw, load_image, make_transform
 from evaluation import centroid_similarities, cosine_similarity_pairs
@@ -32,12 +33,14 @@ from files import save_json
 from gallery import answer_line, decision_threshold, face_answer, gallery_centroids
 from inference import embed_batch, export_onnx
 from model import EmbeddingNet, select_device
-from pretrained import DLIB_DESCRIPTOR, load_face_network, onnx_side_file, write_onnx_side
+from pretrained import DLIB_DESCRIPTOR, load_face_network, onnx_pixel_norm, onnx_side_file, write_onnx_side
 
 # -----------------------------------------------------------------------------
 # data
 checkpoint = "out/tb_model.pth"  # written by train.py (the gallery cache and the ONNX file go beside it), insightface's
 #   backbone.pth, MODEL.onnx, or dlib (dlib's face descriptor; its gallery cache goes to out_dir)
+onnx_norm = ""  # MODEL.onnx: its input's MEAN,STD (or three means, three stds) in 0-255 pixel units; empty: its side
+#   file's (MODEL.onnx.json), else insightface's 127.5,127.5
 gallery = ""  # identity folders of the known people; empty: the checkpoint's training data_dir/train
 # decisions
 threshold = -2.0  # cosine similarity below which a photo is unknown (--verify: 2 people); < -1: from results.json
@@ -79,7 +82,10 @@ if top_k < 1:
     sys.exit(f"error: --top_k must be at least 1, got {top_k}")
 try:
     device, autocast, _ = select_device(device, amp)
-    model, state = load_face_network(checkpoint)
+    pixel_norm = onnx_pixel_norm(onnx_norm, checkpoint)
+    model, state = load_face_network(checkpoint, pixel_norm=pixel_norm)
+    if checkpoint == "dlib":  # each face aligned to a square crop (dlib finds it again there), not a photo stretched
+        state["alignment"] = alignment_record(as_hw(state["image_size"])[0], PASSES)
     if export and not isinstance(model, EmbeddingNet):
         raise CheckpointError(f"--export=onnx exports a network of this repository; {checkpoint} is not one")
 except (ValueError, AlignmentUnavailable) as err:  # CheckpointError is a ValueError too

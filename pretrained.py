@@ -16,6 +16,7 @@ import torch
 
 from align import PASSES, FaceAligner, alignment_record, face_model_file, import_dlib, main_face
 from checkpoint import CheckpointError, is_checkpoint, model_from_checkpoint, read_weights
+from configurator import ConfigError
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from files import save_json
 from model import IRESNET_BLOCKS, Embedder
@@ -151,6 +152,26 @@ def read_onnx_side(path):
     if not isinstance(side, dict):
         raise CheckpointError(f"{onnx_side_file(path)}: expected a JSON object of input_mean, input_std, ...")
     return side
+
+
+def onnx_pixel_norm(text, spec):
+    """(mean, std) of 0-255 pixels for the ONNX model `spec` from "MEAN,STD" or three means then three stds (RGB);
+    None for "". Raises ConfigError (a ValueError) naming --onnx_norm for other text, a std not above 0, or a
+    `spec` that is not an ONNX model."""
+    if not text:
+        return None
+    if not str(spec).endswith(".onnx"):
+        raise ConfigError("onnx_norm", f"normalises an ONNX model's input; {spec or 'no model'} is not one "
+                                       f"(MODEL.onnx)")
+    try:
+        numbers = [float(number) for number in str(text).split(",")]
+    except ValueError:
+        numbers = []
+    half = len(numbers) // 2
+    if len(numbers) not in (2, 6) or not all(np.isfinite(numbers)) or min(numbers[half:]) <= 0:
+        raise ConfigError("onnx_norm", f"is MEAN,STD or three means and three stds (RGB), 0-255 pixel units "
+                                       f"(insightface's: 127.5,127.5), not {text!r}")
+    return (numbers[0], numbers[1]) if half == 1 else (numbers[:3], numbers[3:])
 
 
 class OnnxFace(Embedder):

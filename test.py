@@ -46,13 +46,15 @@ from inference import embed, embed_files
 from losses import build_objective
 from model import select_device
 from pairs import read_pairs_file, read_verification_bins
-from pretrained import REFERENCES, load_face_network
+from pretrained import REFERENCES, load_face_network, onnx_pixel_norm
 from sampling import loader_workers
 
 # -----------------------------------------------------------------------------
 # data
-checkpoint = "out/tb_model.pth"  # written by train.py; pixels: raw pixels, no network (the baseline to beat);
-#   dlib: dlib's pretrained face descriptor (what far more training data gives)
+checkpoint = "out/tb_model.pth"  # written by train.py, insightface's backbone.pth or MODEL.onnx; pixels: raw pixels,
+#   no network (the baseline to beat); dlib: dlib's pretrained face descriptor (what far more training data gives)
+onnx_norm = ""  # MODEL.onnx: its input's MEAN,STD (or three means, three stds) in 0-255 pixel units; empty: its side
+#   file's (MODEL.onnx.json), else insightface's 127.5,127.5
 pixel_size = (64, 56)  # --checkpoint=pixels or dlib: height,width the photos are scaled to (one number: square;
 #   dlib: the photos' own size, faces of 80 pixels or more)
 data_dir = ""  # folder with train/ (gallery) and test/ or valid/ (probes); empty: the checkpoint's training data
@@ -92,7 +94,8 @@ try:
         pixel_hw = as_hw(pixel_size)
     except ValueError:
         raise configurator.ConfigError("pixel_size", "must be one or two integers >= 8 (height,width)") from None
-    model, state = load_face_network(checkpoint, pixel_hw if reference else None)
+    pixel_norm = onnx_pixel_norm(onnx_norm, checkpoint)
+    model, state = load_face_network(checkpoint, pixel_hw if reference else None, pixel_norm)
     model = model.to(device)
     if not (data_dir or state.get("config", {}).get("data_dir")):  # a network from elsewhere: no training data
         raise configurator.ConfigError("data_dir", f"--checkpoint={checkpoint} has no training data: name the photos")

@@ -32,7 +32,7 @@ import configurator
 from align import AlignmentUnavailable, read_alignment
 from checkpoint import (CheckpointError, Checkpointer, RandomState, RunState, ShardedCentres, resume_config,
                         resume_training, training_state)
-from distill import DISTILL_LOSSES, Distillation, centred, teacher_targets
+from distill import DISTILL_LOSSES, Distillation, centred, teacher_centres, teacher_targets
 from data_utils import AUGMENTATIONS, DatasetError, FaceFolder, as_hw, make_transform, some_names, write_skipped
 from engine import (OPTIMIZERS, SCHEDULES, SELECTED, CollapseDetector, NonFinite, StopRequested, StopSignals,
                     TrainingStep, agreed, build_optimizer, build_schedule, check_config, describe,
@@ -47,7 +47,7 @@ from model import BACKBONES, HEADS, EmbeddingNet, PretrainedUnavailable, select_
 from partial_fc import build_partial_fc
 from pairs import read_verification_bins
 from prepare import ensure_att
-from pretrained import init_weights
+from pretrained import init_weights, onnx_pixel_norm
 from sampling import (TripletFaceDataset, draw_pairs, draw_triplets, loader_workers, train_loader_for,
                       training_images)
 
@@ -98,9 +98,12 @@ partial_fc = 0.0  # arcface and cosface: PartialFC, the class centres sharded ov
 #   scoring the global batch's classes and this sample rate of the others: 0 off | above 0 up to 1 (1: every class)
 # distillation
 teacher = ""  # a face network to learn from: dlib | CHECKPOINT.pth (insightface's backbone.pth too) | MODEL.onnx
+onnx_norm = ""  # --teacher=MODEL.onnx: its input's MEAN,STD (or three means, three stds) in 0-255 pixel units;
+#   empty: its side file's (MODEL.onnx.json), else insightface's 127.5,127.5
 distill = 1.0  # weight of the teacher's term beside the loss's
 distill_loss = "cosine"  # cosine: the student's embedding (projected where sizes differ) to the teacher's |
-#   relational: the batch's pairwise similarities to the teacher's
+#   relational: the batch's pairwise similarities to the teacher's | inherited: ArcFace (--arcface_scale,
+#   --arcface_margin) over fixed class centres, the teacher's mean embedding of each person (ProxylessKD)
 distill_centre = True  # learn the teacher's embeddings less their mean over the training photos (then normalised)
 teacher_cache = ""  # folder of the teacher's embeddings of the training photos, computed once; empty: <out_dir>/
 #   teacher_cache (share one between runs: it is keyed by teacher and photo)
@@ -216,7 +219,7 @@ if teacher:
     try:
         targets, taught_by = teacher_targets(teacher, train_faces, teacher_cache or os.path.join(out_dir,
                                              "teacher_cache"), data_dir, device, max(batch_size, 64), rank,
-                                             world_size, distributed)
+                                             world_size, distributed, onnx_pixel_norm(onnx_norm, teacher))
     except (CheckpointError, AlignmentUnavailable) as err:
         sys.exit(f"error: --teacher: {err}")
     train_faces.with_items, targets = True, (centred(targets) if distill_centre else targets).to(device)
@@ -270,7 +273,10 @@ try:
                    pair_hidden_dim=pair_hidden_dim, cosface_margin=cosface_margin, arcface_form=arcface_form)
     objective = (build_partial_fc(loss, partial_fc=partial_fc, rank=rank, world_size=world_size, **options)
                  if partial_fc else build_objective(loss, **options)).to(device)
-    distiller = Distillation(embedding_dim, targets.shape[1], distill_loss).to(device) if teacher else None
+    inherited = (teacher_centres(targets, train_faces.targets, len(train_faces.classes))
+                 if teacher and distill_loss == "inherited" else None)
+    distiller = (Distillation(embedding_dim, targets.shape[1], distill_loss, inherited, arcface_scale, arcface_margin)
+                 .to(device) if teacher else None)
 except CheckpointError as err:
     sys.exit(f"error: --init_from: {err}")
 except (PretrainedUnavailable, ValueError) as err:

@@ -236,7 +236,8 @@ def test_an_aligned_dataset_says_so_and_its_split_keeps_it(photos, tmp_path):
 @pytest.mark.e2e
 def test_a_network_trained_on_aligned_faces_names_every_face_of_a_photo(photos, lfw_faces, tmp_path):
     """prepare.py align -> split -> train.py records the alignment -> predict.py finds, aligns and names both
-    faces of a photo, writes its annotated copy and JSON, says when a photo has no face, and verifies main faces;
+    faces of a photo (with dlib too), writes its annotated copy and JSON, says when a photo has no face, and
+    verifies main faces;
     test.py aligns a dataset of unaligned photos itself."""
     prepare.align_dataset(str(photos), str(tmp_path / "aligned"), log=lambda line: None)
     prepare.split_dataset(str(tmp_path / "aligned"), str(tmp_path / "data"), log=lambda line: None)
@@ -253,6 +254,12 @@ def test_a_network_trained_on_aligned_faces_names_every_face_of_a_photo(photos, 
     assert len([line for line in proc.stdout.splitlines() if line.startswith(f"{two} face at (")]) == 2
     assert any(line.startswith(f"{noise}:") for line in proc.stdout.splitlines())  # its own line: no face
     assert Image.open(tmp_path / "seen" / "two.png").size == (400, 200)
+    # dlib, too, finds and names each face of the photo (not the photo stretched to a square)
+    run_script("predict.py", "--checkpoint=dlib", str(two), f"--gallery={tmp_path / 'data' / 'train'}",
+               f"--out_dir={tmp_path / 'dlib'}", f"--json_path={tmp_path / 'dlib.json'}", "--threshold=0.5")
+    faces = json.loads((tmp_path / "dlib.json").read_text())[0]["faces"]
+    left = [face for face in faces if face["box"][2] < 200]  # the face prepare.py aligned as the gallery's "odd"
+    assert len(faces) == 2 and len(left) == 1 and left[0]["name"] == "odd" and left[0]["score"] > 0.99
     prepare.split_dataset(str(photos), str(tmp_path / "unaligned"), log=lambda line: None)
     run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}", f"--data_dir={tmp_path / 'unaligned'}",
                f"--out_dir={tmp_path / 'eval'}")

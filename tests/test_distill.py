@@ -16,7 +16,7 @@ from checkpoint import (Checkpointer, RandomState, RunState, load_checkpoint, mo
                         training_state)
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, make_transform, normalize
-from distill import Distillation, centred, teacher_targets
+from distill import Distillation, centred, teacher_centres, teacher_targets
 from engine import TrainingStep, build_optimizer, build_schedule
 from losses import NoObjective, batch_rows, build_objective
 from model import EmbeddingNet
@@ -99,6 +99,46 @@ def test_relational_distillation_compares_the_batch_similarity_matrices():
     assert embeddings.grad.abs().sum() > 0
 
 
+def test_teacher_centres_are_the_normalised_means_of_each_identitys_seen_targets():
+    """Hand-made: identity 0 has two seen photos, identity 1 one seen and one unseen (zero) photo, identity 2 only an
+    unseen one (its centre stays zero); fewer than two identities is a ValueError."""
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    centres = teacher_centres(targets, [0, 0, 1, 1, 2], 3)
+    torch.testing.assert_close(centres, torch.tensor([[0.5 ** 0.5, 0.5 ** 0.5, 0.0], [0.0, 0.0, 1.0], [0.0] * 3]))
+    with pytest.raises(ValueError):
+        teacher_centres(targets, [0] * 5, 1)
+
+
+def test_inherited_distillation_is_arcface_over_the_teacher_centres_held_fixed():
+    """'inherited': the cross-entropy of scale x logits, the cosines of the projected student with the fixed centres
+    and cos(theta + margin) for the label's (computed here by hand); the gradient reaches the projection and the
+    embeddings, never the centres; a row the teacher did not see is left out; no centres is a ValueError."""
+    torch.manual_seed(0)
+    centres, targets = unit_rows(4, 8, seed=2), unit_rows(6, 8)
+    targets[3] = 0
+    labels = torch.tensor([0, 1, 2, 3, 1, 0])
+    embeddings = torch.randn(6, 16, requires_grad=True)
+    distiller = Distillation(16, 8, "inherited", centres, scale=16.0, margin=0.3)
+    loss, stats = distiller(embeddings, targets, labels)
+    kept = [0, 1, 2, 4, 5]
+    student = F.normalize(embeddings[kept] @ distiller.projection.weight.T, dim=1)
+    cos = student @ centres.T
+    own = cos[range(5), labels[kept]]
+    logits = cos.clone()
+    logits[range(5), labels[kept]] = torch.cos(torch.acos(own) + 0.3)
+    torch.testing.assert_close(loss, F.cross_entropy(16.0 * logits, labels[kept]))
+    assert stats["teacher_cosine"] == pytest.approx((student * targets[kept]).sum(1).mean().item(), abs=1e-6)
+    loss.backward()
+    assert embeddings.grad[kept].abs().sum() > 0 and not embeddings.grad[3].any()
+    assert distiller.projection.weight.grad.abs().sum() > 0
+    assert [name for name, p in distiller.named_parameters() if p.requires_grad] == ["projection.weight"]
+    torch.testing.assert_close(distiller.inherited.weight, centres)
+    with pytest.raises(ValueError):
+        Distillation(16, 8, "inherited")
+    with pytest.raises(ValueError):
+        Distillation(16, 8, "inherited", unit_rows(4, 5))
+
+
 def test_an_unknown_distillation_kind_is_a_value_error():
     with pytest.raises(ValueError):
         Distillation(8, 8, "l2")
@@ -143,8 +183,8 @@ def counted(monkeypatch):
     return calls
 
 
-def targets_of(spec, faces, cache):
-    targets, network = teacher_targets(spec, faces, str(cache), faces.root, log=lambda *_: None)
+def targets_of(spec, faces, cache, pixel_norm=None):
+    targets, network = teacher_targets(spec, faces, str(cache), faces.root, pixel_norm=pixel_norm, log=lambda *_: None)
     assert isinstance(network, str)
     return targets
 
@@ -276,6 +316,9 @@ def test_an_onnx_teacher_with_another_side_file_is_not_served_the_old_cache(tmp_
     served = targets_of(path, faces, tmp_path / "cache")
     assert torch.allclose(served, fresh, atol=1e-5), \
         "teacher_identity ignores the ONNX side file: stale vectors of the old normalisation are served"
+    # --onnx_norm wins over the side file, and is keyed alike: the first normalisation's vectors again
+    torch.testing.assert_close(targets_of(path, faces, tmp_path / "cache", pixel_norm=(127.5, 127.5)), old)
+    torch.testing.assert_close(targets_of(path, faces, tmp_path / "fresh", pixel_norm=(127.5, 127.5)), old)
 
 
 # -----------------------------------------------------------------------------
@@ -365,6 +408,29 @@ def test_a_training_step_with_a_distiller_moves_the_student_towards_the_teacher(
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert not torch.equal(distiller.projection.weight, projection)
     assert eval_loss() < before - 0.1
+
+
+def test_a_training_step_gives_the_inherited_classifier_the_batch_labels():
+    """'inherited' through TrainingStep (a linear network over tiny distinct images): the batch's labels reach the
+    distiller, and 20 SGD steps bring its loss down until each photo's nearest teacher centre is its label's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16))
+    targets, labels = unit_rows(8, TEACHER_DIM), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    distiller = Distillation(16, TEACHER_DIM, "inherited", teacher_centres(targets, labels, 4), scale=8.0)
+    optimizer = build_optimizer("sgd", [*model.parameters(), *distiller.parameters()], 0.05, 0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    step = TrainingStep(model, NoObjective(), optimizer, schedule, torch.amp.GradScaler("cuda", enabled=False), "cpu",
+                        nullcontext(), distiller=distiller, targets=targets)
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def nearest_centres():
+        return (distiller.projection(model(normalize(images))) @ distiller.inherited.weight.T).argmax(1)
+
+    assert not torch.equal(nearest_centres(), labels)
+    losses = [step((images, labels, torch.arange(8)))[0].item() for _ in range(20)]
+    assert losses[-1] < 0.1 * losses[0]
+    assert torch.equal(nearest_centres(), labels)
 
 
 def test_checkpoints_keep_the_distiller_and_resume_loads_it(tmp_path):

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 import torchvision
 
 from checkpoint import CheckpointError
+from configurator import ConfigError
 from data_utils import IMAGENET_MEAN, IMAGENET_STD
 from model import EmbeddingNet
-from pretrained import OnnxFace, init_weights, load_face_network
+from pretrained import OnnxFace, init_weights, load_face_network, onnx_pixel_norm
 
 # insightface's IBasicBlock part names of this repository's model.IBasicBlock parts (the straight inverse mapping)
 BLOCK_NAMES = {"branch.0": "bn1", "branch.1": "conv1", "branch.2": "bn2", "branch.3": "prelu", "branch.4": "conv2",
@@ -321,6 +322,19 @@ def test_onnx_side_file_normalisation_is_honoured_and_an_explicit_pixel_norm_win
     torch.testing.assert_close(OnnxFace(path)(imagenet(x)), side, atol=1e-5, rtol=0)
     model, _ = load_face_network(path, pixel_norm=(127.5, 127.5))
     torch.testing.assert_close(model(imagenet(x)), pixel_reference(module, x), atol=1e-5, rtol=0)
+
+
+def test_onnx_norm_reads_one_mean_and_std_or_one_per_channel():
+    """--onnx_norm: "MEAN,STD" or three means then three stds; empty: None (the side file's); with a model that is
+    not ONNX, or other text, a ConfigError naming the flag."""
+    assert onnx_pixel_norm("", "face.onnx") is None and onnx_pixel_norm("", "dlib") is None
+    assert onnx_pixel_norm("127.5,128", "face.onnx") == (127.5, 128.0)
+    assert onnx_pixel_norm("1,2,3,4,5,6", "face.onnx") == ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    for text, spec in [("127.5,127.5", "dlib"), ("127.5,127.5", "out/tb_model.pth"), ("1,2,3", "face.onnx"),
+                       ("1,2,3,4,5,0", "face.onnx"), ("127.5;127.5", "face.onnx"), ("inf,1", "face.onnx")]:
+        with pytest.raises(ConfigError) as info:
+            onnx_pixel_norm(text, spec)
+        assert info.value.flag == "onnx_norm"
 
 
 def test_onnx_side_file_of_another_size_than_the_model_is_refused(onnx_face, tmp_path):

@@ -659,6 +659,8 @@ def test_test_py_states_its_protocol_and_init_from_starts_a_run(protocol_runs, t
     described = json.loads((tmp_path / "dlib" / "results.json").read_text(encoding="utf-8"))
     assert all(described["verification"][k] == unseen["verification"][k] for k in ("same_pairs", "different_pairs"))
     assert_refused(run_script("test.py", "--checkpoint=dlib", check=False), "--data_dir")
+    assert_refused(run_script("test.py", "--checkpoint=pixels", "--onnx_norm=127.5,127.5", f"--data_dir={data}",
+                              check=False), "--onnx_norm")
     # a run started from that network, with an embedding of another size: its backbone is tb_model.pth's
     out = tmp_path / "init"
     proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", f"--init_from={tb_model}",
