@@ -421,7 +421,8 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
     assert state["epoch"] == 2 and state["config"]["teacher"] == "dlib" and "distill_state" in state
     first_line = run_script("test.py", f"--checkpoint={distilled / 'tb_model.pth'}",
                             f"--data_dir={data / 'unseen'}").stdout.splitlines()[0]
-    assert "dlib" in first_line
+    chosen = load_checkpoint(str(distilled / "tb_model.pth"))["epoch"]  # (epoch 0 had learnt nothing from it yet)
+    assert "dlib" in first_line and ("distilled from dlib" in first_line) == (chosen > 0)
 
 
 def test_the_iresnet50_recipe_trains_and_its_checkpoint_evaluates(att_subset, tmp_path):
@@ -648,6 +649,6 @@ def test_predict_refuses_what_it_cannot_answer_before_loading_anything(args, nam
 def test_predict_help_lists_the_constants_and_the_photos():
     proc = run_script("predict.py", "--help")
     flags = set(re.findall(r"--([a-z_]+) \[?[A-Z]+", proc.stdout))
-    assert flags == {"checkpoint", "gallery", "threshold", "top_k", "verify", "out_dir", "json_path", "export",
-                     "onnx_path", "batch_size", "device", "amp"}
+    assert flags == {"checkpoint", "onnx_norm", "gallery", "threshold", "top_k", "verify", "out_dir", "json_path",
+                     "export", "onnx_path", "batch_size", "device", "amp"}
     assert "PHOTO" in proc.stdout

@@ -669,6 +669,8 @@ def test_test_py_states_its_protocol_and_init_from_starts_a_run(protocol_runs, t
     started, source = model_weights(out / "tb_model.pth"), model_weights(tb_model)
     assert all(torch.equal(started[k], source[k]) for k in source if k.startswith("backbone."))
     assert started["head.3.weight"].shape[0] == 8
+    first_line = run_script("test.py", f"--checkpoint={out / 'tb_model.pth'}").stdout.splitlines()[0]
+    assert str(tb_model) in first_line  # its figures say which network the run started from
     proc = run_script("train.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'other'}", f"--init_from={tb_model}",
                       *tiny(backbone="resnet18"), check=False)
     assert_refused(proc, "--init_from")
