@@ -196,11 +196,11 @@ def finish(written):
     print("\n".join(f"{name:<{width}} | {value}" for name, value in rows))
 
 
-taught = trained.get("teacher") and (f", distilled from {trained['teacher']}" if state.get("epoch") else
-                                     f", before its run's distillation from {trained['teacher']}")
-started = trained.get("init_from") and f", started from {trained['init_from']}"
+started = f", started from {trained['init_from']}" if trained.get("init_from") else ""
+taught = ("" if not trained.get("teacher") else f", distilled from {trained['teacher']}" if state.get("epoch")
+          else f", before its run's distillation from {trained['teacher']}")
 network = state.get("network") or (f"{model.config['backbone']}, {model.config['embedding_dim']}-d, epoch "
-                                   f"{state.get('epoch')}{started or ''}{taught or ''}")
+                                   f"{state.get('epoch')}{started}{taught}")
 if not folders:
     print(f"{checkpoint}: {network}; {data_dir} has no train/ gallery (a dataset of records): scoring "
           f"{', '.join(bins)}.bin alone")
