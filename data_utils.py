@@ -167,7 +167,8 @@ class LabelledImages(Dataset):
 
     unit = "image"
     cached = None  # {index: image after the transform's deterministic steps}, once cache() has run
-    with_items = False  # items are (image, label, index): a distilled run looks up its teacher's targets by index
+    with_items = False  # items are (image, label, row): a distilled run looks up its teacher's targets by row
+    views = None  # distill.TeacherViews: a distilled run's augmented views of each photo, one drawn per item
 
     def read(self, index):
         """The decoded image of item `index` (load_image's). Raises DatasetError or UNREADABLE_IMAGE's errors."""
@@ -205,7 +206,9 @@ class LabelledImages(Dataset):
     def _split_transform(self):
         """(the transform's leading resizes, the rest). Only resizes are kept in the cache, so that the training
         images and a gallery of the same images, which differ from there on, can share it."""
-        steps = self.transform.transforms if isinstance(self.transform, T.Compose) else []
+        if not isinstance(self.transform, T.Compose):  # None, or a function of its own: nothing to split
+            return T.Compose([]), self.transform or T.Compose([])
+        steps = self.transform.transforms
         n = next((i for i, step in enumerate(steps) if not isinstance(step, T.Resize)), len(steps))
         return T.Compose(steps[:n]), T.Compose(steps[n:])
 
@@ -237,27 +240,41 @@ class LabelledImages(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def load(self, index):
-        """The transformed image at `index`, or another image of its identity if that one cannot be read."""
+    def load(self, index, edit=None):
+        """The transformed image at `index`, or another image of its identity if that one cannot be read. `edit`: a
+        function of the image after the transform's leading resizes (staged's), applied before the rest of it."""
         if self.cached is not None and index in self.cached:
-            return self.after_cache(self.cached[index])
+            return self.after_cache(edit(self.cached[index]) if edit else self.cached[index])
         for i in self.same_identity(index):
-            if self.cached is not None:
-                if i in self.cached:
-                    return self.after_cache(self.cached[i])
-                continue
             try:
-                image = self.read(i)
-            except (DatasetError, *UNREADABLE_IMAGE) as err:
-                self._skip(self.samples[i][0], err)
+                image = self.staged(i)
+            except (DatasetError, *UNREADABLE_IMAGE):
                 continue
-            return self.transform(image) if self.transform else image
+            return self._split_transform()[1](edit(image) if edit else image)
         raise DatasetError(f"no readable {self.unit} left for identity {self.classes[self.targets[index]]!r} in "
                            f"{self.source}")
 
+    def staged(self, index):
+        """Item `index`'s image after the transform's leading resizes: from the cache, else read (an unreadable one
+        is warned about once, and raises DatasetError or UNREADABLE_IMAGE's errors)."""
+        if self.cached is not None:
+            if index not in self.cached:
+                raise DatasetError(f"{self.samples[index][0]}: unreadable")
+            return self.cached[index]
+        try:
+            return self._split_transform()[0](self.read(index))
+        except (DatasetError, *UNREADABLE_IMAGE) as err:
+            self._skip(self.samples[index][0], err)
+            raise
+
+    def load_item(self, index):
+        """(the transformed image of item `index`, the row of its teacher's target): with `views`, one of the
+        photo's views drawn at random and its row; else the image and `index`."""
+        return self.views.draw(self, index) if self.views is not None else (self.load(index), index)
+
     def __getitem__(self, index):
-        item = self.load(index), self.targets[index]
-        return (*item, index) if self.with_items else item
+        image, row = self.load_item(index)
+        return (image, self.targets[index], row) if self.with_items else (image, self.targets[index])
 
 
 class FaceFolder(LabelledImages):

@@ -7,6 +7,10 @@ and normalised (the flip test), so that the target does not depend on the flips 
 The cache is a folder per teacher, named by a hash of the teacher's file and settings, of part files each holding
 photo keys (hashes of the photos' bytes) and their vectors: another teacher or a changed photo is never served a
 stale vector, and a run stopped while caching goes on with the parts it wrote.
+
+With views (TeacherViews), the teacher also embeds augmented views of each photo, each drawn from a generator
+seeded by the photo's key and the view's number, keyed by everything that makes its pixels; training draws one of
+a photo's views (the photo itself among them) for each item, and the student learns the teacher's vector of it.
 """
 import hashlib
 import json
@@ -14,10 +18,13 @@ import os
 import warnings
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from align import FaceAligner, aligned_as_trained, face_model_file
@@ -86,6 +93,83 @@ def write_part(folder, keys, vectors):
     atomic_write(os.path.join(folder, name), lambda f: torch.save(dict(keys=keys, vectors=vectors.clone()), f))
 
 
+# -----------------------------------------------------------------------------
+# augmented views of the training photos
+
+def view_params(key, view, keys):
+    """The augmentation of view `view` (1, 2, ...) of the photo whose cache key is `key`, from a generator seeded
+    by both (the same in every process and run): rotation within 12 degrees, scale and shift within 10 and 5 %,
+    brightness, contrast and saturation within 30 %, a Gaussian blur in half of the views, and in half of them a
+    blend with another training photo (`keys`: every photo's key, None where unreadable) weighing 15 to 45 %, so
+    that the teacher names faces no photo shows. The partner is recorded by its key."""
+    rng = np.random.default_rng(int(hashlib.sha1(f"{key}/{view}".encode()).hexdigest()[:15], 16))
+    params = dict(angle=rng.uniform(-12, 12), scale=rng.uniform(0.9, 1.1), shift=rng.uniform(-0.05, 0.05, 2).tolist(),
+                  colour=rng.uniform(0.7, 1.3, 3).tolist(), blur=rng.uniform(0.3, 1.2) if rng.random() < 0.5 else 0.0)
+    partner = int(rng.integers(len(keys)))
+    if rng.random() < 0.5 and keys[partner] not in (None, key):
+        params.update(partner=keys[partner], partner_index=partner, blend=rng.uniform(0.15, 0.45))
+    return params
+
+
+def view_key(key, params):
+    """The cache key of a photo's view: a hash of the photo's key and of everything that makes the view's pixels."""
+    made = {name: value for name, value in params.items() if name != "partner_index"}
+    return hashlib.sha1((key + json.dumps(made, sort_keys=True)).encode()).hexdigest()
+
+
+def view_image(image, params, partner=None):
+    """The view `params` (view_params') of a PIL image: blended with `partner` (a PIL image of the partner photo,
+    resized to the image's size) where the view has one, turned, scaled, shifted, its colours changed and
+    blurred. Sizes and shifts are relative, so that a view of a resized photo is the resized view."""
+    width, height = image.size
+    if partner is not None and "blend" in params:
+        image = Image.blend(image, partner.convert(image.mode).resize(image.size, Image.BILINEAR), params["blend"])
+    shift = [round(params["shift"][0] * width), round(params["shift"][1] * height)]
+    image = TF.affine(image, params["angle"], shift, params["scale"], [0.0, 0.0],
+                      interpolation=TF.InterpolationMode.BILINEAR)
+    brightness, contrast, saturation = params["colour"]
+    image = TF.adjust_contrast(TF.adjust_brightness(image, brightness), contrast)
+    if image.mode == "RGB":
+        image = TF.adjust_saturation(image, saturation)
+    if params["blur"]:
+        image = image.filter(ImageFilter.GaussianBlur(params["blur"] * width / 112))
+    return image
+
+
+class TeacherViews:
+    """A distilled run's `count` augmented views of each training photo besides the photo itself. Rows of the
+    teacher's targets: photo i's view v (0: the photo) is row i * (count + 1) + v. `keys`: the photos' cache keys."""
+
+    def __init__(self, count, keys):
+        self.count, self.keys = count, keys
+
+    def params(self, index, view):
+        """view_params of photo `index`'s view `view` (None for the photo itself or a photo without a key)."""
+        return view_params(self.keys[index], view, self.keys) if view and self.keys[index] else None
+
+    def row_keys(self):
+        """The cache key of every row (None where the photo cannot be read)."""
+        return [self.keys[index] if not view or not self.keys[index] else
+                view_key(self.keys[index], self.params(index, view))
+                for index in range(len(self.keys)) for view in range(self.count + 1)]
+
+    def draw(self, faces, index):
+        """(the transformed image of one of photo `index`'s views, drawn at random, the row of its target):
+        LabelledImages.load_item's with views. A view whose partner photo cannot be read is the photo itself."""
+        view = int(torch.randint(self.count + 1, ()))
+        params = self.params(index, view)
+        if params is None:
+            return faces.load(index), index * (self.count + 1)
+        try:
+            partner = faces.staged(params["partner_index"]) if "partner_index" in params else None
+        except (DatasetError, *UNREADABLE_IMAGE):
+            return faces.load(index), index * (self.count + 1)
+        return faces.load(index, lambda image: view_image(image, params, partner)), index * (self.count + 1) + view
+
+
+# -----------------------------------------------------------------------------
+# the teacher's targets and their cache
+
 @torch.inference_mode()
 def embed_views(teacher, images, device):
     """(n, 2, D) float32 CPU vectors of a batch of uint8 images: each image and its mirror image."""
@@ -93,10 +177,11 @@ def embed_views(teacher, images, device):
                        dim=1)
 
 
-def compute_missing(teacher, faces, transform, keys, missing, folder, device, batch_size, show):
-    """Embed the items `missing` (indices into `faces`) with the teacher in parts of PART_SIZE, each written to
-    `folder` as soon as it is done. An item that cannot be read is left out (its target stays unknown)."""
-    bar = tqdm(total=len(missing), desc="teacher embeddings", unit="photo", dynamic_ncols=True,
+def compute_missing(teacher, source, transform, keys, missing, folder, device, batch_size, show):
+    """Embed the rows `missing` (`source(row)`: the row's PIL image; `keys`: every row's key) with the teacher in
+    parts of PART_SIZE, each written to `folder` as soon as it is done. A row whose image cannot be read is left out
+    (its target stays unknown)."""
+    bar = tqdm(total=len(missing), desc="teacher embeddings", unit="image", dynamic_ncols=True,
                disable=None if show else True)
     for start in range(0, len(missing), PART_SIZE):
         part_keys, vectors = [], []
@@ -105,7 +190,7 @@ def compute_missing(teacher, faces, transform, keys, missing, folder, device, ba
             images, batch_keys = [], []
             for index in chunk[batch_start:batch_start + batch_size]:
                 try:
-                    images.append(transform(faces.read(index)))
+                    images.append(transform(source(index)))
                     batch_keys.append(keys[index])
                 except (DatasetError, *UNREADABLE_IMAGE):
                     continue  # (the dataset warns about it when training reads it)
@@ -118,35 +203,49 @@ def compute_missing(teacher, faces, transform, keys, missing, folder, device, ba
     bar.close()
 
 
+def view_source(faces, views):
+    """A function of a teacher row to its PIL image: the photo, or its view (TeacherViews' rows)."""
+    def source(row):
+        index, view = divmod(row, views.count + 1) if views else (row, 0)
+        params = views.params(index, view) if views else None
+        if params is None:
+            return faces.read(index)
+        partner = faces.read(params["partner_index"]) if "partner" in params else None
+        return view_image(faces.read(index), params, partner)
+    return source
+
+
 def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=64, rank=0, world_size=1,
-                    distributed=False, pixel_norm=None, log=print):
-    """(the targets (len(faces), D): the normalised sum of the teacher's vectors of each training item and its
-    mirror; zero where a photo could not be read; the teacher's description). `pixel_norm`: an ONNX teacher's input
-    normalisation, over its side file's (load_face_network's). Vectors come from the cache in
-    `cache_dir` where it has them; the others are computed (each process of a distributed run its share), cached,
-    and read back. Raises CheckpointError for a teacher that cannot be loaded."""
+                    distributed=False, pixel_norm=None, views=0, log=print):
+    """(the targets (len(faces) * (views + 1), D): the normalised sum of the teacher's vectors of each training
+    item's image and its mirror, the photo's then those of its `views` augmented views (TeacherViews' rows); zero
+    where an image could not be read; the teacher's description; the TeacherViews, or None without views).
+    `pixel_norm`: an ONNX teacher's input normalisation, over its side file's (load_face_network's). Vectors come
+    from the cache in `cache_dir` where it has them; the others are computed (each process of a distributed run its
+    share), cached, and read back. Raises CheckpointError for a teacher that cannot be loaded."""
     teacher, state = load_face_network(spec, pixel_norm=pixel_norm)
     settings, name = teacher_identity(spec, state)
     folder = os.path.join(cache_dir, name)
     os.makedirs(folder, exist_ok=True)
     save_json(settings, os.path.join(folder, "teacher.json"))
-    keys = photo_keys(faces)
+    views = TeacherViews(views, photo_keys(faces)) if views else None
+    keys = views.row_keys() if views else photo_keys(faces)
     if distributed:  # every process reads the cache as it stands before any of them adds to it
         dist.barrier()
     cached = read_cache(folder)
     if distributed:  # so that all find the same photos missing, and share them out alike
         dist.barrier()
     missing = [i for i, key in enumerate(keys) if key is not None and key not in cached]
-    log(f"teacher {state.get('network', spec)}: {len(keys) - len(missing)} of {len(keys)} training photos cached "
-        f"in {folder}")
+    log(f"teacher {state.get('network', spec)}: {len(keys) - len(missing)} of {len(keys)} training "
+        f"{'photos and views' if views else 'photos'} cached in {folder}")
     if missing:
         alignment = state["alignment"]
         transform = aligned_as_trained(make_transform(state["image_size"], train=False, pixels=True),
                                        FaceAligner.as_recorded(alignment) if alignment else None,
                                        alignment and alignment["size"], data_dir)
         device = device if isinstance(teacher, EmbeddingNet) else "cpu"  # (dlib and onnxruntime: the CPU)
-        compute_missing(teacher.to(device), faces, transform, keys, missing[rank::world_size], folder, device,
-                        batch_size, rank == 0)
+        compute_missing(teacher.to(device), view_source(faces, views), transform, keys, missing[rank::world_size],
+                        folder, device, batch_size, rank == 0)
         if distributed:
             dist.barrier()
         cached = read_cache(folder)
@@ -156,7 +255,7 @@ def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=6
     for index, key in enumerate(keys):
         if key in cached:
             targets[index] = F.normalize(cached[key].sum(0), dim=0)
-    return targets, state.get("network", spec)
+    return targets, state.get("network", spec), views
 
 
 def seen_rows(targets):

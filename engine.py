@@ -58,6 +58,8 @@ def check_config(config):
         ("loss", c["loss"] == "none" and not c["teacher"], "none learns from a teacher alone: give --teacher"),
         ("distill", c["distill"] < 0 or (c["teacher"] and not c["distill"] > 0),
          "weighs the teacher's term: a positive number (with --teacher)"),
+        ("teacher_views", c["teacher_views"] < 0 or (c["teacher_views"] and not c["teacher"]),
+         "counts the teacher's augmented views of each photo: 0 or more, with --teacher"),
         ("arcface_form", c["arcface_form"] != "paper" and c["loss"] != "arcface",
          "is the form of ArcFace's margin: use it with --loss=arcface (or leave it at paper)"),
     ]

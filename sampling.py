@@ -86,8 +86,9 @@ class TripletFaceDataset(Dataset):
 
     def __getitem__(self, index):
         indices = self.images(index)
-        item = tuple(self.faces.load(i) for i in indices), tuple(self.faces.targets[i] for i in indices)
-        return (*item, tuple(indices)) if self.faces.with_items else item
+        images, rows = zip(*(self.faces.load_item(i) for i in indices))
+        item = images, tuple(self.faces.targets[i] for i in indices)
+        return (*item, rows) if self.faces.with_items else item
 
 
 class PairDataset(TripletFaceDataset):
@@ -108,7 +109,8 @@ def collate_rows(items):
     """A DataLoader's collate_fn for TripletFaceDataset and PairDataset: B items of k image tensors and k labels
     -> (images (k*B, ...), labels (k*B,) int64, rows (B, k) int64). Images and labels are position-major (all
     first images, then all second ...), and rows[b] = [b, B+b, 2B+b] indexes item b's images in them. Items
-    with the images' dataset indices (with_items) add those, (k*B,) int64 in the same order, last."""
+    with the images' teacher rows (with_items: their dataset indices, or with views the rows of the views drawn)
+    add those, (k*B,) int64 in the same order, last."""
     count, k = len(items), len(items[0][0])
     # default_collate stacks as the DataLoader's default does (into shared memory inside a worker: no extra copy)
     images, labels, *indices = (default_collate([item[part][position] for position in range(k) for item in items])

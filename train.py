@@ -107,6 +107,8 @@ distill_loss = "cosine"  # cosine: the student's embedding (projected where size
 distill_centre = True  # learn the teacher's embeddings less their mean over the training photos (then normalised)
 teacher_cache = ""  # folder of the teacher's embeddings of the training photos, computed once; empty: <out_dir>/
 #   teacher_cache (share one between runs: it is keyed by teacher and photo)
+teacher_views = 0  # augmented views of each training photo the teacher also embeds (turned, scaled, recoloured,
+#   blurred, half blended with another photo); each item draws one of its photo's views or the photo itself
 # optimiser
 optimizer = "adam"  # adamw: decoupled weight decay; sgd: momentum 0.9
 lr = 2e-3  # learning rate (peak learning rate for onecycle)
@@ -214,12 +216,12 @@ if cache_images == "true" or (cache_images == "auto" and cache_size <= 2 ** 31):
         gallery.cache(like=train_faces)  # the same images, decoded once
         probes.cache()
     print(f"cached the decoded images: {cache_size / 2 ** 20:.0f} MiB")
-targets = None  # the teacher's targets of the training items, by index
+targets = None  # the teacher's targets of the training items' photos and views, by row
 if teacher:
     try:
-        targets, taught_by = teacher_targets(teacher, train_faces, teacher_cache or os.path.join(out_dir,
-                                             "teacher_cache"), data_dir, device, max(batch_size, 64), rank,
-                                             world_size, distributed, onnx_pixel_norm(onnx_norm, teacher))
+        targets, taught_by, train_faces.views = teacher_targets(
+            teacher, train_faces, teacher_cache or os.path.join(out_dir, "teacher_cache"), data_dir, device,
+            max(batch_size, 64), rank, world_size, distributed, onnx_pixel_norm(onnx_norm, teacher), teacher_views)
     except (CheckpointError, AlignmentUnavailable) as err:
         sys.exit(f"error: --teacher: {err}")
     train_faces.with_items, targets = True, (centred(targets) if distill_centre else targets).to(device)
@@ -273,7 +275,7 @@ try:
                    pair_hidden_dim=pair_hidden_dim, cosface_margin=cosface_margin, arcface_form=arcface_form)
     objective = (build_partial_fc(loss, partial_fc=partial_fc, rank=rank, world_size=world_size, **options)
                  if partial_fc else build_objective(loss, **options)).to(device)
-    inherited = (teacher_centres(targets, train_faces.targets, len(train_faces.classes))
+    inherited = (teacher_centres(targets, np.repeat(train_faces.targets, teacher_views + 1), len(train_faces.classes))
                  if teacher and distill_loss == "inherited" else None)
     distiller = (Distillation(embedding_dim, targets.shape[1], distill_loss, inherited, arcface_scale, arcface_margin)
                  .to(device) if teacher else None)
@@ -294,7 +296,9 @@ print(f"model: {backbone}{' (frozen)' if freeze_backbone else ''} + {head} head 
 if centres:
     print(objective.summary())
 if teacher:
-    print(f"teacher: {taught_by}, {targets.shape[1]}-d embeddings; {distill_loss} distillation x {distill:g}"
+    print(f"teacher: {taught_by}, {targets.shape[1]}-d embeddings"
+          + (f" of each photo and {teacher_views} augmented views of it" if teacher_views else "")
+          + f"; {distill_loss} distillation x {distill:g}"
           + (f", projected from {embedding_dim}-d" if isinstance(distiller.projection, torch.nn.Linear) else ""))
 describe(model, objective, opt, lr_schedule, verbosity)
 if master:

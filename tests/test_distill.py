@@ -184,8 +184,9 @@ def counted(monkeypatch):
 
 
 def targets_of(spec, faces, cache, pixel_norm=None):
-    targets, network = teacher_targets(spec, faces, str(cache), faces.root, pixel_norm=pixel_norm, log=lambda *_: None)
-    assert isinstance(network, str)
+    targets, network, views = teacher_targets(spec, faces, str(cache), faces.root, pixel_norm=pixel_norm,
+                                              log=lambda *_: None)
+    assert isinstance(network, str) and views is None
     return targets
 
 
@@ -319,6 +320,124 @@ def test_an_onnx_teacher_with_another_side_file_is_not_served_the_old_cache(tmp_
     # --onnx_norm wins over the side file, and is keyed alike: the first normalisation's vectors again
     torch.testing.assert_close(targets_of(path, faces, tmp_path / "cache", pixel_norm=(127.5, 127.5)), old)
     torch.testing.assert_close(targets_of(path, faces, tmp_path / "fresh", pixel_norm=(127.5, 127.5)), old)
+
+
+# -----------------------------------------------------------------------------
+# augmented views
+
+KEYS = [f"{i:040x}" for i in range(12)]
+
+
+def test_view_params_are_drawn_alike_every_time_and_differ_between_views():
+    """The same photo and view give the same parameters (and key) in every call; views of a photo differ, in
+    range; a blended view's partner is another readable photo, named by its key."""
+    first = distill.view_params(KEYS[0], 1, KEYS)
+    assert first == distill.view_params(KEYS[0], 1, list(KEYS))
+    assert distill.view_key(KEYS[0], first) == distill.view_key(KEYS[0], distill.view_params(KEYS[0], 1, KEYS))
+    drawn = [distill.view_params(key, view, KEYS) for key in KEYS for view in (1, 2, 3)]
+    assert len({json.dumps(params, sort_keys=True) for params in drawn}) == len(drawn)
+    for params in drawn:
+        assert abs(params["angle"]) <= 12 and 0.9 <= params["scale"] <= 1.1
+        assert all(0.7 <= c <= 1.3 for c in params["colour"]) and 0 <= params["blur"] <= 1.2
+    blended = [(key, params) for key, params in zip(sorted(KEYS * 3), drawn) if "blend" in params]
+    assert 0 < len(blended) < len(drawn)
+    keys = [key for key in KEYS for _ in (1, 2, 3)]
+    for key, params in zip(keys, drawn):
+        if "blend" in params:
+            assert params["partner"] == KEYS[params["partner_index"]] != key and 0.15 <= params["blend"] <= 0.45
+    unreadable = [None] * 11 + [KEYS[11]]  # only the photo itself: nothing to blend with
+    assert not any("blend" in distill.view_params(KEYS[11], view, unreadable) for view in range(1, 20))
+
+
+def test_a_views_key_changes_with_its_partners_bytes_and_its_own():
+    """The key of a blended view names the photo and the partner by their bytes: another partner photo (another
+    key at the same index) gives another key, as another photo does."""
+    view = next(v for v in range(1, 40) if "blend" in distill.view_params(KEYS[0], v, KEYS))
+    params = distill.view_params(KEYS[0], view, KEYS)
+    changed = list(KEYS)
+    changed[params["partner_index"]] = "f" * 40
+    assert distill.view_key(KEYS[0], distill.view_params(KEYS[0], view, changed)) != distill.view_key(KEYS[0], params)
+    assert distill.view_key(KEYS[1], params) != distill.view_key(KEYS[0], params)
+
+
+def test_view_image_blends_then_turns_recolours_and_blurs_a_photo():
+    """Plain parameters (no turn, scale, shift or colour change) and a blend of 0.3: the view is PIL's blend of the
+    photo with its partner; a colour change alone changes pixels and keeps the size and mode; a blur smooths."""
+    from PIL import Image, ImageStat
+    rng = torch.Generator().manual_seed(0)
+    photo, partner = (Image.fromarray(torch.randint(0, 256, (20, 24, 3), generator=rng, dtype=torch.uint8).numpy())
+                      for _ in range(2))
+    plain = dict(angle=0.0, scale=1.0, shift=[0.0, 0.0], colour=[1.0, 1.0, 1.0], blur=0.0)
+    blended = distill.view_image(photo, dict(plain, partner="k", blend=0.3), partner)
+    assert blended.tobytes() == Image.blend(photo, partner, 0.3).tobytes()
+    assert distill.view_image(photo, plain).tobytes() == photo.tobytes()
+    recoloured = distill.view_image(photo, dict(plain, colour=[1.2, 0.8, 0.5]))
+    assert recoloured.size == photo.size and recoloured.mode == "RGB" and recoloured.tobytes() != photo.tobytes()
+    grey = photo.convert("L")
+    assert distill.view_image(grey, dict(plain, colour=[1.2, 0.8, 0.5], angle=5.0)).mode == "L"
+    blurred = distill.view_image(photo, dict(plain, blur=1.2))
+    assert sum(ImageStat.Stat(blurred).stddev) < sum(ImageStat.Stat(photo).stddev)
+
+
+def straight_view_targets(path, faces, views):
+    """Each row's target computed straight: the teacher's flip-test embedding of the photo, or of its view."""
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint).eval()
+    transform = make_transform(checkpoint["image_size"], train=False)
+    rows = []
+    with torch.no_grad():
+        for row in range(len(faces) * (views.count + 1)):
+            index, view = divmod(row, views.count + 1)
+            params = views.params(index, view)
+            image = faces.read(index) if params is None else distill.view_image(
+                faces.read(index), params, faces.read(params["partner_index"]) if "blend" in params else None)
+            image = transform(image).unsqueeze(0)
+            rows.append(F.normalize(model(image) + model(image.flip(3)), dim=1)[0])
+    return torch.stack(rows)
+
+
+def test_teacher_targets_of_views_are_each_views_embedding_and_reuse_the_photos_cache(tmp_path, counted):
+    """Two views: (36, 8) targets, rows 3i the photos' (served from the cache of a run without views: only the 24
+    views are embedded), rows 3i + v the straight flip-test embeddings of photo i's view v; again, nothing is
+    embedded."""
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")))
+    spec = write_teacher(tmp_path / "teacher")
+    plain = targets_of(spec, faces, tmp_path / "cache")
+    counted.clear()
+    targets, _, views = teacher_targets(spec, faces, str(tmp_path / "cache"), faces.root, views=2, log=lambda *_: None)
+    assert sum(counted) == 24 and views.count == 2
+    assert targets.shape == (36, TEACHER_DIM) and torch.equal(targets[::3], plain)
+    torch.testing.assert_close(targets, straight_view_targets(spec, faces, views), atol=1e-5, rtol=0)
+    assert not torch.allclose(targets[1::3], targets[::3], atol=1e-3)
+    counted.clear()
+    again, _, _ = teacher_targets(spec, faces, str(tmp_path / "cache"), faces.root, views=2, log=lambda *_: None)
+    assert sum(counted) == 0 and torch.equal(again, targets)
+
+
+def test_items_with_views_draw_each_view_with_its_row(tmp_path):
+    """With views, faces[i] is (the transform of one of photo i's views, its label, 3i + v), the image that of
+    view v (the cached and the read images alike); over many draws every view comes up."""
+    faces = FaceFolder(make_faces(str(tmp_path / "faces")), make_transform(SIZE, train=False, pixels=True))
+    faces.with_items = True
+    faces.views = distill.TeacherViews(2, distill.photo_keys(faces))
+    rest = faces._split_transform()[1]
+    torch.manual_seed(0)
+    for cache in (False, True):
+        if cache:
+            faces.cache()
+        drawn = set()
+        for _ in range(8):
+            for index in range(len(faces)):
+                image, label, row = faces[index]
+                view = row - 3 * index
+                assert label == faces.targets[index] and 0 <= view <= 2
+                params = faces.views.params(index, view)
+                staged = faces.staged(index)
+                expected = rest(staged if params is None else distill.view_image(
+                    staged, params, faces.staged(params["partner_index"]) if "blend" in params else None))
+                assert torch.equal(image, expected)
+                drawn.add(view)
+        assert drawn == {0, 1, 2}
 
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ EMBEDDING = 16
 # train.py's defaults of the settings check_config reads
 VALID = dict(loss="arcface", mining="none", anchor_pattern="", device="auto", num_workers=-1, images_per_identity=4,
              batch_size=32, epochs=30, eval_every=1, save_every=0, lr=2e-3, embedding_dim=128, image_size=(64, 56),
-             partial_fc=0.0, arcface_form="paper", teacher="", distill=1.0, onnx_norm="")
+             partial_fc=0.0, arcface_form="paper", teacher="", distill=1.0, onnx_norm="", teacher_views=0)
 # the three kinds of training batches: P x K (labelled), random triplets, balanced pairs; 4 steps an epoch each
 PATHS = {"pk_arcface": ("arcface", "none", 4), "random_triplets": ("triplet", "none", 4),
          "random_pairs": ("contrastive", "none", 8)}
@@ -71,7 +71,8 @@ def test_train_py_defaults_pass_and_edge_values_are_allowed():
                    dict(loss="triplet", mining="none", images_per_identity=1),  # K only counts in P x K batches
                    dict(partial_fc=1.0), dict(loss="cosface", partial_fc=0.1), dict(arcface_form="arcface_torch"),
                    dict(loss="none", teacher="dlib"), dict(loss="triplet", teacher="t.onnx", distill=0.1),
-                   dict(teacher="t.onnx", onnx_norm="127.5,127.5"), dict(teacher="t.onnx", onnx_norm="1,2,3,4,5,6")):
+                   dict(teacher="t.onnx", onnx_norm="127.5,127.5"), dict(teacher="t.onnx", onnx_norm="1,2,3,4,5,6"),
+                   dict(teacher="dlib", loss="none", teacher_views=3)):
         check_config(dict(VALID, **change))
 
 
@@ -108,6 +109,8 @@ def test_train_py_defaults_pass_and_edge_values_are_allowed():
     (dict(teacher="t.onnx", onnx_norm="127.5,0"), "onnx_norm"),
     (dict(teacher="t.onnx", onnx_norm="mean,std"), "onnx_norm"),
     (dict(teacher="t.onnx", onnx_norm="nan,1"), "onnx_norm"),
+    (dict(teacher="dlib", teacher_views=-1), "teacher_views"),
+    (dict(teacher_views=2), "teacher_views"),
 ])
 def test_each_rule_names_its_flag(change, flag):
     with pytest.raises(ConfigError) as info:
