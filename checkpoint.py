@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 from dataclasses import asdict, dataclass, field
+from math import nan
 
 import numpy as np
 import torch
@@ -131,8 +132,12 @@ class RunState:
             return self.position["epoch"]
         return self.history[-1]["epoch"] + 1 if self.history else 0
 
-    def improved(self, metrics, key="valid_identification"):
-        return self.best is None or metrics[key] > self.best[key]
+    def improved(self, metrics, key="valid_identification", tie=None):
+        """Whether `metrics` beat the best epoch's by `key`, or with `tie` (a loss) equal them by `key` and beat them
+        by a lower `tie` (NaN beats nothing)."""
+        if self.best is None or metrics[key] > self.best[key]:
+            return True
+        return tie is not None and metrics[key] == self.best[key] and metrics.get(tie, nan) < self.best.get(tie, nan)
 
 
 class RandomState:

@@ -347,12 +347,15 @@ class Objective:
     num_classes those this process holds). rows: what batches it trains on without mining ("triplets" or "pairs" of
     given rows, None for labelled P x K batches, "images" for any; see batch_rows). mining: the mining it takes.
     margin_softmax: it classifies over the training identities whatever the mining, with centres that PartialFC can
-    shard over the processes (partial_fc applies to these alone)."""
+    shard over the processes (partial_fc applies to these alone). decides: it answers same-or-not with a learnt
+    head, which the metrics that choose the checkpoint (of the embedding) do not see, so that ties between epochs
+    are broken by its valid loss (the epoch whose head decides the valid photos best)."""
 
     build: Callable[[SimpleNamespace], nn.Module]
     rows: Optional[str]
     mining: tuple = MINING
     margin_softmax: bool = False
+    decides: bool = False
 
 
 OBJECTIVES = dict(
@@ -360,7 +363,7 @@ OBJECTIVES = dict(
     contrastive=Objective(lambda o: ContrastiveLoss(o.margin, o.mining), "pairs"),
     # the pair classifier learns from given pairs or from every pair of a batch
     pair_bce=Objective(lambda o: PairClassifierLoss(o.embedding_dim, o.pair_hidden_dim, o.mining), "pairs",
-                       mining=("none", "batch_all")),
+                       mining=("none", "batch_all"), decides=True),
     arcface=Objective(lambda o: ArcFaceLoss(o.embedding_dim, o.num_classes, o.arcface_scale, o.arcface_margin,
                                             o.arcface_form), None, margin_softmax=True),
     cosface=Objective(lambda o: CosFaceLoss(o.embedding_dim, o.num_classes, o.arcface_scale, o.cosface_margin),

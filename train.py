@@ -403,7 +403,7 @@ for epoch in range(run.next_epoch(), epochs + 1):  # epoch 0 only evaluates the 
         run.history.append(dict(epoch=epoch, step=run.step, **train_stats, **(metrics if evaluating else {}),
                                 train_seconds=round(run.train_seconds, 1), lr=opt.param_groups[0]["lr"],
                                 valid_seconds=round(time.time() - started, 3), save_seconds=None))
-        improved = evaluating and run.improved(metrics, select_key)
+        improved = evaluating and run.improved(metrics, select_key, "valid_loss" if OBJECTIVES[loss].decides else None)
         if improved:
             run.best = run.history[-1]
         if evaluating:

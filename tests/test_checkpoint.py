@@ -283,6 +283,20 @@ def test_improved_only_by_a_strictly_better_metric():
     assert run.improved(dict(valid_loss=2.0), key="valid_loss")
 
 
+def test_a_tie_is_broken_by_a_lower_loss_where_asked():
+    """With tie="valid_loss": an equal metric and a lower loss improve; an equal or higher loss, a missing or NaN
+    one, or a lower metric whatever its loss, do not. Without tie, an equal metric never improves."""
+    run = RunState(best=dict(valid_identification=0.5, valid_loss=1.0))
+    assert run.improved(dict(valid_identification=0.5, valid_loss=0.9), tie="valid_loss")
+    assert not run.improved(dict(valid_identification=0.5, valid_loss=0.9))
+    for loss in (1.0, 1.1, float("nan")):
+        assert not run.improved(dict(valid_identification=0.5, valid_loss=loss), tie="valid_loss")
+    assert not run.improved(dict(valid_identification=0.5), tie="valid_loss")
+    assert not run.improved(dict(valid_identification=0.4, valid_loss=0.1), tie="valid_loss")
+    assert not RunState(best=dict(valid_identification=0.5)).improved(dict(valid_identification=0.5, valid_loss=0.1),
+                                                                      tie="valid_loss")
+
+
 # -----------------------------------------------------------------------------
 # RandomState
 
