@@ -7,7 +7,7 @@
 # chosen on verification pairs of the valid people, never trained on; DST/unseen, never read here, measures the
 # result: 90.47 % on its pairs, dlib 98.78 % (docs/results.md, "Learning from dlib"). With the people's labels,
 # --distill_loss=inherited (ProxylessKD: ArcFace over dlib's centres of the people) scored 91.74 %; two augmented
-# views of each photo named by dlib too (--teacher_views=2), 91.09 % for 1.7 times the training time.
+# views of each photo named by dlib too (--teacher_views=2), 91.09 % for 25 minutes more of the teacher.
 #   python prepare.py align lfw/images data/lfw_aligned --passes=hog
 #   python prepare.py split data/lfw_aligned data/lfw --valid=0 --test=0.2 --unseen=0.2 --valid_people=0.05
 #   python train.py configs/distill_lfw_cpu.py

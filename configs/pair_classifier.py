@@ -3,7 +3,8 @@
 # pairs of one person and 448 of two a batch, each kind weighing half the loss, so the decision is that of balanced
 # pairs); reports precision, recall and F1 on balanced valid pairs every epoch (when valid/ has two images of a
 # person). One random same and different pair per image (mining = "none") taught the embedding less: a lower
-# identification top-1 (docs/results.md).
+# identification top-1 (docs/results.md). Epochs that tie on the checkpoint's metric (the embedding's) are told
+# apart by the valid loss, so that a trained pair head is kept rather than an untrained one.
 #   python train.py configs/pair_classifier.py
 image_size = (112, 96)
 backbone = "resnet18"
