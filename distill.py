@@ -17,6 +17,7 @@ import json
 import os
 import warnings
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -149,22 +150,34 @@ class TeacherViews:
 
     def row_keys(self):
         """The cache key of every row (None where the photo cannot be read)."""
-        return [self.keys[index] if not view or not self.keys[index] else
-                view_key(self.keys[index], self.params(index, view))
+        return [view_key(self.keys[index], params) if (params := self.params(index, view)) else self.keys[index]
                 for index in range(len(self.keys)) for view in range(self.count + 1)]
+
+    def edit(self, index, view, read):
+        """The function that makes photo `index`'s view `view` of an image of the photo, its partner photo read by
+        `read` (an item's image, as LabelledImages reads or stages it); None for the photo itself."""
+        params = self.params(index, view)
+        if params is None:
+            return None
+        partner = read(params["partner_index"]) if "partner_index" in params else None
+        return lambda image: view_image(image, params, partner)
+
+    def read(self, faces, row):
+        """The PIL image of teacher row `row` of `faces`: its photo as read, or the view of it."""
+        index, view = divmod(row, self.count + 1)
+        edit = self.edit(index, view, faces.read)
+        image = faces.read(index)
+        return edit(image) if edit else image
 
     def draw(self, faces, index):
         """(the transformed image of one of photo `index`'s views, drawn at random, the row of its target):
         LabelledImages.load_item's with views. A view whose partner photo cannot be read is the photo itself."""
         view = int(torch.randint(self.count + 1, ()))
-        params = self.params(index, view)
-        if params is None:
-            return faces.load(index), index * (self.count + 1)
         try:
-            partner = faces.staged(params["partner_index"]) if "partner_index" in params else None
+            edit = self.edit(index, view, faces.staged)
         except (DatasetError, *UNREADABLE_IMAGE):
-            return faces.load(index), index * (self.count + 1)
-        return faces.load(index, lambda image: view_image(image, params, partner)), index * (self.count + 1) + view
+            edit = None
+        return faces.load(index, edit), index * (self.count + 1) + (view if edit else 0)
 
 
 # -----------------------------------------------------------------------------
@@ -203,18 +216,6 @@ def compute_missing(teacher, source, transform, keys, missing, folder, device, b
     bar.close()
 
 
-def view_source(faces, views):
-    """A function of a teacher row to its PIL image: the photo, or its view (TeacherViews' rows)."""
-    def source(row):
-        index, view = divmod(row, views.count + 1) if views else (row, 0)
-        params = views.params(index, view) if views else None
-        if params is None:
-            return faces.read(index)
-        partner = faces.read(params["partner_index"]) if "partner" in params else None
-        return view_image(faces.read(index), params, partner)
-    return source
-
-
 def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=64, rank=0, world_size=1,
                     distributed=False, pixel_norm=None, views=0, log=print):
     """(the targets (len(faces) * (views + 1), D): the normalised sum of the teacher's vectors of each training
@@ -244,8 +245,8 @@ def teacher_targets(spec, faces, cache_dir, data_dir, device="cpu", batch_size=6
                                        FaceAligner.as_recorded(alignment) if alignment else None,
                                        alignment and alignment["size"], data_dir)
         device = device if isinstance(teacher, EmbeddingNet) else "cpu"  # (dlib and onnxruntime: the CPU)
-        compute_missing(teacher.to(device), view_source(faces, views), transform, keys, missing[rank::world_size],
-                        folder, device, batch_size, rank == 0)
+        compute_missing(teacher.to(device), partial(views.read, faces) if views else faces.read, transform, keys,
+                        missing[rank::world_size], folder, device, batch_size, rank == 0)
         if distributed:
             dist.barrier()
         cached = read_cache(folder)
