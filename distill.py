@@ -28,14 +28,14 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from align import FaceAligner, aligned_as_trained, face_model_file
+from align import FaceAligner, aligned_as_trained
 from checkpoint import CheckpointError, read_weights
 from data_utils import UNREADABLE_IMAGE, DatasetError, make_transform
 from files import atomic_write, save_json
 from inference import embed_batch
 from losses import ArcFaceLoss
 from model import EmbeddingNet
-from pretrained import DLIB_DESCRIPTOR, load_face_network
+from pretrained import load_face_network, network_file
 
 DISTILL_LOSSES = ("cosine", "relational", "inherited")
 PART_SIZE = 256  # photos per cache part: what a stopped caching run loses at most
@@ -51,11 +51,11 @@ def file_digest(path, chunk=1 << 20):
 
 
 def teacher_identity(spec, state):
-    """What names a teacher's cache: its file's bytes (dlib: its descriptor model's) and the settings of its
-    input. Two teachers share a cache only when they compute the same vectors."""
-    source = face_model_file(DLIB_DESCRIPTOR) if spec == "dlib" else spec
-    settings = dict(file=file_digest(source), image_size=list(state["image_size"]), alignment=state["alignment"],
-                    views=["photo", "mirror"], spec=os.path.basename(spec))
+    """What names a teacher's cache: its file's bytes (dlib and dlib_resnet: dlib's descriptor model's) and the
+    settings of its input, and its name (so that those two never share one). Two teachers share a cache only when
+    they compute the same vectors."""
+    settings = dict(file=file_digest(network_file(spec)), image_size=list(state["image_size"]),
+                    alignment=state["alignment"], views=["photo", "mirror"], spec=os.path.basename(spec))
     if state.get("pixel_norm"):  # an ONNX model's input normalisation (its side file's)
         settings["pixel_norm"] = state["pixel_norm"]
     return settings, hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

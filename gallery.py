@@ -11,17 +11,19 @@ from data_utils import FaceFolder, find_images, identity_folders
 from evaluation import class_centroids
 from files import atomic_write
 from inference import embed
+from pretrained import network_identity, results_folder
 
 CACHE_VERSION = 1  # bump when the cache's contents change meaning
 
 
 def decision_threshold(checkpoint, threshold=-2.0, verify=False):
     """(threshold or None, where it comes from or why there is none). A `threshold` >= -1 wins; else the
-    results.json that test.py wrote beside `checkpoint` for this very checkpoint: its open-set threshold (image to
-    identity centroid) for identification, its verification threshold (image to image) with `verify`."""
+    results.json that test.py wrote for this very checkpoint (beside it; out/<name>/ for a named network): its
+    open-set threshold (image to identity centroid) for identification, its verification threshold (image to
+    image) with `verify`."""
     if threshold >= -1:
         return threshold, "--threshold"
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "results.json")
+    path = os.path.join(results_folder(checkpoint), "results.json")
     try:
         with open(path) as f:
             results = json.load(f)
@@ -29,7 +31,7 @@ def decision_threshold(checkpoint, threshold=-2.0, verify=False):
         return None, f"no {path} (run test.py, or pass --threshold)"
     except (OSError, ValueError) as err:
         return None, f"{path} is unreadable ({err})"
-    if not isinstance(results, dict) or results.get("checkpoint") != os.path.abspath(checkpoint):
+    if not isinstance(results, dict) or results.get("checkpoint") != network_identity(checkpoint):
         return None, f"{path} evaluated another checkpoint (run test.py --checkpoint={checkpoint}, or pass --threshold)"
     section, key = ("verification", "threshold_mean") if verify else ("open_set", "threshold")
     value = (results.get(section) or {}).get(key)

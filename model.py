@@ -144,6 +144,62 @@ class MobileFaceNet(nn.Sequential):
         self.out_features = 512
 
 
+class Affine(nn.Module):
+    """A learnt per-channel scale and shift, y = weight * x + bias: what dlib keeps of a BatchNorm once trained (its
+    `affine` layer). Unlike a BatchNorm it behaves alike in training and evaluation, so that fine-tuning starts
+    from the network as dlib ran it."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+
+
+class DlibBlock(nn.Module):
+    """dlib's residual block: conv3x3 (with the stride; unpadded where strided, as dlib's) -> affine -> ReLU ->
+    conv3x3 -> affine, added to the input (2x2 average-pooled where strided), then ReLU. Where the two differ in
+    channels or size, the smaller is zero-padded at the end, as dlib's add_prev does."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(inplanes, planes, 3, stride, 1 if stride == 1 else 0), Affine(planes),
+                                    nn.ReLU(inplace=True), nn.Conv2d(planes, planes, 3, 1, 1), Affine(planes))
+        self.shortcut = nn.AvgPool2d(2) if stride > 1 else nn.Identity()
+
+    def forward(self, x):
+        branch, shortcut = self.branch(x), self.shortcut(x)
+        size = [max(a, b) for a, b in zip(branch.shape[1:], shortcut.shape[1:])]
+        return F.relu(pad_to(branch, size) + pad_to(shortcut, size))
+
+
+def pad_to(x, size):
+    """x (N, C, H, W) zero-padded at the end of its channels, rows and columns to `size` (C, H, W)."""
+    channels, height, width = size
+    if tuple(x.shape[1:]) == (channels, height, width):
+        return x
+    return F.pad(x, (0, width - x.shape[3], 0, height - x.shape[2], 0, channels - x.shape[1]))
+
+
+# dlib's face descriptor network (dlib_face_recognition_resnet_model_v1): (in, out channels, stride) of its blocks
+DLIB_BLOCKS = ((32, 32, 1),) * 3 + ((32, 64, 2),) + ((64, 64, 1),) * 3 + ((64, 128, 2),) + ((128, 128, 1),) * 2 + (
+    (128, 256, 2),) + ((256, 256, 1),) * 2 + ((256, 256, 2),)
+
+
+class DlibResNet(nn.Sequential):
+    """The ResNet of dlib's face descriptor (29 conv layers, 150x150 face chips; its weights: pretrained.from_dlib):
+    an unpadded conv7x7 stride 2 -> affine -> ReLU -> max pool 3x3 stride 2, 14 DlibBlocks (32 to 256 channels),
+    global average pooling: 256 features. Its embedding layer, a Linear to 128 without bias, is EmbeddingNet's
+    'linear' head (its bias zero)."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 32, 7, 2, 0), Affine(32), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                         *[DlibBlock(*block) for block in DLIB_BLOCKS], nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = 256
+
+
 def torchvision_body(name, pretrained=False, zero_init_residual=False):
     """torchvision's network `name` (with its ImageNet weights when `pretrained`) without its ImageNet classifier,
     and the size of the feature vector it outputs."""
@@ -187,6 +243,7 @@ BACKBONES = {
     **{name: torchvision_backbone(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
     **{name: face_backbone(partial(IResNet, blocks)) for name, blocks in IRESNET_BLOCKS.items()},
     "mobilefacenet": face_backbone(lambda zero_init_residual: MobileFaceNet()),
+    "dlib_resnet": face_backbone(lambda zero_init_residual: DlibResNet()),
     # freezing keeps their fully connected layers trainable: frozen ImageNet features + a trainable classifier
     "vgg16": torchvision_backbone("vgg16", frozen="features"),
     "alexnet": torchvision_backbone("alexnet", frozen="features"),
@@ -218,7 +275,8 @@ class EmbeddingNet(Embedder):
     vgg16 or alexnet without their last Linear, so their fully connected 4096-wide layers stay (they use
     adaptive pooling, so 64x64 images work); or 'smallcnn' (SmallCNN, 256 features, no ImageNet weights) for
     small grayscale datasets; or insightface's IResNet (iresnet18 to iresnet100, 512 x 7 x 7 features) and
-    MobileFaceNet (512 features) for 112x112 aligned faces. head: 'mlp' is Linear(features -> hidden_dim) ->
+    MobileFaceNet (512 features) for 112x112 aligned faces; or dlib's face descriptor network (dlib_resnet, 256
+    features; its weights from dlib's file, pretrained.from_dlib). head: 'mlp' is Linear(features -> hidden_dim) ->
     BatchNorm -> ReLU -> Linear(hidden_dim -> embedding_dim); 'linear' is a single Linear(features ->
     embedding_dim); 'fc_bn' is Linear(features -> embedding_dim) -> BatchNorm with its scale fixed at 1,
     insightface's embedding layer.

@@ -3,8 +3,8 @@
     python predict.py PHOTO [PHOTO ...] [--gallery=DIR]    # the nearest gallery identity of each photo
     python predict.py PHOTO_A PHOTO_B --verify             # one person or two
     python predict.py --export=onnx                        # the embedding network as an ONNX file
-    python predict.py PHOTO --checkpoint=dlib --gallery=DIR   # or a network from elsewhere (dlib, MODEL.onnx,
-                                                              # insightface's backbone.pth)
+    python predict.py PHOTO --checkpoint=dlib --gallery=DIR   # or a network from elsewhere (dlib, dlib_resnet,
+                                                              # MODEL.onnx, insightface's backbone.pth)
 
 As in test.py, a gallery identity is the normalised mean of the embeddings of its images (identity folders,
 DIR/<identity>/<image>), and a photo goes to the identity of highest cosine similarity; below the threshold
@@ -24,7 +24,7 @@ import torch
 
 import configurator
 from align import (PASSES, AlignmentUnavailable, FaceAligner, MainFace, aligned_as_trained, alignment_record,
-                   face_model_file, photo_faces)
+                   photo_faces)
 from checkpoint import CheckpointError
 from data_utils import UNREADABLE_IMAGE, DatasetError, as_hw, load_image, make_transform
 from evaluation import centroid_similarities, cosine_similarity_pairs
@@ -33,12 +33,14 @@ from files import save_json
 from gallery import answer_line, decision_threshold, face_answer, gallery_centroids
 from inference import embed_batch, export_onnx
 from model import EmbeddingNet, select_device
-from pretrained import DLIB_DESCRIPTOR, load_face_network, onnx_pixel_norm, onnx_side_file, write_onnx_side
+from pretrained import (NAMED_NETWORKS, load_face_network, network_file, onnx_pixel_norm, onnx_side_file,
+                        results_folder, write_onnx_side)
 
 # -----------------------------------------------------------------------------
 # data
 checkpoint = "out/tb_model.pth"  # written by train.py (the gallery cache and the ONNX file go beside it), insightface's
-#   backbone.pth, MODEL.onnx, or dlib (dlib's face descriptor; its gallery cache goes to out_dir)
+#   backbone.pth, MODEL.onnx, dlib (dlib's face descriptor; its gallery cache goes to out_dir) or dlib_resnet (its
+#   network in torch: a network of this repository; its ONNX file goes to out/dlib_resnet/)
 onnx_norm = ""  # MODEL.onnx: its input's MEAN,STD (or three means, three stds) in 0-255 pixel units; empty: its side
 #   file's (MODEL.onnx.json), else insightface's 127.5,127.5
 gallery = ""  # identity folders of the known people; empty: the checkpoint's training data_dir/train
@@ -92,7 +94,9 @@ except (ValueError, AlignmentUnavailable) as err:  # CheckpointError is a ValueE
     sys.exit(f"error: {err}")
 
 if export:
-    onnx_path = onnx_path or os.path.splitext(checkpoint)[0] + ".onnx"
+    named = checkpoint in NAMED_NETWORKS  # (no file to write beside: into out/<name>/)
+    onnx_path = onnx_path or (os.path.join(results_folder(checkpoint), checkpoint) if named else
+                              os.path.splitext(checkpoint)[0]) + ".onnx"
     try:
         export_onnx(model, state["image_size"], onnx_path)
         write_onnx_side(onnx_path, state["image_size"], state.get("alignment"), state["classes"])
@@ -146,11 +150,12 @@ if not os.path.isdir(gallery):
 # a gallery of ordinary photos is aligned as the training photos were; an aligned one is taken as it is
 gallery_transform = aligned_as_trained(transform, aligner, size, gallery)
 try:
-    dlib = checkpoint == "dlib"  # (no checkpoint file: its cache keys on dlib's model file, and goes to out_dir)
-    classes, centroids = gallery_centroids(model, face_model_file(DLIB_DESCRIPTOR) if dlib else checkpoint, gallery,
+    named = checkpoint in NAMED_NETWORKS  # (no checkpoint file: its cache keys on dlib's model file, in out_dir)
+    classes, centroids = gallery_centroids(model, network_file(checkpoint), gallery,
                                            trained.get("identity_depth", 1), gallery_transform, device, autocast,
                                            batch_size, aligned=gallery_transform is not transform,
-                                           cache_path=dlib and os.path.join(out_dir or ".", "dlib.gallery.pt"))
+                                           cache_path=named and os.path.join(out_dir or ".",
+                                                                             f"{checkpoint}.gallery.pt"))
 except DatasetError as err:
     sys.exit(f"error: {err}")
 answers, failed = [], 0

@@ -1,5 +1,6 @@
 """Face networks trained elsewhere, usable wherever a checkpoint of train.py is: insightface's IResNet
-`backbone.pth`, ONNX face models (insightface's w600k_r50.onnx and the like), dlib's face descriptor; raw pixels,
+`backbone.pth`, ONNX face models (insightface's w600k_r50.onnx and the like), dlib's face descriptor (as dlib runs
+it, and its network read into torch: dlib_resnet); raw pixels,
 the reference any network has to beat; and starting a network from another's weights (--init_from).
 
 Each is a module from image batches (N, 3, H, W), normalised as make_transform does (ImageNet statistics), to
@@ -14,17 +15,19 @@ import re
 import numpy as np
 import torch
 
-from align import PASSES, FaceAligner, alignment_record, face_model_file, import_dlib, main_face
+from align import PASSES, AlignmentUnavailable, FaceAligner, alignment_record, face_model_file, import_dlib, main_face
 from checkpoint import CheckpointError, is_checkpoint, model_from_checkpoint, read_weights
 from configurator import ConfigError
 from data_utils import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from files import save_json
-from model import IRESNET_BLOCKS, Embedder
+from model import IRESNET_BLOCKS, Affine, Embedder, EmbeddingNet
 
 INSIGHTFACE_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # (x / 255 - 0.5) / 0.5 of RGB pixels
 ONNX_PIXEL_NORM = (127.5, 127.5)  # insightface's ONNX models: (pixel - 127.5) / 127.5, RGB
 REFERENCES = ("pixels", "dlib")  # what --checkpoint names instead of a file
 DLIB_DESCRIPTOR = "dlib_face_recognition_resnet_model_v1.dat"  # of face-recognition-models
+DLIB_NETWORK = "dlib_resnet"  # what --checkpoint, --init_from and --teacher name for DLIB_DESCRIPTOR's network
+NAMED_NETWORKS = (*REFERENCES, DLIB_NETWORK)  # named instead of a file
 # insightface's IBasicBlock parts -> this repository's IBasicBlock (model.IBasicBlock)
 BLOCK_PARTS = {"bn1": "branch.0", "conv1": "branch.1", "bn2": "branch.2", "prelu": "branch.3", "conv2": "branch.4",
                "bn3": "branch.5", "downsample.0": "shortcut.0", "downsample.1": "shortcut.1"}
@@ -90,9 +93,122 @@ def from_insightface(state, path):
                 network=f"insightface {name} ({os.path.basename(path)})")
 
 
+# -----------------------------------------------------------------------------
+# dlib's face descriptor network
+
+class DlibStream:
+    """A reader of dlib's serialisation (dlib/serialize.h) from `pos` of `data`: an integer is a byte whose low
+    four bits count the little-endian bytes that follow and whose high bit is the sign; a string its length and
+    bytes; a float its mantissa and exponent as integers; a tensor (version 2) four dimensions and float32s."""
+
+    def __init__(self, data, pos, path):
+        self.data, self.pos, self.path = data, pos, path
+
+    def take(self, count):
+        if self.pos + count > len(self.data):
+            raise CheckpointError(f"{self.path}: truncated (a dlib network file ends at byte {len(self.data)})")
+        self.pos += count
+        return self.data[self.pos - count:self.pos]
+
+    def int(self):
+        head = self.take(1)[0]
+        value = int.from_bytes(self.take(head & 0x0F), "little")
+        return -value if head & 0x80 else value
+
+    def string(self):
+        return self.take(self.int()).decode("latin-1")
+
+    def real(self):
+        mantissa = self.int()
+        return mantissa * 2.0 ** self.int()
+
+    def tensor(self):
+        """A tensor's values, flat (float32)."""
+        if self.int() != 2:
+            raise CheckpointError(f"{self.path}: a dlib tensor of an unknown version at byte {self.pos}")
+        count = int(np.prod([self.int() for _ in range(4)]))
+        return np.frombuffer(self.take(4 * count), "<f4").copy()
+
+    def shape(self):
+        """An alias tensor's (N, K, rows, columns): where a layer's weights lie in its parameters."""
+        self.int()
+        return [self.int() for _ in range(4)]
+
+
+# a record of a layer with weights (or of the input) in dlib's file: its version string, length first
+DLIB_RECORD = re.compile(rb"\x01\x05(con_4)|\x01\x07(affine_)|\x01\x04(fc_2)|\x01\x15(input_rgb_image_sized)")
+
+
+def read_dlib_layers(path):
+    """The input means, conv layers (weight, bias, stride, padding), affine layers (scale, shift) and final FC
+    weight (out, in) of a dlib network file, in forward order (dlib writes the input first). Only these records
+    are read; the layers without weights are implied by the architecture, whose shapes from_dlib checks."""
+    with open(path, "rb") as f:
+        data = f.read()
+    head = DlibStream(data, 0, path)
+    if not (data[:1] == b"\x01" and head.int() >= 0 and head.string().startswith("loss_")):
+        raise CheckpointError(f"{path}: not a dlib network file")
+    layers = dict(means=None, convs=[], affines=[], fc=None)
+    for found in DLIB_RECORD.finditer(data):
+        stream = DlibStream(data, found.end(), path)
+        if found.group(1):
+            params, filters = stream.tensor(), [stream.int() for _ in range(7)]
+            weights = stream.shape()
+            size = int(np.prod(weights))
+            layers["convs"].append((params[:size].reshape(weights), params[size:size + weights[0]], filters[3],
+                                    filters[5]))
+        elif found.group(2):
+            params, channels = stream.tensor(), stream.shape()[1]
+            layers["affines"].append((params[:channels], params[channels:2 * channels]))
+        elif found.group(3):
+            outputs, inputs, params = stream.int(), stream.int(), stream.tensor()
+            layers["fc"] = params.reshape(-1, outputs)[:inputs].T
+        else:
+            layers["means"] = [stream.real() for _ in range(3)]
+    return layers
+
+
+def from_dlib(path):
+    """A checkpoint of this repository from dlib's face descriptor network file (face-recognition-models'
+    dlib_face_recognition_resnet_model_v1.dat): model.DlibResNet with its weights and dlib's input normalisation
+    ((pixel - mean) / 256); the same function as dlib's on its 150x150 chips. Faces are cut as the repository
+    aligns them and resized to 150x150: its own figures on them are measured, not dlib's. Raises CheckpointError
+    for a file of another network."""
+    layers = read_dlib_layers(path)
+    model = EmbeddingNet("dlib_resnet", 128, "linear")
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    affines = [m for m in model.backbone.modules() if isinstance(m, Affine)]
+    found = ([(tuple(w.shape), stride, pad) for w, _, stride, pad in layers["convs"]],
+             [len(scale) for scale, _ in layers["affines"]], layers["fc"] is not None and layers["fc"].shape)
+    wanted = ([(tuple(m.weight.shape), m.stride[0], m.padding[0]) for m in convs], [len(m.weight) for m in affines],
+              tuple(model.head.weight.shape))
+    if found != wanted or layers["means"] is None:
+        raise CheckpointError(f"{path}: a dlib network, but not the face descriptor's ResNet")
+    with torch.no_grad():
+        for module, (weight, bias, _, _) in zip(convs, layers["convs"]):
+            module.weight.copy_(torch.from_numpy(weight))
+            module.bias.copy_(torch.from_numpy(bias))
+        for module, (scale, shift) in zip(affines, layers["affines"]):
+            module.weight.copy_(torch.from_numpy(scale))
+            module.bias.copy_(torch.from_numpy(shift))
+        model.head.weight.copy_(torch.from_numpy(layers["fc"]))
+        model.head.bias.zero_()
+    model.set_input_norm([[m / 255 for m in layers["means"]], [256 / 255] * 3])
+    return dict(model=model.state_dict(), model_config=model.config, image_size=[150, 150], classes=[], epoch=None,
+                metrics={}, config={}, alignment=alignment_record(112, PASSES),
+                network=f"dlib's face descriptor network ({os.path.basename(path)}) in torch")
+
+
 def load_network_file(path):
-    """A checkpoint of train.py, or one made from insightface's backbone.pth (from_insightface). Raises
-    CheckpointError for anything else."""
+    """A checkpoint of train.py, or one made from insightface's backbone.pth (from_insightface) or from dlib's
+    face descriptor network (DLIB_NETWORK or its file: from_dlib). Raises CheckpointError for anything else."""
+    if path == DLIB_NETWORK:
+        try:
+            path = face_model_file(DLIB_DESCRIPTOR)
+        except AlignmentUnavailable as err:
+            raise CheckpointError(str(err)) from None
+    if os.path.isfile(path) and path.endswith(".dat"):
+        return from_dlib(path)
     state = read_weights(path)
     if is_checkpoint(state):
         return state
@@ -282,10 +398,29 @@ class DlibReference(Embedder):
         return torch.from_numpy(described).to(images.device)
 
 
+def network_identity(spec):
+    """How results name the network `spec`: its name for one named instead of a file (REFERENCES, DLIB_NETWORK),
+    else its file's absolute path."""
+    return spec if spec in NAMED_NETWORKS else os.path.abspath(spec)
+
+
+def network_file(spec):
+    """The file whose bytes make the network `spec`: dlib's descriptor model for "dlib" and DLIB_NETWORK, else
+    `spec` ("pixels" has none)."""
+    return face_model_file(DLIB_DESCRIPTOR) if spec in ("dlib", DLIB_NETWORK) else spec
+
+
+def results_folder(spec):
+    """Where test.py writes its results for the network `spec` (and predict.py reads its thresholds): out/<name>
+    for a network named instead of a file, else the file's folder."""
+    return os.path.join("out", spec) if spec in NAMED_NETWORKS else os.path.dirname(os.path.abspath(spec))
+
+
 def load_face_network(spec, image_size=None, pixel_norm=None):
     """(the network `spec` names, in eval mode; its state, as module doc says): "pixels" (at `image_size`), "dlib"
-    (photos at `image_size`, 112 by default), an ONNX model (MODEL.onnx; `pixel_norm` (mean, std) of 0-255 pixels
-    over its side file's and insightface's), or a checkpoint of train.py or insightface's backbone.pth. Raises
+    (photos at `image_size`, 112 by default), "dlib_resnet" (dlib's network in torch), an ONNX model (MODEL.onnx;
+    `pixel_norm` (mean, std) of 0-255 pixels over its side file's and insightface's), or a checkpoint of train.py
+    or insightface's backbone.pth. Raises
     CheckpointError (a ValueError) for what cannot be loaded."""
     if spec == "pixels":
         if image_size is None:

@@ -21,8 +21,9 @@ not write are aligned here. `--checkpoint=pixels` gives every metric of raw pixe
 photos' grey levels at pixel_size, pretrained.PixelBaseline): the reference a trained network has to beat;
 `--checkpoint=dlib` those of dlib's face descriptor, trained elsewhere on millions of photos
 (pretrained.DlibReference): what a network trained on far more people reaches under the same protocol. A face
-network from elsewhere is evaluated alike: insightface's backbone.pth, or an ONNX model (MODEL.onnx; its input
-normalisation from MODEL.onnx.json, else insightface's), on photos aligned as it wants them.
+network from elsewhere is evaluated alike: insightface's backbone.pth, dlib's network read into torch (dlib_resnet;
+results in out/dlib_resnet), or an ONNX model (MODEL.onnx; its input normalisation from MODEL.onnx.json, else
+insightface's), on photos aligned as it wants them.
 """
 import io
 import os
@@ -46,7 +47,7 @@ from inference import embed, embed_files
 from losses import build_objective
 from model import select_device
 from pairs import read_pairs_file, read_verification_bins
-from pretrained import REFERENCES, load_face_network, onnx_pixel_norm
+from pretrained import REFERENCES, load_face_network, network_identity, onnx_pixel_norm, results_folder
 from sampling import loader_workers
 
 # -----------------------------------------------------------------------------
@@ -106,8 +107,7 @@ except (ValueError, AlignmentUnavailable) as err:  # CheckpointError and ConfigE
 trained = state.get("config", {})
 data_dir = data_dir or trained.get("data_dir", "")
 identity_depth = trained.get("identity_depth", 1)
-out_dir = out_dir or (os.path.join("out", reference) if reference else
-                      os.path.dirname(os.path.abspath(checkpoint)))
+out_dir = out_dir or results_folder(checkpoint)
 transform = make_transform(state["image_size"], train=False, pixels=True)  # uint8, normalised on the device
 alignment = state.get("alignment")  # how the training photos were aligned; None: they were not
 size = alignment["size"] if alignment else None
@@ -132,7 +132,7 @@ try:
         if pairs else None
 except (DatasetError, AlignmentUnavailable, configurator.ConfigError) as err:
     sys.exit(f"error: {err}")
-results = dict(checkpoint=os.path.abspath(checkpoint), data_dir=os.path.abspath(data_dir), flip=flip)
+results = dict(checkpoint=network_identity(checkpoint), data_dir=os.path.abspath(data_dir), flip=flip)
 rows, roc_curves = [], []  # (metric, value) of the summary table; (name, fpr, tpr, auc, eer) of roc.png
 
 

@@ -71,11 +71,12 @@ cache_images = "auto"  # decode each image once, keep it resized in memory: auto
 val_bins = ""  # insightface verification sets scored at each evaluation, comma-separated: names of data_dir's
 #   (lfw,cfp_fp,agedb_30: data_dir/lfw.bin ...) or paths of .bin files; they make valid/ optional
 # model
-backbone = "resnet50"  # a torchvision ResNet, VGG16, AlexNet, smallcnn for small grayscale data, or insightface's
-#   iresnet18-100 and mobilefacenet for 112x112 aligned faces
+backbone = "resnet50"  # a torchvision ResNet, VGG16, AlexNet, smallcnn for small grayscale data, insightface's
+#   iresnet18-100 and mobilefacenet for 112x112 aligned faces, or dlib_resnet (dlib's face descriptor network)
 pretrained = False  # start from torchvision's ImageNet weights (downloads once into the torch cache)
-init_from = ""  # start from the network of this checkpoint or insightface backbone.pth (same backbone; a head of
-#   another size starts afresh)
+init_from = ""  # start from the network of this checkpoint, insightface backbone.pth or dlib_resnet (dlib's face
+#   descriptor network, face-recognition-models' file read into torch); the same backbone; a head of another size
+#   starts afresh
 freeze_backbone = False  # train only what sits on top (vgg16/alexnet: their fully connected layers stay trainable)
 zero_init_residual = True  # ResNets: start each residual branch's last BatchNorm at zero (from-scratch stability)
 head = "mlp"  # mlp: Linear(features, hidden_dim)-BatchNorm-ReLU-Linear(hidden_dim, embedding_dim) | linear
@@ -97,7 +98,8 @@ pair_hidden_dim = 64  # pair_bce: width of the pair classifier
 partial_fc = 0.0  # arcface and cosface: PartialFC, the class centres sharded over torchrun's processes, each step
 #   scoring the global batch's classes and this sample rate of the others: 0 off | above 0 up to 1 (1: every class)
 # distillation
-teacher = ""  # a face network to learn from: dlib | CHECKPOINT.pth (insightface's backbone.pth too) | MODEL.onnx
+teacher = ""  # a face network to learn from: dlib | dlib_resnet (its network in torch: batched, on the GPU too) |
+#   CHECKPOINT.pth (insightface's backbone.pth too) | MODEL.onnx
 onnx_norm = ""  # --teacher=MODEL.onnx: its input's MEAN,STD (or three means, three stds) in 0-255 pixel units;
 #   empty: its side file's (MODEL.onnx.json), else insightface's 127.5,127.5
 distill = 1.0  # weight of the teacher's term beside the loss's

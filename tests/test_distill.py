@@ -12,14 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import distill
-from checkpoint import (Checkpointer, RandomState, RunState, load_checkpoint, model_from_checkpoint, resume_training,
-                        training_state)
+from align import ALIGNMENT_FILE, alignment_record
+from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
 from conftest import make_faces, write_image
 from data_utils import FaceFolder, make_transform, normalize
 from distill import Distillation, centred, teacher_centres, teacher_targets
 from engine import TrainingStep, build_optimizer, build_schedule
 from losses import NoObjective, batch_rows, build_objective
 from model import EmbeddingNet
+from pretrained import DLIB_NETWORK, load_face_network
 from sampling import TripletFaceDataset, collate_rows, train_loader_for
 
 SIZE = (16, 16)
@@ -160,9 +161,8 @@ def write_teacher(folder, seed=0):
 def straight_targets(path, faces):
     """Each photo's target computed straight: the teacher's embeddings of it and its mirror image, at its
     evaluation transform, added and normalised."""
-    checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint).eval()
-    transform = make_transform(checkpoint["image_size"], train=False)
+    model, state = load_face_network(path)
+    transform = make_transform(state["image_size"], train=False)
     rows = []
     for index in range(len(faces)):
         image = transform(faces.read(index)).unsqueeze(0)
@@ -209,6 +209,21 @@ def test_teacher_targets_are_the_flip_test_embeddings_and_are_cached(tmp_path, c
     again = targets_of(spec, faces, tmp_path / "cache")
     assert sum(counted) == 0
     assert torch.equal(again, targets)
+
+
+def test_dlib_network_teaches_in_torch_and_is_cached(tmp_path, counted):
+    """--teacher=dlib_resnet (dlib's network read into torch): 128-d targets, the straight flip-test embeddings at
+    150x150 of photos aligned already (prepare.py align's record beside them); cached, so that a second call embeds
+    nothing."""
+    root = make_faces(str(tmp_path / "faces"))
+    with open(os.path.join(root, ALIGNMENT_FILE), "w") as f:
+        json.dump(alignment_record(112), f)
+    faces = FaceFolder(root)
+    targets = targets_of(DLIB_NETWORK, faces, tmp_path / "cache")
+    assert targets.shape == (12, 128) and sum(counted) == 12
+    torch.testing.assert_close(targets, straight_targets(DLIB_NETWORK, faces), atol=1e-5, rtol=0)
+    counted.clear()
+    assert torch.equal(targets_of(DLIB_NETWORK, faces, tmp_path / "cache"), targets) and sum(counted) == 0
 
 
 def test_a_changed_photo_is_computed_anew_alone(tmp_path, counted):
@@ -380,9 +395,8 @@ def test_view_image_blends_then_turns_recolours_and_blurs_a_photo():
 
 def straight_view_targets(path, faces, views):
     """Each row's target computed straight: the teacher's flip-test embedding of the photo, or of its view."""
-    checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint).eval()
-    transform = make_transform(checkpoint["image_size"], train=False)
+    model, state = load_face_network(path)
+    transform = make_transform(state["image_size"], train=False)
     rows = []
     with torch.no_grad():
         for row in range(len(faces) * (views.count + 1)):

@@ -59,6 +59,17 @@ def test_results_json_is_matched_to_a_relative_checkpoint_path(checkpoint, monke
     assert value == 1.0 and isinstance(value, float)
 
 
+def test_a_named_network_reads_its_results_in_out_name(tmp_path, monkeypatch):
+    """dlib_resnet (no file of its own): test.py's results of it in out/dlib_resnet/ give its threshold; those of
+    another network there do not."""
+    monkeypatch.chdir(tmp_path)
+    write_results(os.path.join("out", "dlib_resnet"), dict(checkpoint="dlib_resnet", open_set=dict(threshold=0.3)))
+    assert decision_threshold("dlib_resnet")[0] == 0.3
+    write_results(os.path.join("out", "dlib_resnet"), dict(checkpoint=str(tmp_path / "dlib_resnet"),
+                                                           open_set=dict(threshold=0.3)))
+    assert decision_threshold("dlib_resnet")[0] is None
+
+
 @pytest.mark.parametrize("case", ["other_checkpoint", "missing", "not_json", "a_folder", "a_list", "no_section",
                                   "no_key", "a_bool", "a_string"])
 def test_no_usable_results_json_gives_none_and_a_reason(checkpoint, case):

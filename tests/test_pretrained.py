@@ -1,22 +1,27 @@
 """pretrained.py: insightface's backbone.pth read as a checkpoint (its key names, its input convention), starting a
 network from another's weights (init_weights), refused files, the fc_bn head's fixed BatchNorm scale, MobileFaceNet,
-ONNX face models (OnnxFace and its side file) and the references load_face_network names. Tiny networks and images,
-one IResNet18 file shared by the tests that read it."""
+ONNX face models (OnnxFace and its side file), dlib's face descriptor network read into torch and the references
+load_face_network names. Tiny networks and images, one IResNet18 file shared by the tests that read it."""
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 from checkpoint import CheckpointError
 from configurator import ConfigError
 from data_utils import IMAGENET_MEAN, IMAGENET_STD
-from model import EmbeddingNet
-from pretrained import OnnxFace, init_weights, load_face_network, onnx_pixel_norm
+from align import face_model_file
+from model import DlibBlock, EmbeddingNet
+from inference import export_onnx
+from pretrained import (DLIB_DESCRIPTOR, DLIB_NETWORK, OnnxFace, init_weights, load_face_network, onnx_pixel_norm,
+                        write_onnx_side)
 
 # insightface's IBasicBlock part names of this repository's model.IBasicBlock parts (the straight inverse mapping)
 BLOCK_NAMES = {"branch.0": "bn1", "branch.1": "conv1", "branch.2": "bn2", "branch.3": "prelu", "branch.4": "conv2",
@@ -378,3 +383,108 @@ def test_dlib_reference_state_has_its_photo_size():
     model, state = load_face_network("dlib")
     assert state["image_size"] == [112, 112] and state["alignment"] is None and state["classes"] == []
     assert isinstance(state["network"], str) and state["network"] and model.config["embedding_dim"] == 128
+
+
+# -----------------------------------------------------------------------------
+# dlib's face descriptor network in torch
+
+@pytest.fixture(scope="module")
+def dlib_network():
+    """(dlib's face_recognition_model_v1, the path of its network file, load_face_network("dlib_resnet"))."""
+    dlib = pytest.importorskip("dlib")
+    path = face_model_file(DLIB_DESCRIPTOR)
+    return dlib.face_recognition_model_v1(path), path, load_face_network(DLIB_NETWORK)
+
+
+def chips(att_faces):
+    """150x150 uint8 RGB chips: two AT&T faces (grey) and two colour ones (a colour ramp with noise, and noise),
+    so that a swapped channel order shows."""
+    faces = [np.asarray(Image.open(os.path.join(att_faces, person, "1.pgm")).convert("RGB").resize((150, 150)))
+             for person in ("s1", "s2")]
+    rng = np.random.default_rng(0)
+    ramp = np.stack([*np.meshgrid(np.linspace(0, 255, 150), np.linspace(255, 0, 150)), np.full((150, 150), 90.0)], 2)
+    coloured = np.clip(ramp + rng.normal(0, 20, ramp.shape), 0, 255).astype(np.uint8)
+    return faces + [coloured, rng.integers(0, 256, (150, 150, 3), dtype=np.uint8)]
+
+
+def test_dlib_network_in_torch_embeds_chips_as_dlib_does(dlib_network, att_faces):
+    """Each chip, normalised as make_transform does, gives dlib's own descriptor of it (compute_face_descriptor of a
+    150x150 chip) normalised, within 1e-5; the checkpoint says 150x150, the repository's 112x112 alignment, 128-d,
+    dlib's input normalisation ((pixel - mean) / 256)."""
+    encoder, _, (model, state) = dlib_network
+    images = chips(att_faces)
+    wanted = torch.stack([F.normalize(torch.tensor(list(encoder.compute_face_descriptor(chip))), dim=0)
+                          for chip in images]).float()
+    x = imagenet(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), wanted, atol=1e-5, rtol=0)
+    assert state["image_size"] == [150, 150] and state["alignment"]["size"] == 112 and state["classes"] == []
+    assert model.config["backbone"] == "dlib_resnet" and model.config["embedding_dim"] == 128
+    mean, std = model.config["input_norm"]
+    assert mean == pytest.approx([122.782 / 255, 117.001 / 255, 104.298 / 255], abs=1e-6)
+    assert std == pytest.approx([256 / 255] * 3)
+
+
+def test_dlib_network_starts_a_run_and_trains_as_it_runs(dlib_network):
+    """init_weights from "dlib_resnet" takes backbone, head and input normalisation: the same outputs; in training
+    mode too (its affine layers are not BatchNorms), and every weight gets a gradient."""
+    _, _, (reference, _) = dlib_network
+    model = EmbeddingNet("dlib_resnet", 128, "linear")
+    assert init_weights(model, DLIB_NETWORK) == ("backbone", "head")
+    x = torch.randn(2, 3, 150, 150)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x))
+    out = model.train()(x)
+    torch.testing.assert_close(out.detach(), reference(x))
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_dlib_block_adds_as_dlib_add_prev_where_shapes_differ():
+    """A strided block on 8x8: its branch gives 3x3 (unpadded strided conv) of 64 channels, the average-pooled
+    input 4x4 of 32; the sum is 64 x 4 x 4, each part zero-padded at the end, then ReLU."""
+    torch.manual_seed(0)
+    block = DlibBlock(32, 64, 2).eval()
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        branch, pooled = block.branch(x), F.avg_pool2d(x, 2)
+        wanted = torch.zeros(2, 64, 4, 4)
+        wanted[:, :, :3, :3] += branch
+        wanted[:, :32] += pooled
+        assert branch.shape == (2, 64, 3, 3)
+        torch.testing.assert_close(block(x), wanted.clamp(min=0))
+
+
+def test_dlib_network_files_of_other_networks_are_refused(dlib_network, tmp_path):
+    """Half of dlib's file (truncated), dlib's CNN face detector (a dlib network of another architecture), its
+    landmark model (no network) and a text file named .dat: each a CheckpointError, as --init_from and --teacher
+    say it."""
+    _, path, _ = dlib_network
+    data = open(path, "rb").read()
+    truncated = tmp_path / "half.dat"
+    truncated.write_bytes(data[:len(data) // 2])
+    text = tmp_path / "notes.dat"
+    text.write_text("not a network\n")
+    for bad in (str(truncated), face_model_file("mmod_human_face_detector.dat"),
+                face_model_file("shape_predictor_5_face_landmarks.dat"), str(text)):
+        with pytest.raises(CheckpointError):
+            load_face_network(bad)
+    with pytest.raises(CheckpointError):
+        init_weights(EmbeddingNet("dlib_resnet", 128, "linear"), str(truncated))
+
+
+def test_dlib_network_exports_to_onnx_that_embeds_alike(dlib_network, tmp_path):
+    """dlib's network in torch, exported as predict.py --export=onnx does (its side file too), read back as an ONNX
+    face model: the same embeddings within 1e-4 for images of random pixels, a batch of a size it was not exported
+    with."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    _, _, (model, state) = dlib_network
+    path = str(tmp_path / "dlib_resnet.onnx")
+    export_onnx(model, state["image_size"], path)
+    write_onnx_side(path, state["image_size"], state["alignment"])
+    onnx, onnx_state = load_face_network(path)
+    x = imagenet(torch.rand(3, 3, 150, 150))  # (pixels of an image: far beyond, float error grows past 1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(onnx(x), model(x), atol=1e-4, rtol=0)
+    assert onnx_state["image_size"] == [150, 150] and onnx_state["alignment"] == state["alignment"]
