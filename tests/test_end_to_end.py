@@ -41,6 +41,7 @@ TINY = ["--backbone=smallcnn", "--image_size=32", "--batch_size=8", "--embedding
 RECIPE_RUNS = {
     "att_fast_cpu.py": "att_run (ATT), stopped and resumed in test_ctrl_c_mid_epoch_saves_and_the_printed_command_...",
     "distill_lfw_cpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
+    "distill_dlib_resnet.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
     "facenet_online.py": "test_distributed.py::test_two_processes_mine_the_global_batch_and_the_run_resumes_in_one",
     "lfw_cpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
     "lfw_gpu.py": "test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_trained_on",
@@ -425,6 +426,13 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
                             f"--data_dir={data / 'unseen'}").stdout.splitlines()[0]
     chosen = load_checkpoint(str(distilled / "tb_model.pth"))["epoch"]  # (epoch 0 had learnt nothing from it yet)
     assert "dlib" in first_line and ("distilled from dlib" in first_line) == (chosen > 0)
+    # dlib's own network fine-tuned to these crops, at its 150x150, served the same cached descriptors
+    tuned = tmp_path / "dlib_resnet"
+    train("configs/distill_dlib_resnet.py", *shrink[:3], f"--out_dir={tuned}", f"--teacher_cache={cache}")
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/part-*.pt")} == parts
+    state = load_checkpoint(str(tuned / "last.pth"))
+    assert state["model_config"]["backbone"] == "dlib_resnet" and state["image_size"] == [150, 150]
+    assert state["config"]["init_from"] == "dlib_resnet"
 
 
 def test_a_student_learns_the_teachers_views_with_the_inherited_classifier(att_subset, tmp_path):
