@@ -628,6 +628,21 @@ def test_a_dataset_of_one_identity_stops_before_training(tmp_path):
     assert not out.exists()
 
 
+def test_the_inherited_classifier_on_one_identity_stops_before_the_teacher_runs(tmp_path):
+    """--loss=none --distill_loss=inherited (which learns the teacher's decision between people) on photos of one
+    person: refused naming the training folder, before the teacher's cache is written."""
+    data, out, cache = tmp_path / "data", tmp_path / "out", tmp_path / "cache"
+    make_faces(data / "train", identities=1, images=4)
+    make_faces(data / "valid", identities=2, images=2)
+    teacher = Checkpointer(str(tmp_path / "teacher"), EmbeddingNet("smallcnn", 8, "linear"), NoObjective(), {}, [],
+                           (32, 32))
+    assert teacher.save("teacher.pth", 0, {})
+    proc = train(f"--data_dir={data}", f"--out_dir={out}", "--loss=none", "--distill_loss=inherited",
+                 f"--teacher={teacher.path('teacher.pth')}", f"--teacher_cache={cache}", *TINY, check=False)
+    assert_refused(proc, str(data / "train"))
+    assert not cache.exists()
+
+
 def test_without_data_and_offline_train_py_says_in_one_line_how_to_prepare_it(tmp_path, monkeypatch):
     """The default data_dir, missing, is fetched through scikit-learn: offline (here a proxy that refuses every
     connection, into an empty scikit-learn cache), one error line names prepare.py. Run from an empty folder,
