@@ -23,6 +23,7 @@ from evaluation import (bin_pairs, cosine_similarity_pairs, identification_accur
                         score_pairs_as_insightface, triplet_accuracy, verification_metrics)
 from inference import device_batch, embed, embed_files
 from losses import OBJECTIVES, batch_rows, objective_conflicts
+from model import BACKBONES
 from partial_fc import gather_batch
 from pretrained import onnx_pixel_norm
 
@@ -68,9 +69,12 @@ def check_config(config):
             raise ConfigError(flag, message)
     onnx_pixel_norm(c["onnx_norm"], c["teacher"])
     try:
-        as_hw(c["image_size"])
+        size = as_hw(c["image_size"])
     except ValueError as err:
         raise ConfigError("image_size", str(err)) from None
+    smallest = BACKBONES[c["backbone"]].min_size if c["backbone"] in BACKBONES else 1
+    if min(size) < smallest:
+        raise ConfigError("image_size", f"{c['backbone']} takes images of at least {smallest}x{smallest}")
 
 
 def deterministic_kernels(device):

@@ -192,7 +192,7 @@ class DlibResNet(nn.Sequential):
     """The ResNet of dlib's face descriptor (29 conv layers, 150x150 face chips; its weights: pretrained.from_dlib):
     an unpadded conv7x7 stride 2 -> affine -> ReLU -> max pool 3x3 stride 2, 14 DlibBlocks (32 to 256 channels),
     global average pooling: 256 features. Its embedding layer, a Linear to 128 without bias, is EmbeddingNet's
-    'linear' head (its bias zero)."""
+    'linear' head (its bias zero). Images of at least 103x103."""
 
     def __init__(self):
         super().__init__(nn.Conv2d(3, 32, 7, 2, 0), Affine(32), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
@@ -219,31 +219,34 @@ def torchvision_body(name, pretrained=False, zero_init_residual=False):
 class Backbone:
     """An entry of BACKBONES. body(pretrained, zero_init_residual): the network without a classifier, and the size
     of the feature vector it outputs. imagenet: torchvision has ImageNet weights for it (pretrained=True). frozen:
-    the submodule that freeze_backbone freezes ("": the whole network)."""
+    the submodule that freeze_backbone freezes ("": the whole network). min_size: the smallest image height and
+    width it takes."""
 
     body: Callable[[bool, bool], tuple]
     imagenet: bool = False
     frozen: str = ""
+    min_size: int = 1
 
 
 def torchvision_backbone(name, frozen=""):
     return Backbone(partial(torchvision_body, name), imagenet=True, frozen=frozen)
 
 
-def face_backbone(make):
+def face_backbone(make, min_size=1):
     """The entry of a network of this file, `make(zero_init_residual)` (which has `out_features`): no ImageNet
     weights exist for it."""
     def body(pretrained, zero_init_residual):
         network = make(zero_init_residual=zero_init_residual)
         return network, network.out_features
-    return Backbone(body)
+    return Backbone(body, min_size=min_size)
 
 
 BACKBONES = {
     **{name: torchvision_backbone(name) for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
     **{name: face_backbone(partial(IResNet, blocks)) for name, blocks in IRESNET_BLOCKS.items()},
     "mobilefacenet": face_backbone(lambda zero_init_residual: MobileFaceNet()),
-    "dlib_resnet": face_backbone(lambda zero_init_residual: DlibResNet()),
+    # (below 103 pixels, its last strided conv, unpadded as dlib's, would get less than its 3x3)
+    "dlib_resnet": face_backbone(lambda zero_init_residual: DlibResNet(), min_size=103),
     # freezing keeps their fully connected layers trainable: frozen ImageNet features + a trainable classifier
     "vgg16": torchvision_backbone("vgg16", frozen="features"),
     "alexnet": torchvision_backbone("alexnet", frozen="features"),

@@ -420,8 +420,7 @@ def load_face_network(spec, image_size=None, pixel_norm=None):
     """(the network `spec` names, in eval mode; its state, as module doc says): "pixels" (at `image_size`), "dlib"
     (photos at `image_size`, 112 by default), "dlib_resnet" (dlib's network in torch), an ONNX model (MODEL.onnx;
     `pixel_norm` (mean, std) of 0-255 pixels over its side file's and insightface's), or a checkpoint of train.py
-    or insightface's backbone.pth. Raises
-    CheckpointError (a ValueError) for what cannot be loaded."""
+    or insightface's backbone.pth. Raises CheckpointError (a ValueError) for what cannot be loaded."""
     if spec == "pixels":
         if image_size is None:
             raise CheckpointError("raw pixels need an image size")

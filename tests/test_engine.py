@@ -35,7 +35,8 @@ EMBEDDING = 16
 # train.py's defaults of the settings check_config reads
 VALID = dict(loss="arcface", mining="none", anchor_pattern="", device="auto", num_workers=-1, images_per_identity=4,
              batch_size=32, epochs=30, eval_every=1, save_every=0, lr=2e-3, embedding_dim=128, image_size=(64, 56),
-             partial_fc=0.0, arcface_form="paper", teacher="", distill=1.0, onnx_norm="", teacher_views=0)
+             partial_fc=0.0, arcface_form="paper", teacher="", distill=1.0, onnx_norm="", teacher_views=0,
+             backbone="resnet50")
 # the three kinds of training batches: P x K (labelled), random triplets, balanced pairs; 4 steps an epoch each
 PATHS = {"pk_arcface": ("arcface", "none", 4), "random_triplets": ("triplet", "none", 4),
          "random_pairs": ("contrastive", "none", 8)}
@@ -72,7 +73,8 @@ def test_train_py_defaults_pass_and_edge_values_are_allowed():
                    dict(partial_fc=1.0), dict(loss="cosface", partial_fc=0.1), dict(arcface_form="arcface_torch"),
                    dict(loss="none", teacher="dlib"), dict(loss="triplet", teacher="t.onnx", distill=0.1),
                    dict(teacher="t.onnx", onnx_norm="127.5,127.5"), dict(teacher="t.onnx", onnx_norm="1,2,3,4,5,6"),
-                   dict(teacher="dlib", loss="none", teacher_views=3)):
+                   dict(teacher="dlib", loss="none", teacher_views=3), dict(backbone="dlib_resnet", image_size=103),
+                   dict(backbone="dlib_resnet", image_size=(150, 103))):
         check_config(dict(VALID, **change))
 
 
@@ -93,6 +95,8 @@ def test_train_py_defaults_pass_and_edge_values_are_allowed():
     (dict(embedding_dim=0), "embedding_dim"),
     (dict(image_size=(4, 4)), "image_size"),
     (dict(image_size=(64, 56, 3)), "image_size"),
+    (dict(backbone="dlib_resnet", image_size=102), "image_size"),  # (its last strided conv: under 3x3)
+    (dict(backbone="dlib_resnet", image_size=(150, 64)), "image_size"),
     (dict(partial_fc=-0.1), "partial_fc"),
     (dict(partial_fc=1.5), "partial_fc"),
     (dict(partial_fc=float("nan")), "partial_fc"),
