@@ -72,7 +72,7 @@ def check_config(config):
         size = as_hw(c["image_size"])
     except ValueError as err:
         raise ConfigError("image_size", str(err)) from None
-    smallest = BACKBONES[c["backbone"]].min_size if c["backbone"] in BACKBONES else 1
+    smallest = BACKBONES[c["backbone"]].min_size  # (configurator.parse checked the name)
     if min(size) < smallest:
         raise ConfigError("image_size", f"{c['backbone']} takes images of at least {smallest}x{smallest}")
 

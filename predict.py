@@ -92,9 +92,9 @@ try:
         raise CheckpointError(f"--export=onnx exports a network of this repository; {checkpoint} is not one")
 except (ValueError, AlignmentUnavailable) as err:  # CheckpointError is a ValueError too
     sys.exit(f"error: {err}")
+named = checkpoint in NAMED_NETWORKS  # no file of its own: what is written for it goes to out/<name>/ or out_dir
 
 if export:
-    named = checkpoint in NAMED_NETWORKS  # (no file to write beside: into out/<name>/)
     onnx_path = onnx_path or (os.path.join(results_folder(checkpoint), checkpoint) if named else
                               os.path.splitext(checkpoint)[0]) + ".onnx"
     try:
@@ -150,7 +150,6 @@ if not os.path.isdir(gallery):
 # a gallery of ordinary photos is aligned as the training photos were; an aligned one is taken as it is
 gallery_transform = aligned_as_trained(transform, aligner, size, gallery)
 try:
-    named = checkpoint in NAMED_NETWORKS  # (no checkpoint file: its cache keys on dlib's model file, in out_dir)
     classes, centroids = gallery_centroids(model, network_file(checkpoint), gallery,
                                            trained.get("identity_depth", 1), gallery_transform, device, autocast,
                                            batch_size, aligned=gallery_transform is not transform,

@@ -28,6 +28,18 @@ def make_faces(root, identities=3, images=4, ext=".png"):
     return root
 
 
+def write_teacher(folder, seed=0, size=(16, 16)):
+    """A checkpoint of EmbeddingNet("smallcnn", 8, "linear") with the weights of `seed`, for photos of `size`, as
+    Checkpointer writes one: a teacher for --teacher. Its path."""
+    from checkpoint import Checkpointer  # (the project's modules: importable once ROOT is on the path)
+    from losses import NoObjective
+    from model import EmbeddingNet
+    torch.manual_seed(seed)
+    saver = Checkpointer(str(folder), EmbeddingNet("smallcnn", 8, "linear"), NoObjective(), {}, [], size)
+    assert saver.save("teacher.pth", 0, {})
+    return saver.path("teacher.pth")
+
+
 def write_verification_bin(path, pairs):
     """An insightface verification set at `path` (a pickled (image bytes, two a pair; is-same flags)), of `pairs`
     [(image a, image b, same)], each image bytes or the path of an image file (stored byte for byte)."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import distill
 from align import ALIGNMENT_FILE, alignment_record
 from checkpoint import Checkpointer, RandomState, RunState, load_checkpoint, resume_training, training_state
-from conftest import make_faces, write_image
+from conftest import make_faces, write_image, write_teacher
 from data_utils import FaceFolder, make_transform, normalize
 from distill import Distillation, centred, teacher_centres, teacher_targets
 from engine import TrainingStep, build_optimizer, build_schedule
@@ -147,15 +147,6 @@ def test_an_unknown_distillation_kind_is_a_value_error():
 
 # -----------------------------------------------------------------------------
 # the teacher's targets and their cache
-
-def write_teacher(folder, seed=0):
-    """A checkpoint of EmbeddingNet("smallcnn", 8, "linear") at 16x16, as Checkpointer writes one; its path."""
-    torch.manual_seed(seed)
-    model = EmbeddingNet("smallcnn", TEACHER_DIM, "linear")
-    saver = Checkpointer(str(folder), model, NoObjective(), {}, [], SIZE)
-    assert saver.save("teacher.pth", 0, {})
-    return saver.path("teacher.pth")
-
 
 @torch.no_grad()
 def straight_targets(path, faces):

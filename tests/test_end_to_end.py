@@ -23,11 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint import Checkpointer, load_checkpoint, model_from_checkpoint, read_weights
-from conftest import ROOT, make_faces, run_script, write_image, write_verification_bin
+from checkpoint import load_checkpoint, model_from_checkpoint, read_weights
+from conftest import ROOT, make_faces, run_script, write_image, write_teacher, write_verification_bin
 from data_utils import load_rgb, make_transform
-from losses import NoObjective
-from model import EmbeddingNet
 from prepare import align_dataset, split_dataset
 from pretrained import load_face_network
 
@@ -438,13 +436,10 @@ def test_the_lfw_recipes_train_on_a_few_aligned_people_and_measure_people_never_
 def test_a_student_learns_the_teachers_views_with_the_inherited_classifier(att_subset, tmp_path):
     """--teacher_views=1 with --distill_loss=inherited: the teacher embeds each of the 48 training photos and one
     view of it (96 cached rows), the student trains an epoch on them (a finite loss), and the run records its views."""
-    torch.manual_seed(0)
-    saver = Checkpointer(str(tmp_path / "teacher"), EmbeddingNet("smallcnn", 8, "linear"), NoObjective(), {}, [],
-                         (32, 32))
-    assert saver.save("teacher.pth", 0, {})
+    teacher = write_teacher(tmp_path / "teacher", size=(32, 32))
     cache, out = tmp_path / "cache", tmp_path / "student"
     train(f"--data_dir={att_subset}", f"--out_dir={out}", "--loss=none", "--distill_loss=inherited",
-          f"--teacher={saver.path('teacher.pth')}", f"--teacher_cache={cache}", "--teacher_views=1", "--epochs=1",
+          f"--teacher={teacher}", f"--teacher_cache={cache}", "--teacher_views=1", "--epochs=1",
           "--batch_size=8", "--backbone=smallcnn", "--image_size=32", "--embedding_dim=32")
     assert sum(len(read_weights(str(p))["keys"]) for p in cache.glob("*/part-*.pt")) == 96
     assert np.isfinite(history(out)[1]["train_loss"])
@@ -634,11 +629,9 @@ def test_the_inherited_classifier_on_one_identity_stops_before_the_teacher_runs(
     data, out, cache = tmp_path / "data", tmp_path / "out", tmp_path / "cache"
     make_faces(data / "train", identities=1, images=4)
     make_faces(data / "valid", identities=2, images=2)
-    teacher = Checkpointer(str(tmp_path / "teacher"), EmbeddingNet("smallcnn", 8, "linear"), NoObjective(), {}, [],
-                           (32, 32))
-    assert teacher.save("teacher.pth", 0, {})
+    teacher = write_teacher(tmp_path / "teacher", size=(32, 32))
     proc = train(f"--data_dir={data}", f"--out_dir={out}", "--loss=none", "--distill_loss=inherited",
-                 f"--teacher={teacher.path('teacher.pth')}", f"--teacher_cache={cache}", *TINY, check=False)
+                 f"--teacher={teacher}", f"--teacher_cache={cache}", *TINY, check=False)
     assert_refused(proc, str(data / "train"))
     assert not cache.exists()
 
